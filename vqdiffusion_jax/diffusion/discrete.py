@@ -171,7 +171,8 @@ def p_prev(schedule: Schedule, logits: jax.Array, x_t: jax.Array, t: jax.Array,
 
 def sample_categorical(rng: jax.Array, log_probs: jax.Array) -> jax.Array:
   """Draws class indices from class-last log-probabilities (Gumbel-max)."""
-  return jax.random.categorical(rng, log_probs, axis=-1)
+  positions = jax.typeof(log_probs[..., 0]).sharding
+  return jax.random.categorical(rng, log_probs, axis=-1, out_sharding=positions)
 
 
 def q_sample(schedule: Schedule, rng: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
@@ -195,8 +196,11 @@ def q_sample(schedule: Schedule, rng: jax.Array, x0: jax.Array, t: jax.Array) ->
   p_mask = jnp.exp(cum.log_c)[..., None]
   p_replace = num_codes * jnp.exp(cum.log_b)[..., None]
   rng_u, rng_token = jax.random.split(rng)
-  u = jax.random.uniform(rng_u, x0.shape)
-  replacement = jax.random.randint(rng_token, x0.shape, 0, num_codes, dtype=x0.dtype)
+  # Drawn with x0's sharding: a no-op on Auto meshes, required on Explicit ones.
+  like_x0 = jax.typeof(x0).sharding
+  u = jax.random.uniform(rng_u, x0.shape, out_sharding=like_x0)
+  replacement = jax.random.randint(rng_token, x0.shape, 0, num_codes, dtype=x0.dtype,
+                                   out_sharding=like_x0)
   return jnp.where(u < p_mask, jnp.asarray(num_codes, x0.dtype),
                    jnp.where(u < p_mask + p_replace, replacement, x0))
 

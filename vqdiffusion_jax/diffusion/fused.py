@@ -83,28 +83,37 @@ def _in_range(v: jax.Array) -> jax.Array:
   return (v >= LOG_PROB_MIN) & (v <= 0.0)
 
 
+def _indicators(z, x0, x_t) -> tuple[jax.Array, jax.Array]:
+  """(class == x_t, log one-hot of x_0), both K-wide."""
+  classes = jnp.arange(z.shape[-1], dtype=x_t.dtype)
+  return x_t[..., None] == classes, jnp.where(x0[..., None] == classes, 0.0, LOG_ZERO)
+
+
 class _Wide(NamedTuple):
   """K-wide expressions, recomputed wherever they are needed."""
 
   log_softmax: jax.Array  # unclamped
   log_x0: jax.Array       # l, clamped
-  onehot_x0: jax.Array    # log one-hot of x_0 (floor log 1e-30)
   ratio: jax.Array        # r
   carried: jax.Array      # v - log q(x_t | x_s)
   v_model: jax.Array
   v_true: jax.Array
 
 
-def _wide(z, shift, onehot_x0, hit_t, p: _Position, lse_model, lse_true) -> _Wide:
+def _ratios(z, shift, onehot_x0, hit_t, p: _Position):
+  """(log-softmax, l, r, the true posterior's r), before any normaliser."""
   log_softmax = z - shift
   log_x0 = jnp.clip(log_softmax, LOG_PROB_MIN, 0.0)
   log_qt = jnp.where(hit_t, p.qt_hit, p.qt_miss)
+  return log_softmax, log_x0, log_x0 - log_qt, onehot_x0 - log_qt
+
+
+def _wide(z, shift, onehot_x0, hit_t, p: _Position, lse_model, lse_true) -> _Wide:
+  log_softmax, log_x0, ratio, ratio_true = _ratios(z, shift, onehot_x0, hit_t, p)
   log_qs = jnp.where(hit_t, p.qs_hit, p.qs_miss)
-  ratio = log_x0 - log_qt
   carried = jnp.logaddexp(ratio + p.log_a_prev, p.log_b_prev + lse_model)
-  carried_true = jnp.logaddexp(onehot_x0 - log_qt + p.log_a_prev, p.log_b_prev + lse_true)
-  return _Wide(log_softmax, log_x0, onehot_x0, ratio, carried, carried + log_qs,
-               carried_true + log_qs)
+  carried_true = jnp.logaddexp(ratio_true + p.log_a_prev, p.log_b_prev + lse_true)
+  return _Wide(log_softmax, log_x0, ratio, carried, carried + log_qs, carried_true + log_qs)
 
 
 def _mask_entry(p: _Position, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -113,21 +122,20 @@ def _mask_entry(p: _Position, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   return carried + p.qs_mask, carried
 
 
+def _clamp(v: jax.Array) -> jax.Array:
+  return jnp.clip(v, LOG_PROB_MIN, 0.0)
+
+
 def _forward(z, x0, x_t, p: _Position):
-  classes = jnp.arange(z.shape[-1], dtype=x_t.dtype)
-  hit_t = x_t[..., None] == classes
-  onehot_x0 = jnp.where(x0[..., None] == classes, 0.0, LOG_ZERO)
+  hit_t, onehot_x0 = _indicators(z, x0, x_t)
   shift = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-  log_x0 = jnp.clip(z - shift, LOG_PROB_MIN, 0.0)
-  log_qt = jnp.where(hit_t, p.qt_hit, p.qt_miss)
-  lse_model = _lse_with_zero(log_x0 - log_qt)
-  lse_true = _lse_with_zero(onehot_x0 - log_qt)
+  _, _, ratio, ratio_true = _ratios(z, shift, onehot_x0, hit_t, p)
+  lse_model, lse_true = _lse_with_zero(ratio), _lse_with_zero(ratio_true)
   w = _wide(z, shift, onehot_x0, hit_t, p, lse_model, lse_true)
 
-  out = jnp.clip(w.v_model, LOG_PROB_MIN, 0.0)
-  true = jnp.clip(w.v_true, LOG_PROB_MIN, 0.0)
-  out_mask = jnp.clip(_mask_entry(p, lse_model)[0], LOG_PROB_MIN, 0.0)
-  true_mask = jnp.clip(_mask_entry(p, lse_true)[0], LOG_PROB_MIN, 0.0)
+  out, true = _clamp(w.v_model), _clamp(w.v_true)
+  out_mask = _clamp(_mask_entry(p, lse_model)[0])
+  true_mask = _clamp(_mask_entry(p, lse_true)[0])
   kl = (jnp.sum(jnp.exp(true) * (true - out), axis=-1)
         + (jnp.exp(true_mask) * (true_mask - out_mask))[..., 0])
   nll = -(jnp.sum(jnp.exp(onehot_x0) * out, axis=-1) + (jnp.exp(LOG_ZERO) * out_mask)[..., 0])
@@ -137,13 +145,11 @@ def _forward(z, x0, x_t, p: _Position):
 
 def _backward(z, x0, x_t, p: _Position, shift, lse_model, lse_true, g_kl, g_nll, g_aux):
   g_kl, g_nll, g_aux = (g[..., None] for g in (g_kl, g_nll, g_aux))
-  classes = jnp.arange(z.shape[-1], dtype=x_t.dtype)
-  hit_t = x_t[..., None] == classes
-  onehot_x0 = jnp.where(x0[..., None] == classes, 0.0, LOG_ZERO)
+  hit_t, onehot_x0 = _indicators(z, x0, x_t)
   w = _wide(z, shift, onehot_x0, hit_t, p, lse_model, lse_true)
-  true = jnp.clip(w.v_true, LOG_PROB_MIN, 0.0)
+  true = _clamp(w.v_true)
   v_mask, carried_mask = _mask_entry(p, lse_model)
-  true_mask = jnp.clip(_mask_entry(p, lse_true)[0], LOG_PROB_MIN, 0.0)
+  true_mask = _clamp(_mask_entry(p, lse_true)[0])
 
   # d loss / d posterior entry, zero where the clamp binds.
   d_out = -(g_kl * jnp.exp(true) + g_nll * jnp.exp(onehot_x0)) * _in_range(w.v_model)

@@ -79,6 +79,8 @@ def update_history(history: LossHistory, t: jax.Array, vb: jax.Array) -> LossHis
   drawn = t[:, None] == jnp.arange(num_timesteps)[None, :]
   position = jnp.arange(t.shape[0])[:, None]
   last = jnp.max(jnp.where(drawn, position, -1), axis=0)
-  updated = (1.0 - HISTORY_DECAY) * lt2[jnp.maximum(last, 0)] + HISTORY_DECAY * history.lt2
+  # Select-and-sum rather than a gather, so a batch-sharded t works on any mesh.
+  lt2_last = jnp.sum(jnp.where(position == last[None, :], lt2[:, None], 0.0), axis=0)
+  updated = (1.0 - HISTORY_DECAY) * lt2_last + HISTORY_DECAY * history.lt2
   return LossHistory(lt2=jnp.where(last >= 0, updated, history.lt2),
                      count=history.count + jnp.sum(drawn, axis=0, dtype=jnp.int32))
