@@ -1,0 +1,163 @@
+"""Whole-checkpoint conversion: the CLI, our Orbax directory, load_denoiser."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import VQModel
+
+from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
+from tests.test_convert_denoiser import (
+  SIZE,
+  _diffusers_model,
+  _inputs,
+  _null_text,
+  _official_checkpoint,
+  _ours,
+  _reference,
+)
+from tests.test_vqgan import TINY as TINY_VQMODEL
+from vqdiffusion_jax import convert
+from vqdiffusion_jax.convert import __main__ as cli
+from vqdiffusion_jax.convert import converted, denoiser
+from vqdiffusion_jax.models import transformer
+
+NULL_TEXT_CONFIG = {"learnable": True, "length": 7}
+
+
+def _same(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  """A tiny random diffusers VQDiffusionPipeline directory, and its denoiser."""
+  root = tmp_path_factory.mktemp("pipeline")
+  model = _diffusers_model(0)
+  model.save_pretrained(root / "transformer")
+  _null_text(1).save_pretrained(root / denoiser.PIPELINE_NULL_TEXT)
+  torch.manual_seed(2)
+  VQModel(**TINY_VQMODEL).save_pretrained(root / "vqvae")
+  transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT_CONFIG)).save_pretrained(
+      root / "text_encoder")
+  TOKENIZER.save_pretrained(root / "tokenizer")
+  (root / "model_index.json").write_text(json.dumps({"_class_name": "VQDiffusionPipeline"}))
+  return str(root), model
+
+
+@pytest.fixture(scope="module")
+def converted_dir(pipeline_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("converted") / "ckpt")
+  assert cli.main([pipeline_dir[0], "--out", out]) == 0
+  return out
+
+
+def test_pipeline_converts_every_component(pipeline_dir, converted_dir):
+  src, model = pipeline_dir
+  stored = converted.read_config(converted_dir)
+  assert sorted(stored["components"]) == ["denoiser", "text_encoder", "vqvae"]
+  module, params = convert.load_denoiser(converted_dir)
+  _, want = convert.load_denoiser(src)
+  _same(params, want)
+  tokens, t, text = _inputs(SIZE * SIZE)
+  ours = _ours(module.config, params, tokens, t, text)
+  assert np.max(np.abs(ours - _reference(model, tokens, t, text))) < 1e-4
+  _same(convert.load_vqvae(converted_dir)[1], convert.load_vqvae(src)[1])
+  text_module, text_params, tokenizer = convert.load_text_encoder(converted_dir)
+  _, want_text, want_tokenizer = convert.load_text_encoder(src)
+  _same(text_params, want_text)
+  assert text_module.hidden_size == TEXT_CONFIG["hidden_size"]
+  assert tokenizer("a cat")["input_ids"] == want_tokenizer("a cat")["input_ids"]
+
+
+def test_runtime_options_apply_to_a_converted_denoiser(converted_dir):
+  plain_module, plain = convert.load_denoiser(converted_dir)
+  scanned_module, scanned = convert.load_denoiser(converted_dir, scan_layers=True, remat=True)
+  assert scanned_module.config.scan_layers and not plain_module.config.scan_layers
+  _same(transformer.unstack_layers(scanned), plain)
+
+
+def test_existing_output_is_kept_unless_overwrite(pipeline_dir, converted_dir, capsys):
+  before = converted.read_config(converted_dir)
+  assert cli.main([pipeline_dir[0], "--out", converted_dir]) == 2
+  assert "exists" in capsys.readouterr().err
+  assert converted.read_config(converted_dir) == before
+  assert cli.main([pipeline_dir[0], "--out", converted_dir, "--overwrite"]) == 0
+  assert not [p for p in os.listdir(os.path.dirname(converted_dir)) if p.startswith(".")]
+
+
+def _save_official(checkpoint, path, tensors_only=True):
+  """torch.save an official-layout checkpoint, as tensors like the real files."""
+  if tensors_only:
+    checkpoint = {k: {n: torch.as_tensor(v) for n, v in part.items()}
+                  if isinstance(part, dict) else part for k, part in checkpoint.items()}
+  torch.save(checkpoint, path)
+  return str(path)
+
+
+def test_official_pth_needs_sizes_and_converts_ema_weights(tmp_path):
+  raw, ema = _diffusers_model(3), _diffusers_model(4)
+  config = denoiser.config_from_diffusers(dict(ema.config), null_text_config=NULL_TEXT_CONFIG)
+  checkpoint = _official_checkpoint(raw, ema, torch.randn(7, 24), torch.randn(7, 24))
+  path = _save_official(checkpoint, tmp_path / "official.pth")
+  with pytest.raises(ValueError, match="preset"):
+    convert.load_denoiser(path)
+  _, params = convert.load_denoiser(path, config=config)
+  _same(params, denoiser.from_official(checkpoint, config))
+  tokens, t, text = _inputs(SIZE * SIZE)
+  assert np.max(np.abs(_ours(config, params, tokens, t, text)
+                       - _reference(ema, tokens, t, text))) < 1e-4
+
+
+def test_official_pth_with_the_wrong_preset_is_a_clear_error(tmp_path, capsys):
+  raw = _diffusers_model(5)
+  path = _save_official(_official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24)),
+                        tmp_path / "official.pth")
+  assert cli.main([path, "--out", str(tmp_path / "out"), "--preset", "base"]) == 2
+  err = capsys.readouterr().err
+  assert "does not match the module" in err and "content_emb.emb.weight" in err
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_official_pth_with_python_objects_needs_allow_pickle(tmp_path):
+  raw = _diffusers_model(6)
+  config = denoiser.config_from_diffusers(dict(raw.config), null_text_config=NULL_TEXT_CONFIG)
+  checkpoint = _official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24))
+  path = _save_official(checkpoint, tmp_path / "pickled.pth", tensors_only=False)
+  with pytest.raises(ValueError, match="allow_pickle=True"):
+    convert.load_denoiser(path, config=config)
+  _, params = convert.load_denoiser(path, config=config, allow_pickle=True)
+  _same(params, denoiser.from_official(checkpoint, config))
+
+
+def test_damaged_or_unknown_checkpoints_are_named(converted_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    convert.load_denoiser(str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="not a checkpoint we know"):
+    convert.load_denoiser(str(tmp_path))
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(converted_dir, damaged)
+  config_path = pathlib.Path(damaged) / "config.json"
+  config = json.loads(config_path.read_text())
+  config["components"]["denoiser"]["num_layers"] = 3
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="missing block_2"):
+    convert.load_denoiser(damaged)
+  shutil.rmtree(os.path.join(damaged, "params"))
+  with pytest.raises(FileNotFoundError, match="incomplete"):
+    convert.load_denoiser(damaged)
+
+
+def test_stored_config_round_trips():
+  config = transformer.preset("large")
+  stored = json.loads(json.dumps(convert.pipeline._config_dict(config)))
+  rebuilt = convert.pipeline._from_dict(transformer.TransformerConfig, stored,
+                                        remat=config.remat)
+  assert rebuilt == dataclasses.replace(config)

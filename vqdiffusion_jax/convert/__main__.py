@@ -1,0 +1,44 @@
+"""Converts a PyTorch VQ-Diffusion checkpoint into our Orbax directory.
+
+  python -m vqdiffusion_jax.convert SRC --out DIR [--preset base] [--raw-weights]
+
+SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ tokenizer, text
+encoder), a diffusers Transformer2DModel directory, or an official
+microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
+"""
+
+import argparse
+import sys
+
+from vqdiffusion_jax.convert import pipeline
+from vqdiffusion_jax.models import transformer
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m vqdiffusion_jax.convert",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("src", help="checkpoint directory or official .pth file")
+  parser.add_argument("--out", required=True, help="directory to write")
+  parser.add_argument("--preset", choices=sorted(transformer.PRESETS),
+                      help="sizes of an official .pth checkpoint")
+  parser.add_argument("--raw-weights", action="store_true",
+                      help="official .pth: take the raw weights instead of the EMA ones")
+  parser.add_argument("--allow-pickle", action="store_true",
+                      help="official .pth holding Python objects: unpickle them (trusted files)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  args = parser.parse_args(argv)
+  try:
+    counts = pipeline.convert(args.src, args.out, preset=args.preset,
+                              use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
+                              overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  for name, count in counts.items():
+    print(f"{name}: {count:,} parameters")
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,116 @@
+"""Rename rules and a checked assembly of PyTorch tensors into Flax params.
+
+Conversions are explicit: each converter lists, for every parameter of our
+module, the PyTorch key it comes from and the layout change it needs
+(``linear``: transpose, ``conv``: OIHW -> HWIO, ``same``: as is). ``assemble``
+then checks the result against the module's ``eval_shape`` tree: every
+parameter filled, every shape right, every source key used; anything else is
+a ``ConversionError`` that names the keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import flax
+import jax
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the module it is converted into."""
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+  return np.ascontiguousarray(np.asarray(w).T)
+
+
+def conv(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight (O, I, kH, kW) -> Flax Conv kernel (kH, kW, I, O)."""
+  return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
+
+
+def same(w: np.ndarray) -> np.ndarray:
+  return np.asarray(w)
+
+
+Rule = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def to_numpy(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
+  """A torch state dict (tensors) or a dict of arrays -> float32/int NumPy.
+
+  The arrays are copies: later in-place updates of the tensors (running
+  statistics, optimiser steps) do not reach them.
+  """
+  out = {}
+  for key, value in state_dict.items():
+    if hasattr(value, "detach"):
+      value = value.detach().cpu()
+      value = value.float().numpy() if value.is_floating_point() else value.numpy()
+    out[key] = np.array(value, copy=True)
+  return out
+
+
+def assemble(abstract_params, rules: Mapping[tuple[str, ...], Rule],
+             source: Mapping[str, np.ndarray], *, what: str = "checkpoint",
+             ignore: Callable[[str], bool] = lambda key: False):
+  """Builds a params tree from ``source`` by ``rules``, checked against a target.
+
+  Args:
+    abstract_params: the target tree (e.g. ``jax.eval_shape(module.init,
+      ...)["params"]``), leaves with ``.shape``; logical-partitioning boxes
+      are looked through.
+    rules: for each flattened target path, ``(source_key, transform)``.
+    source: the checkpoint's arrays by key.
+    what: a name for the checkpoint in error messages.
+    ignore: source keys that may legitimately stay unused (e.g. buffers).
+
+  Returns:
+    A nested dict of float32 NumPy arrays shaped like ``abstract_params``.
+
+  Raises:
+    ConversionError: naming missing rules, missing or unused source keys, and
+      shape mismatches, all at once.
+  """
+  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(_unbox(abstract_params)))
+  problems = []
+  no_rule = sorted("/".join(p) for p in target if p not in rules)
+  if no_rule:
+    problems.append(f"parameters without a conversion rule: {no_rule}")
+  stray_rules = sorted("/".join(p) for p in rules if p not in target)
+  if stray_rules:
+    problems.append(f"rules for parameters the module does not have: {stray_rules}")
+  missing = sorted({rules[p][0] for p in target if p in rules and rules[p][0] not in source})
+  if missing:
+    problems.append(f"keys missing from the {what}: {missing}")
+  used = {rule[0] for rule in rules.values()}
+  unused = sorted(k for k in source if k not in used and not ignore(k))
+  if unused:
+    problems.append(f"unused keys in the {what}: {unused}")
+  out = {}
+  for path, leaf in target.items():
+    if path not in rules or rules[path][0] not in source:
+      continue
+    key, transform = rules[path]
+    try:
+      value = transform(source[key])
+    except ValueError as error:  # a reshape that cannot fit: the sizes differ
+      problems.append(f"{key} -> {'/'.join(path)}: shape {np.shape(source[key])} cannot be "
+                      f"converted for the module's {tuple(leaf.shape)} ({error})")
+      continue
+    if tuple(value.shape) != tuple(leaf.shape):
+      problems.append(f"{key} -> {'/'.join(path)}: shape {tuple(value.shape)} "
+                      f"(after conversion) but the module expects {tuple(leaf.shape)}")
+      continue
+    out[path] = value.astype(leaf.dtype if hasattr(leaf, "dtype") else np.float32)
+  if problems:
+    raise ConversionError(f"{what} does not match the module:\n  " + "\n  ".join(problems))
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _unbox(tree):
+  return jax.tree.map(lambda x: x.unbox() if isinstance(x, flax.linen.spmd.LogicallyPartitioned)
+                      else x, tree,
+                      is_leaf=lambda x: isinstance(x, flax.linen.spmd.LogicallyPartitioned))

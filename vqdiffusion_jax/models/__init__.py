@@ -1,0 +1,1 @@
+"""Flax linen models: image tokenizer, denoisers, text encoders."""

@@ -1,0 +1,58 @@
+"""Logical axis names for parameters and activations, and default rules.
+
+Every parameter is created with ``nn.with_logical_partitioning(init, axes)``
+using the names below; a config's rules map them onto the mesh axes
+``data`` / ``fsdp`` / ``tensor``. Activations are constrained with
+``nn.with_logical_constraint`` using the activation names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Parameter axes.
+EMBED = "embed"            # model width D
+MLP = "mlp"                # feed-forward hidden width
+HEADS = "heads"            # attention heads
+HEAD_DIM = "head_dim"      # per-head width
+VOCAB = "vocab"            # token tables and output classes (codebook K (+1), text vocab)
+COND_EMBED = "cond_embed"  # width of the conditioning sequence (text features)
+POSITION = "position"      # position tables
+TIMESTEP = "timestep"      # the learned timestep table's rows
+CONV_IN = "conv_in"        # convolution input channels
+CONV_OUT = "conv_out"      # convolution output channels
+CONV_SPATIAL = "conv_spatial"  # convolution kernel height / width
+NORM = "norm"              # scale / bias of normalisation layers
+LAYERS = "layers"          # the stacked axis of scanned layers
+CODE_DIM = "code_dim"      # codebook vector width
+
+# Activation axes.
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_MLP = "act_mlp"
+
+# Default logical -> mesh rules: batch over data and fsdp, weights' larger
+# axis over fsdp (ZeRO-3 style), heads / mlp over tensor.
+DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
+    (BATCH, ("data", "fsdp")),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (HEADS, "tensor"),
+    (HEAD_DIM, None),
+    (VOCAB, "tensor"),
+    (COND_EMBED, None),
+    (POSITION, None),
+    (TIMESTEP, None),
+    (CONV_IN, None),
+    (CONV_OUT, "fsdp"),
+    (CONV_SPATIAL, None),
+    (NORM, None),
+    (LAYERS, None),
+    (CODE_DIM, None),
+    (LENGTH, None),
+    (ACT_EMBED, None),
+    (ACT_HEADS, "tensor"),
+    (ACT_MLP, "tensor"),
+)
