@@ -1,43 +1,32 @@
-"""The config file and the command line that reads it."""
+"""The config files and the command line that reads them."""
 
+import importlib
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from configs import shapes
-from vqdiffusion_jax.diffusion import schedule as schedules
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ["shapes", "cub200", "coco", "cc", "ithq_large"]
 
 
-def test_shapes_config_is_locked_and_builds_its_schedule():
-  config = shapes.get_config()
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_are_locked_and_runlocal_shrinks_them(name):
+  module = importlib.import_module(f"configs.{name}")
+  config, local = module.get_config(), module.get_config("runlocal")
   with pytest.raises(AttributeError):
-    config.diffusion.bogus = 1
-  s = schedules.make(config.diffusion.schedule, config.diffusion.num_timesteps,
-                     config.codebook_size)
-  assert s.num_timesteps == 100 and s.codebook_size == config.codebook_size
-
-
-def _main(*flags):
-  return subprocess.run([sys.executable, "-m", "vqdiffusion_jax.main", *flags],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    config.train.bogus = 1
+  assert local.data.name == "shapes" and local.train.num_steps == 2
+  assert local.denoiser.model.num_layers < config.denoiser.model.num_layers or name == "shapes"
+  with pytest.raises(ValueError, match="unknown config argument"):
+    module.get_config("huge")
 
 
 def test_main_rejects_unknown_config_keys_by_name(tmp_path):
-  run = _main("--config=configs/shapes.py", f"--workdir={tmp_path}",
-              "--config.diffusion.bogus=1")
+  run = subprocess.run([sys.executable, "-m", "vqdiffusion_jax.main",
+                        "--config=configs/shapes.py:runlocal", f"--workdir={tmp_path}",
+                        "--config.train.bogus=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode != 0
   assert "bogus" in run.stderr
-
-
-def test_main_checks_the_config_and_says_the_trainer_is_missing(tmp_path):
-  run = _main("--config=configs/shapes.py", f"--workdir={tmp_path}",
-              "--config.diffusion.num_timesteps=50")
-  assert "T=50" in run.stdout
-  assert run.returncode == 1 and "not built yet" in run.stderr
-  bad = _main("--config=configs/shapes.py", f"--workdir={tmp_path}",
-              "--config.diffusion.schedule=linear")
-  assert bad.returncode != 0 and "unknown schedule 'linear'" in bad.stderr

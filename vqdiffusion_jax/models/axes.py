@@ -21,7 +21,10 @@ POSITION = "position"      # position tables
 TIMESTEP = "timestep"      # the learned timestep table's rows
 CONV_IN = "conv_in"        # convolution input channels
 CONV_OUT = "conv_out"      # convolution output channels
-CONV_SPATIAL = "conv_spatial"  # convolution kernel height / width
+CONV_HEIGHT = "conv_height"  # convolution kernel height
+CONV_WIDTH = "conv_width"    # convolution kernel width (a distinct name: an array's
+#                              logical names must be unique for flax's rules)
+CONV_KERNEL = (CONV_HEIGHT, CONV_WIDTH)  # the spatial axes of a conv kernel, in order
 NORM = "norm"              # scale / bias of normalisation layers
 LAYERS = "layers"          # the stacked axis of scanned layers
 CODE_DIM = "code_dim"      # codebook vector width
@@ -47,7 +50,8 @@ DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     (TIMESTEP, None),
     (CONV_IN, None),
     (CONV_OUT, "fsdp"),
-    (CONV_SPATIAL, None),
+    (CONV_HEIGHT, None),
+    (CONV_WIDTH, None),
     (NORM, None),
     (LAYERS, None),
     (CODE_DIM, None),

@@ -39,7 +39,7 @@ NORMS = ("batch", "group", "none")
 KERNEL_SIZE = 4
 LEAKY_SLOPE = 0.2
 
-_CONV_AXES = (axes.CONV_SPATIAL, axes.CONV_SPATIAL, axes.CONV_IN, axes.CONV_OUT)
+_CONV_AXES = (*axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)
 
 
 def _torch_default_bias_init(fan_in: int):

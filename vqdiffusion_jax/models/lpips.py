@@ -41,7 +41,7 @@ NORM_EPS = 1e-10
 # separates stages, and LPIPS compares the last ReLU of every stage.
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
-_CONV_AXES = (axes.CONV_SPATIAL, axes.CONV_SPATIAL, axes.CONV_IN, axes.CONV_OUT)
+_CONV_AXES = (*axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)
 
 
 def _nonnegative_head_init(key, shape, dtype=jnp.float32):

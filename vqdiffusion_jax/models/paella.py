@@ -97,7 +97,7 @@ def _dense(features: int, names: tuple[str, str], dtype, name: str | None = None
 
 def _conv_init():
   return _partitioned(nn.initializers.lecun_normal(),
-                      (axes.CONV_SPATIAL, axes.CONV_SPATIAL, axes.CONV_IN, axes.CONV_OUT))
+                      (*axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT))
 
 
 def _conv_bias_init():

@@ -272,7 +272,7 @@ class ConvMlp(nn.Module):
     return nn.Conv(
         features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
         param_dtype=jnp.float32, name=name,
-        kernel_init=_partitioned(kernel_init, (axes.CONV_SPATIAL, axes.CONV_SPATIAL,
+        kernel_init=_partitioned(kernel_init, (*axes.CONV_KERNEL,
                                                axes.CONV_IN, axes.CONV_OUT)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.CONV_OUT,)))(x)
 

@@ -111,7 +111,7 @@ def _conv(features: int, kernel: int, name: str, dtype: Any, stride: int = 1,
       padding=((pad, pad), (pad, pad)) if padding is None else padding,
       dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(
-          _KERNEL_INIT, (axes.CONV_SPATIAL, axes.CONV_SPATIAL, axes.CONV_IN, axes.CONV_OUT)),
+          _KERNEL_INIT, (*axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)))
 
 

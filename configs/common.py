@@ -1,0 +1,166 @@
+"""Shared pieces of the experiment configs; each returns a ConfigDict section.
+
+The schema every trainer reads:
+
+  seed
+  data:       name, data_dir, image_size, train_split, eval_split,
+              caption_dropout, text_length, random_flip, random_crop,
+              cache_dir (token cache), shuffle_buffer, num_workers
+  mesh:       shape {data, fsdp, tensor} (one may be -1), dcn {data, fsdp,
+              tensor} (slices; all 1 on one slice), rules (logical -> mesh)
+  optim:      learning_rate, b1, b2, weight_decay, warmup_steps, decay
+              ("cosine" | "linear" | "constant"), min_lr_ratio, clip_norm,
+              ema_decay
+  train:      global_batch, num_steps, log_every, checkpoint_every,
+              keep_checkpoints, sample_every, eval_every, dtype, remat
+  checkpoint: resume_from, init_from
+  diffusion:  schedule, num_timesteps, aux_weight, adaptive_aux, mask_weight,
+              importance_sampling
+  tokenizer:  model (VQGANConfig fields), path (a trained / converted
+              tokenizer to use instead of training one), loss (rec, perceptual
+              and adversarial weights, disc_start, lpips paths), optim, train
+  text:       kind ("trainable" | "clip"), clip_path, width, num_layers,
+              num_heads, max_vocab (trainable)
+  denoiser:   model (TransformerConfig sizes; K, grid, T, text sizes derive
+              from the tokenizer, text and diffusion sections)
+
+``runlocal`` (``--config=configs/X.py:runlocal``) shrinks any config to a
+2-core CPU: the embedded shapes data at 32 px, tiny models, a few steps.
+"""
+
+import ml_collections
+
+from vqdiffusion_jax.models import axes
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int = 1,
+         dcn_fsdp: int = 1, dcn_tensor: int = 1) -> ml_collections.ConfigDict:
+  """Device mesh: ICI axis sizes within a slice, DCN sizes across slices."""
+  return ml_collections.ConfigDict({
+      "shape": {"data": data, "fsdp": fsdp, "tensor": tensor},
+      "dcn": {"data": dcn_data, "fsdp": dcn_fsdp, "tensor": dcn_tensor},
+      "rules": tuple((name, axis) for name, axis in axes.DEFAULT_RULES),
+  })
+
+
+def optim(learning_rate: float, *, warmup_steps: int = 5000, decay: str = "cosine",
+          weight_decay: float = 0.045, clip_norm: float = 1.0,
+          ema_decay: float = 0.9999) -> ml_collections.ConfigDict:
+  """AdamW with the official betas (0.9, 0.96) and weight decay 0.045."""
+  return ml_collections.ConfigDict({
+      "learning_rate": learning_rate, "b1": 0.9, "b2": 0.96, "weight_decay": weight_decay,
+      "warmup_steps": warmup_steps, "decay": decay, "min_lr_ratio": 0.0,
+      "clip_norm": clip_norm, "ema_decay": ema_decay,
+  })
+
+
+def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: bool = False,
+          log_every: int = 50, checkpoint_every: int = 1000, keep_checkpoints: int = 3,
+          sample_every: int = 5000, eval_every: int = 5000) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "global_batch": global_batch, "num_steps": num_steps, "log_every": log_every,
+      "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
+      "sample_every": sample_every, "eval_every": eval_every, "dtype": dtype, "remat": remat,
+      "scan_layers": False,
+  })
+
+
+def data(name: str, image_size: int, *, data_dir: str = "", text_length: int = 77,
+         caption_dropout: float = 0.1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "name": name, "data_dir": data_dir, "image_size": image_size,
+      "train_split": "train", "eval_split": "test", "caption_dropout": caption_dropout,
+      "text_length": text_length, "random_flip": False, "random_crop": False,
+      "cache_dir": "", "shuffle_buffer": 0, "num_workers": 0,
+      "num_train": 0, "num_test": 0,  # shapes only: split sizes (0: the builder's default)
+  })
+
+
+def diffusion(num_timesteps: int = 100, aux_weight: float = 5e-4) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "schedule": "mask_and_replace", "num_timesteps": num_timesteps,
+      "aux_weight": aux_weight, "adaptive_aux": True, "mask_weight": (1.0, 1.0),
+      "importance_sampling": True,
+  })
+
+
+def checkpoint(resume_from: str = "", init_from: str = "") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"resume_from": resume_from, "init_from": init_from})
+
+
+def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=2887,
+              embed_dim=256, latent_channels=256, attention_levels=(4,),
+              path: str = "") -> ml_collections.ConfigDict:
+  """The VQ tokenizer: model sizes, its VQGAN loss and its own optimizer."""
+  return ml_collections.ConfigDict({
+      "path": path,
+      "model": {
+          "block_out_channels": tuple(block_out_channels), "layers_per_block": 2,
+          "latent_channels": latent_channels, "num_embeddings": num_embeddings,
+          "embed_dim": embed_dim, "norm_num_groups": 32,
+          "encoder_attention_levels": tuple(attention_levels),
+          "decoder_attention_levels": tuple(attention_levels), "mid_block_attention": True,
+          "ema": True, "beta": 0.25, "dead_code_threshold": 1.0,
+      },
+      "loss": {
+          "rec_loss": "l1", "perceptual_weight": 1.0, "codebook_weight": 1.0,
+          "disc_weight": 0.8, "disc_start": 30001, "disc_loss": "hinge",
+          "disc_layers": 3, "disc_channels": 64,
+          "lpips_vgg_path": "", "lpips_heads_path": "",
+      },
+      "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "warmup_steps": 0,
+                "clip_norm": 0.0},
+      "train": {"global_batch": 64, "num_steps": 200000},
+  })
+
+
+def text(kind: str = "clip", clip_path: str = "", width: int = 512,
+         length: int = 77) -> ml_collections.ConfigDict:
+  """Text conditioning: a frozen CLIP text tower, or a small trained encoder."""
+  return ml_collections.ConfigDict({
+      "kind": kind, "clip_path": clip_path, "width": width, "length": length,
+      "num_layers": 2, "num_heads": 4, "max_vocab": 1024,
+  })
+
+
+def denoiser(num_layers: int = 19, embed_dim: int = 1024,
+             num_heads: int = 16) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "model": {"num_layers": num_layers, "embed_dim": embed_dim, "num_heads": num_heads,
+                "mlp_ratio": 4, "learnable_null_text": True},
+  })
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to the embedded shapes data and tiny models (CPU, minutes)."""
+  with config.unlocked():
+    config.data = data("shapes", 32, text_length=24)
+    config.data.num_train, config.data.num_test = 64, 16
+    config.mesh = mesh()
+    config.tokenizer = tokenizer(block_out_channels=(32, 64, 64), num_embeddings=64,
+                                 embed_dim=16, latent_channels=32, attention_levels=())
+    config.tokenizer.model.norm_num_groups = 8
+    config.tokenizer.model.mid_block_attention = False
+    config.tokenizer.loss.perceptual_weight = 0.0
+    config.tokenizer.loss.disc_weight = 0.0
+    config.tokenizer.optim.learning_rate = 1e-3
+    config.tokenizer.train.global_batch = 8
+    config.tokenizer.train.num_steps = 2
+    config.text = text("trainable", width=32, length=24)
+    config.text.max_vocab = 256
+    config.denoiser = denoiser(num_layers=2, embed_dim=32, num_heads=2)
+    config.diffusion = diffusion(num_timesteps=10)
+    config.optim = optim(1e-3, warmup_steps=1, ema_decay=0.99)
+    config.train = train(8, 2, dtype="float32", log_every=1, checkpoint_every=1,
+                         sample_every=0, eval_every=0)
+  return config
+
+
+def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument (only "runlocal" exists) and locks the config."""
+  if arg == "runlocal":
+    config = runlocal(config)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
+  config.lock()
+  return config

@@ -1,0 +1,48 @@
+"""Metric writing, image grids, the progress line and the NaN stop."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqdiffusion_jax.train import metrics
+
+
+def test_scalars_go_to_json_lines_and_tensorboard(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write_scalars(3, {"loss": np.float32(1.5), "lr": 0.1})
+  writer.write_scalars(4, {"loss": 1.25})
+  writer.close()
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 3, "loss": 1.5, "lr": 0.1}, {"step": 4, "loss": 1.25}]
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_image_grid_layout_and_png(tmp_path):
+  images = np.stack([np.full((4, 5, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+  grid = metrics.make_grid(images, columns=2, pad=1)
+  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3) and grid.dtype == np.uint8
+  assert grid[1, 1, 0] == 0 and grid[1, 7, 0] == 128 and grid[6, 1, 0] == 255
+  writer = metrics.MetricWriter(str(tmp_path))
+  path = writer.write_images(7, "samples", images)
+  writer.close()
+  assert np.array_equal(np.asarray(Image.open(path)), metrics.make_grid(images))
+  with pytest.raises(ValueError, match="B, H, W, C"):
+    metrics.make_grid(np.zeros((4, 4, 3)))
+
+
+def test_progress_line_reports_rate_and_eta():
+  stream = io.StringIO()
+  progress = metrics.Progress(total_steps=100, start_step=10, stream=stream)
+  progress._start_time -= 10.0  # ten seconds ago
+  line = progress.update(30, {"loss": 0.5})
+  assert "30/100" in line and "2.00 steps/s" in line and "ETA 00:35" in line
+  assert "loss=0.5" in stream.getvalue()
+
+
+def test_non_finite_metrics_stop_naming_the_step():
+  metrics.check_finite(5, {"loss": 1.0, "grad_norm": np.float32(2.0)})
+  with pytest.raises(metrics.NonFiniteError, match=r"grad_norm, loss at step 12"):
+    metrics.check_finite(12, {"loss": float("nan"), "grad_norm": np.inf, "lr": 1.0})

@@ -1,0 +1,167 @@
+"""Plan a run before renting the hardware: compile its train step ahead of time.
+
+  python -m vqdiffusion_jax.plan --config=configs/ithq_large.py --devices=32 \
+      [--config.train.global_batch=512] [--config.mesh.shape.fsdp=8]
+
+The denoiser's train step is lowered and compiled for ``--devices`` fake
+CPU devices from abstract inputs (nothing is allocated) with the config's
+mesh and sharding rules; the command prints XLA's per-device memory (the
+state, batch and temporaries), FLOPs per step, and how the largest
+parameters and their optimizer moments are sharded. CPU compilation stands
+in for the accelerator's, so memory figures are indicative (layouts and
+fusion differ by backend), not a guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _force_devices(argv: list[str]) -> None:
+  """Asks XLA for enough CPU devices; must run before jax is imported."""
+  count = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={count}")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+if __name__ == "__main__":
+  _force_devices(sys.argv)
+
+import types  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vqdiffusion_jax.diffusion import schedule as schedules  # noqa: E402
+from vqdiffusion_jax.models import clip_text  # noqa: E402
+from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser  # noqa: E402
+from vqdiffusion_jax.models.text_encoder import TextEncoder  # noqa: E402
+from vqdiffusion_jax.models.transformer import VQDiffusionTransformer  # noqa: E402
+from vqdiffusion_jax.train import denoiser_stage, denoiser_step  # noqa: E402
+from vqdiffusion_jax.train import mesh as mesh_lib  # noqa: E402
+from vqdiffusion_jax.train import state as state_lib  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def _planned_tokenizer(config: Any):
+  """What the denoiser needs from a tokenizer, from the config alone."""
+  model = config.tokenizer.model
+  side = int(config.data.image_size) // 2 ** (len(model.block_out_channels) - 1)
+  return types.SimpleNamespace(module=types.SimpleNamespace(
+      config=types.SimpleNamespace(num_embeddings=int(model.num_embeddings))),
+      grid=(side, side))
+
+
+def _model(config: Any):
+  """(model, text_encoder_fn, abstract frozen params) as the run would build them."""
+  text, tokenizer = config.text, _planned_tokenizer(config)
+  if text.kind == "trainable":
+    cfg = denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width)))
+    encoder = TextEncoder(vocab_size=int(text.max_vocab) + 4, width=int(text.width),
+                          num_layers=int(text.num_layers), num_heads=int(text.num_heads),
+                          max_length=int(text.length))
+    return TextConditionedDenoiser(cfg, encoder), None, None
+  clip = clip_text.CLIPTextTransformer()  # ViT-B/32 text tower
+  cfg = denoiser_stage.denoiser_config(config, tokenizer, (clip.max_positions, clip.hidden_size))
+  frozen = jax.eval_shape(clip.init, jax.random.key(0),
+                          jnp.zeros((1, clip.max_positions), jnp.int32))["params"]
+  encode = lambda p, ids: clip_text.vq_diffusion_features(clip, p, ids)  # noqa: E731
+  return VQDiffusionTransformer(cfg), encode, frozen
+
+
+def _abstract(tree: Any, sharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def plan(config: Any, num_devices: int) -> dict:
+  """Compiles the denoiser train step for ``num_devices`` devices; returns figures.
+
+  Returns:
+    Per-device bytes (``arguments``, ``outputs``, ``temporaries``,
+    ``aliased``, ``peak`` = arguments + outputs + temporaries - aliased),
+    ``flops`` per step and device, ``params`` (count) and ``shardings`` (the
+    largest parameters' PartitionSpecs).
+  """
+  devices = jax.devices()[:num_devices]
+  if len(devices) < num_devices:
+    raise ValueError(f"{num_devices} devices asked for, {len(devices)} available; run "
+                     "as `python -m vqdiffusion_jax.plan --devices=N`")
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices)
+  model, text_encoder_fn, frozen = _model(config)
+  cfg = model.config
+  schedule = schedules.make(config.diffusion.schedule, cfg.num_timesteps, cfg.codebook_size)
+  optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  init_fn = denoiser_stage._init_fn(model, cfg)  # noqa: SLF001
+  rng = jax.random.key(0)
+  kwargs = {"history_timesteps": cfg.num_timesteps}
+  state = state_lib.abstract_state(rng, init_fn, optimizer, mesh, config.mesh.rules, **kwargs)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  global_batch = int(config.train.global_batch)
+  length = cfg.condition_length
+  batch = _abstract({"tokens": jnp.zeros((global_batch, cfg.num_tokens), jnp.int32),
+                     "text_ids": jnp.zeros((global_batch, length), jnp.int32),
+                     "drop_text": jnp.zeros((global_batch,), bool)}, batch_sharding)
+  replicated = mesh_lib.replicated(mesh)
+  step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer,
+                                       text_encoder_fn=text_encoder_fn)
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda _: replicated, frozen)
+  jitted = denoiser_step.jit_train_step(step, mesh, shardings, batch_sharding,
+                                        frozen_shardings=frozen_shardings)
+  args = (state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+  if frozen is not None:
+    args += (_abstract(frozen, replicated),)
+  compiled = jitted.lower(*args).compile()
+  return _figures(compiled, state)
+
+
+def _figures(compiled, state) -> dict:
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+         "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
+  out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  out["flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  out["params"] = int(sum(np.prod(leaf.shape) for _, leaf in leaves))
+  largest = sorted(leaves, key=lambda kv: -np.prod(kv[1].shape))[:6]
+  out["shardings"] = [(jax.tree_util.keystr(path), tuple(leaf.shape), str(leaf.sharding.spec))
+                      for path, leaf in largest]
+  return out
+
+
+def report(config: Any, num_devices: int, figures: dict) -> str:
+  lines = [f"{num_devices} devices, mesh {dict(config.mesh.shape)}, global batch "
+           f"{config.train.global_batch}, dtype {config.train.dtype}, "
+           f"remat {config.train.remat}, params {figures['params'] / 1e6:.1f}M",
+           f"per device: peak {figures['peak'] / GIB:.2f} GiB (state+batch "
+           f"{figures['arguments'] / GIB:.2f}, temporaries {figures['temporaries'] / GIB:.2f}, "
+           f"outputs {figures['outputs'] / GIB:.2f}, donated {figures['aliased'] / GIB:.2f})",
+           f"FLOPs per step per device: {figures['flops'] / 1e12:.2f} TFLOP",
+           "largest parameters (sharding of params and their Adam moments):"]
+  lines += [f"  {path} {shape} -> {spec}" for path, shape, spec in figures["shardings"]]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags  # noqa: PLC0415
+  del argv
+  config = flags.FLAGS.config
+  devices = flags.FLAGS.devices
+  print(report(config, devices, plan(config, devices)))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Number of devices to plan for.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

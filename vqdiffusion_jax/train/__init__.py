@@ -1,0 +1,1 @@
+"""Sharded training: mesh, train state, train steps, checkpoints, the loop."""

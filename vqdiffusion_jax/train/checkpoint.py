@@ -1,0 +1,573 @@
+"""Checkpoints: async Orbax saves, verified restores, preemption, the resume order.
+
+Layout of a run's workdir::
+
+  WORKDIR/config.json               the config of the run, JSON (process 0 writes it)
+  WORKDIR/checkpoints/<step>/       one Orbax step: items ``state`` (the train-state
+                                    pytree), ``data`` (data-iterator position, JSON),
+                                    ``meta`` (step, per-array fingerprints, JSON) and
+                                    ``config`` (JSON) when one was given
+  WORKDIR/checkpoints_unusable/     steps found corrupt at restore, moved aside
+
+Atomicity. Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and, once
+every array and item is on disk, writes ``commit_success.txt`` into it and
+renames it to ``<step>`` (``AtomicRenameTemporaryPath``, the default on local
+and POSIX file systems; on GCS it keeps the name and the commit file alone is the
+marker). Old steps are deleted only after the new one is committed. So a kill at
+any moment leaves the last committed step restorable; leftover temporary
+directories are never listed as steps and are removed when the next
+``Checkpointer`` opens the directory (``tests/test_checkpoint.py`` kills a saving
+process with SIGKILL to check this).
+
+Verification. A step is used only if it has its commit marker, every item reads
+back, and every restored array matches the fingerprint recorded at save time
+(two wrapping uint32 sums of the array's bits, one position-weighted; exact
+whatever the sharding, computed on device). A step that fails is logged with a
+warning naming it and the previous step is tried; never are wrong values returned
+silently. Only once an older step has restored are the newer bad ones moved to
+``checkpoints_unusable/`` (so that later saves of those step numbers are
+possible); nothing is moved or deleted when no step restores, and a read-only
+``Checkpointer`` moves nothing. Keep at least two checkpoints (``keep >= 2``) so
+there is something to fall back to.
+
+Preemption. ``PreemptionWatcher`` turns SIGTERM (and optionally SIGINT) into a
+flag that the loop polls with ``should_stop(step)``; the loop then saves with
+``force=True``, waits and exits normally. On several processes all hosts must
+agree on the step: there ``should_stop`` uses JAX's preemption sync point
+(``multihost_utils.reached_preemption_sync_point``, available after
+``jax.distributed.initialize()`` with the preemption service, JAX's own SIGTERM
+notifier), and Orbax's ``PreemptionCheckpointingPolicy`` in our save policy also
+saves at that step. Without the service the watcher installs its handler and
+shares the flag across hosts with an all-gather on every poll.
+
+Typical loop::
+
+  with Checkpointer.for_workdir(workdir, save_interval_steps=1000, keep=3) as ckpt, \\
+       PreemptionWatcher() as watcher:
+    init_from = (lambda: load_params(cfg.init_from)) if cfg.init_from else None
+    state, data_state, origin = resume(ckpt, abstract_state, resume_from=cfg.resume_from,
+                                       init_from=init_from, init_state=init_state)
+    while step < num_steps:
+      state = train_step(state, next(it), rng); step += 1
+      ckpt.save(step, state, data_state=it.get_state(), config=config)
+      if watcher.should_stop(step):
+        ckpt.save(step, state, data_state=it.get_state(), config=config, force=True)
+        break
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+UNUSABLE_SUFFIX = "_unusable"
+CONFIG_NAME = "config.json"
+COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+STATE, DATA, META, CONFIG = "state", "data", "meta", "config"
+ORIGINS = ("workdir", "resume_from", "init_from", "scratch")
+
+
+class CheckpointError(RuntimeError):
+  """No step of a checkpoint directory could be restored."""
+
+
+class UnusableCheckpointError(RuntimeError):
+  """One step is corrupt, partial or uncommitted."""
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """Two uint32 sums of ``x``'s bits: plain and weighted by (2 * flat index + 1)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  # The flat index built from per-axis iotas avoids a reshape, which could
+  # force an all-gather of a sharded array.
+  index = jnp.zeros((), jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    index = index + iota * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  weighted = bits * (index * jnp.uint32(2) + jnp.uint32(1))
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([_leaf_fingerprint(x) for x in leaves])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A replicated array's value, also when it spans several processes."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  return np.asarray(x.addressable_data(0))
+
+
+def fingerprint(tree: Any) -> list[list[int]]:
+  """Per-leaf fingerprints of a pytree, independent of how the leaves are sharded.
+
+  Args:
+    tree: a pytree of arrays (jax, numpy or Python scalars).
+
+  Returns:
+    One ``[sum, weighted_sum]`` pair of uint32 values per leaf, in leaf order.
+  """
+  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
+  out: list[list[int]] = [[]] * len(leaves)
+  for indices in groups.values():
+    values = _to_host(_fingerprints([leaves[i] for i in indices]))
+    for i, value in zip(indices, values.tolist(), strict=True):
+      out[i] = value
+  return out
+
+
+def _leaf_names(tree: Any) -> list[str]:
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _config_dict(config: Any) -> dict:
+  """A JSON-ready dict from a dict or an ``ml_collections.ConfigDict``."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return json.loads(json.dumps(config))
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _reason(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+# ----------------------------------------------------------------------------- Checkpointer
+
+
+class Checkpointer:
+  """Async, keep-N, verified checkpoints of a train-state pytree in one directory.
+
+  Generic over the state: any pytree of arrays (a ``flax.struct.dataclass``,
+  optax states, dicts). Restores go straight onto the shardings of an abstract
+  target, so a run can resume on another mesh or another number of devices.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1,
+               keep: int | None = 3, async_save: bool = True, read_only: bool = False,
+               verify: bool = True):
+    """Opens (and unless ``read_only`` creates) a checkpoint directory.
+
+    Args:
+      directory: the checkpoints directory; ``config.json`` goes beside it.
+      save_interval_steps: ``save`` writes only at multiples of this (and at
+        JAX's preemption sync point) unless forced.
+      keep: how many of the latest checkpoints to keep; None keeps all.
+      async_save: write in a background thread after copying arrays to host.
+      read_only: never write, delete or move anything (for another run's steps).
+      verify: check restored arrays against their saved fingerprints.
+    """
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.read_only = read_only
+    self.verify = verify
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(max(1, save_interval_steps)),
+            policies.PreemptionCheckpointingPolicy()]),
+        preservation_policy=policies.LatestN(n=keep),
+        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._config_written: dict | None = None
+
+  @classmethod
+  def for_workdir(cls, workdir: str | os.PathLike, **kwargs) -> Checkpointer:
+    """The checkpointer of a run: ``workdir/checkpoints``; kwargs as ``__init__``."""
+    return cls(os.path.join(os.fspath(workdir), CHECKPOINTS_DIR), **kwargs)
+
+  @property
+  def config_path(self) -> str:
+    """``config.json`` beside the checkpoints directory."""
+    return os.path.join(os.path.dirname(self.directory), CONFIG_NAME)
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def step_path(self, step: int) -> str:
+    """The directory of one committed step."""
+    return os.path.join(self.directory, str(int(step)))
+
+  def all_steps(self) -> list[int]:
+    """Steps present on disk (committed by name; restore verifies them), ascending."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest step that carries its commit marker, or None."""
+    committed = [s for s in self.all_steps()
+                 if os.path.exists(os.path.join(self.step_path(s), COMMIT_MARKER))]
+    return committed[-1] if committed else None
+
+  def save(self, step: int, state: Any, *, data_state: dict, config: Any = None,
+           force: bool = False) -> bool:
+    """Starts an async save of ``state`` at ``step`` if the interval says so.
+
+    Args:
+      step: the number of train steps taken so far.
+      state: the train-state pytree (arrays may be sharded over any mesh).
+      data_state: the data iterator's position, JSON-serialisable.
+      config: the run's config (dict or ConfigDict); saved in the step and as
+        ``config.json`` beside the checkpoints.
+      force: save even off the interval.
+
+    Returns:
+      Whether a save was started (False off the interval, or when ``step`` is
+      already saved).
+    """
+    if self.read_only:
+      raise PermissionError(f"{self.directory} was opened read-only")
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    meta = {"format": FORMAT_VERSION, "step": step, "fingerprints": fingerprint(state),
+            "names": _leaf_names(state)}
+    items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(dict(data_state)),
+             META: ocp.args.JsonSave(meta)}
+    if config is not None:
+      config = _config_dict(config)
+      items[CONFIG] = ocp.args.JsonSave(config)
+      self.write_config(config)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def write_config(self, config: Any) -> None:
+    """Writes ``config.json`` beside the checkpoints (process 0, atomically)."""
+    config = _config_dict(config)
+    if config == self._config_written or self.read_only:
+      return
+    if jax.process_index() == 0:
+      _write_json_atomically(self.config_path, config)
+    self._config_written = config
+
+  def read_config(self, step: int | None = None) -> dict:
+    """The config saved beside the checkpoints, or inside ``step`` when given.
+
+    Args:
+      step: read this step's own copy instead of ``config.json``.
+
+    Returns:
+      The config as a dict.
+    """
+    if step is None:
+      with open(self.config_path) as f:
+        return json.load(f)
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))
+    return restored[CONFIG]
+
+  def wait(self) -> None:
+    """Blocks until the pending save is committed (raising its error, if any)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and deletions, then releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
+    """Restores a verified step onto ``abstract_state``'s shardings.
+
+    Without ``step``, tries the steps from the newest down and returns the first
+    that is committed, reads back and matches its fingerprints; each bad one is
+    logged with a warning naming it.
+
+    Args:
+      abstract_state: the target: a pytree of ``jax.ShapeDtypeStruct`` with
+        ``.sharding`` set (any mesh, any number of devices).
+      step: restore exactly this step, with no fallback.
+
+    Returns:
+      ``(step, state, data_state)``.
+
+    Raises:
+      CheckpointError: no step could be restored; the message lists each step
+        tried and why it failed.
+    """
+    _check_abstract(abstract_state)
+    self.wait()
+    candidates = [int(step)] if step is not None else self.all_steps()[::-1]
+    if not candidates:
+      raise CheckpointError(f"no checkpoints in {self.directory}")
+    failures: list[tuple[int, str]] = []
+    for candidate in candidates:
+      try:
+        state, data_state = self._restore_step(candidate, abstract_state)
+      except Exception as error:  # A step that cannot be read, whatever the cause, is unusable.
+        failures.append((candidate, _reason(error)))
+        logging.warning("checkpoint step %d in %s is unusable (%s)%s", candidate,
+                        self.directory, failures[-1][1],
+                        "; trying the previous step" if step is None else "")
+        continue
+      if failures:
+        logging.warning("restored step %d of %s instead of unusable step(s) %s", candidate,
+                        self.directory, ", ".join(str(s) for s, _ in failures))
+        self._set_aside([s for s, _ in failures])
+      return candidate, state, data_state
+    tried = "\n  ".join(f"step {s}: {why}" for s, why in failures)
+    raise CheckpointError(f"no restorable checkpoint in {self.directory}; tried:\n  {tried}")
+
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """One step's state and data position, or UnusableCheckpointError / a read error."""
+    if not os.path.exists(os.path.join(self.step_path(step), COMMIT_MARKER)):
+      raise UnusableCheckpointError(
+          f"{self.step_path(step)} has no {COMMIT_MARKER}: its save never committed")
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore(),
+        META: ocp.args.JsonRestore()}))
+    meta, state = restored[META], restored[STATE]
+    if meta.get("format") != FORMAT_VERSION or meta.get("step") != step:
+      raise UnusableCheckpointError(f"metadata says format {meta.get('format')}, step "
+                                    f"{meta.get('step')}; expected {FORMAT_VERSION}, {step}")
+    if self.verify:
+      _check_fingerprints(state, meta)
+    return state, restored[DATA]
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    """Moves bad steps to ``<directory>_unusable/`` so their numbers can be saved again."""
+    if self.read_only:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory + UNUSABLE_SUFFIX
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        if os.path.exists(self.step_path(step)):
+          target = os.path.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
+          os.replace(self.step_path(step), target)
+          logging.warning("moved unusable checkpoint step %d to %s", step, target)
+    _sync("vqdiffusion_jax_checkpoint_set_aside")
+    self._manager.reload()
+
+
+def _check_abstract(abstract_state: Any) -> None:
+  """Raises ValueError unless every leaf says where it goes (``.sharding``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  missing = [jax.tree_util.keystr(path) for path, leaf in leaves
+             if getattr(leaf, "sharding", None) is None]
+  if missing:
+    raise ValueError(f"abstract_state leaves need a .sharding to restore onto: "
+                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _check_fingerprints(state: Any, meta: dict) -> None:
+  """Raises UnusableCheckpointError naming the arrays whose bits changed."""
+  saved, names = meta.get("fingerprints"), meta.get("names") or []
+  got = fingerprint(state)
+  if saved is None or len(saved) != len(got):
+    raise UnusableCheckpointError(f"{len(got)} arrays restored, fingerprints recorded for "
+                                  f"{None if saved is None else len(saved)}")
+  bad = [names[i] if i < len(names) else str(i)
+         for i, (a, b) in enumerate(zip(saved, got, strict=True)) if list(a) != list(b)]
+  if bad:
+    raise UnusableCheckpointError(f"{len(bad)} array(s) differ from their saved fingerprints: "
+                                  f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+# ----------------------------------------------------------------------------- resume order
+
+
+def resolve_run(path: str | os.PathLike) -> tuple[str, int | None]:
+  """Where another run's checkpoints are: a workdir, its checkpoints dir, or one step.
+
+  Args:
+    path: ``RUN`` (with ``RUN/checkpoints``), ``RUN/checkpoints`` or
+      ``RUN/checkpoints/<step>``.
+
+  Returns:
+    ``(checkpoints_directory, step or None for the latest)``.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"resume_from={path} does not exist")
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return os.path.join(path, CHECKPOINTS_DIR), None
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, STATE)):
+    return os.path.dirname(path), int(name)
+  return path, None
+
+
+def resume(checkpointer: Checkpointer, abstract_state: Any, *, resume_from: str = "",
+           init_from: Callable[[], Any] | None = None,
+           init_state: Callable[..., Any]) -> tuple[Any, dict, str]:
+  """The state to start from, in the house order.
+
+  1. the workdir's own latest good checkpoint (present steps that are all bad
+     are an error, never a silent restart);
+  2. else ``resume_from``: another run's checkpoint (state and data position);
+  3. else ``init_from``: params only (e.g. converted PyTorch weights), with a
+     fresh step, optimizer and EMA built by ``init_state(params)``;
+  4. else ``init_state()`` from scratch.
+
+  Args:
+    checkpointer: this run's checkpointer.
+    abstract_state: the restore target (ShapeDtypeStructs with shardings).
+    resume_from: another run's workdir, checkpoints dir or step dir, or "".
+    init_from: a callable returning params, or None.
+    init_state: builds a fresh state; called with no argument from scratch and
+      with the params when ``init_from`` is used.
+
+  Returns:
+    ``(state, data_state, origin)``: ``data_state`` is ``{}`` for a fresh start
+    and ``origin`` is one of ``ORIGINS``.
+  """
+  if checkpointer.all_steps():
+    step, state, data_state = checkpointer.restore(abstract_state)
+    logging.info("resuming from step %d of %s", step, checkpointer.directory)
+    return state, data_state, "workdir"
+  if resume_from:
+    directory, wanted = resolve_run(resume_from)
+    other = Checkpointer(directory, read_only=True, verify=checkpointer.verify)
+    try:
+      step, state, data_state = other.restore(abstract_state, step=wanted)
+    finally:
+      other.close()
+    logging.info("resuming from step %d of %s (resume_from)", step, directory)
+    return state, data_state, "resume_from"
+  if init_from is not None:
+    logging.info("initialising params from init_from; fresh optimizer and step")
+    return init_state(init_from()), {}, "init_from"
+  logging.info("starting from scratch")
+  return init_state(), {}, "scratch"
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (optionally SIGINT) into a flag the training loop polls.
+
+  A second signal of the same kind restores the previous handler and re-raises
+  it, so an impatient operator still gets an immediate stop (the last committed
+  checkpoint stays restorable). Handlers can only be installed from the main
+  thread.
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+    """Prepares a watcher.
+
+    Args:
+      signals: the signals that request a stop.
+    """
+    self.signals = tuple(signals)
+    self.received: int | None = None
+    self._previous: dict[int, Any] = {}
+    self._sync_point = None  # None: not probed; True/False: JAX preemption service usable
+
+  def install(self) -> PreemptionWatcher:
+    """Installs the handlers (on several processes only if JAX's service is absent)."""
+    if jax.process_count() == 1 or self._sync_point is False:
+      for signum in self.signals:
+        if signum not in self._previous:
+          self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were there before ``install``."""
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous.clear()
+
+  def __enter__(self) -> PreemptionWatcher:
+    return self.install()
+
+  def __exit__(self, *exc_info) -> None:
+    self.uninstall()
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.received == signum:
+      signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+      signal.raise_signal(signum)
+      return
+    self.received = signum
+
+  def should_stop(self, step: int) -> bool:
+    """Whether the loop should save now and exit; call it at every step.
+
+    Args:
+      step: the current step (the same on every host).
+
+    Returns:
+      True once a stop was requested (on several processes: at the step all
+      hosts agreed on).
+    """
+    if jax.process_count() == 1:
+      stop = self.received is not None
+    elif self._sync_point is not False:
+      try:
+        stop = multihost_utils.reached_preemption_sync_point(int(step))
+        self._sync_point = True
+      except RuntimeError:
+        self._sync_point = False
+        self.install()
+        stop = self._any_host_received()
+    else:
+      stop = self._any_host_received()
+    if stop:
+      logging.warning("stop requested (%s) at step %d: saving and exiting",
+                      signal.Signals(self.received).name if self.received else "preemption",
+                      step)
+    return stop
+
+  def _any_host_received(self) -> bool:
+    flags = multihost_utils.process_allgather(np.array(self.received is not None))
+    return bool(np.any(flags))

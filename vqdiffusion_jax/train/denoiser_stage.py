@@ -1,0 +1,152 @@
+"""The denoiser stage of a run: text conditioning, model, state, batches.
+
+Text conditioning follows ``config.text.kind``: "trainable" fits a word
+tokenizer on the cached captions and trains a small text encoder jointly
+with the denoiser (``TextConditionedDenoiser``); "clip" loads a frozen CLIP
+text tower from ``config.text.clip_path`` and passes its params to the step
+as a frozen input.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqdiffusion_jax.data import token_cache
+from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models import clip_text
+from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
+from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer
+from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
+from vqdiffusion_jax.train import denoiser_step, runner
+from vqdiffusion_jax.train import mesh as mesh_lib
+from vqdiffusion_jax.train import state as state_lib
+
+
+def word_tokenizer(config: Any, directory: str, cache) -> WordTokenizer:
+  """The caption vocabulary, fitted once on the cached captions and saved."""
+  path = os.path.join(directory, "text_tokenizer.json")
+  if os.path.exists(path):
+    return WordTokenizer.load(path)
+  captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
+  tokenizer = WordTokenizer.fit(captions, int(config.text.max_vocab))
+  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0:
+    tokenizer.save(path)
+  return tokenizer
+
+
+def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> TransformerConfig:
+  model = config.denoiser.model
+  return TransformerConfig(
+      codebook_size=tokenizer.module.config.num_embeddings, spatial_size=tokenizer.grid,
+      num_layers=int(model.num_layers), embed_dim=int(model.embed_dim),
+      num_heads=int(model.num_heads), mlp_ratio=int(model.mlp_ratio),
+      condition_length=condition[0], condition_dim=condition[1],
+      num_timesteps=int(config.diffusion.num_timesteps),
+      learnable_null_text=bool(model.learnable_null_text),
+      dtype=jnp.dtype(config.train.dtype), remat=bool(config.train.remat),
+      scan_layers=bool(config.train.scan_layers))
+
+
+def text_setup(config: Any, directory: str, cache, tokenizer):
+  """(model, tokenize, text_encoder_fn, frozen_params, init_inputs) for the text kind."""
+  text = config.text
+  length = int(text.length)
+  if text.kind == "trainable":
+    words = word_tokenizer(config, directory, cache)
+    encoder = TextEncoder(vocab_size=words.vocab_size, width=int(text.width),
+                          num_layers=int(text.num_layers), num_heads=int(text.num_heads),
+                          max_length=length, dtype=jnp.dtype(config.train.dtype))
+    cfg = denoiser_config(config, tokenizer, (length, int(text.width)))
+    model = TextConditionedDenoiser(cfg, encoder)
+    return model, lambda texts: words.encode(list(texts), length)[0], None, None
+  if text.kind == "clip":
+    from vqdiffusion_jax.convert import clip as clip_convert  # noqa: PLC0415
+    module, params, hf_tokenizer = clip_convert.load_clip_text(text.clip_path)
+    cfg = denoiser_config(config, tokenizer, (module.max_positions, module.hidden_size))
+    encode = lambda p, ids: clip_text.vq_diffusion_features(module, p, ids)  # noqa: E731
+    tokenize = lambda texts: clip_convert.tokenize(hf_tokenizer, list(texts),  # noqa: E731
+                                                   module.max_positions)
+    return VQDiffusionTransformer(cfg), tokenize, encode, params
+  raise ValueError(f"unknown text kind {text.kind!r}; choose 'trainable' or 'clip'")
+
+
+def _init_fn(model, cfg: TransformerConfig):
+  tokens = jnp.zeros((1, cfg.num_tokens), jnp.int32)
+  t = jnp.zeros((1,), jnp.int32)
+  if isinstance(model, TextConditionedDenoiser):
+    ids = jnp.zeros((1, cfg.condition_length), jnp.int32)
+    return lambda r: model.init(r, tokens, t, ids, method="from_ids")
+  text = jnp.zeros((1, cfg.condition_length, cfg.condition_dim))
+  return lambda r: model.init(r, tokens, t, text)
+
+
+def _load_init_params(path: str, model):
+  """Converted / PyTorch denoiser weights for ``checkpoint.init_from``."""
+  from vqdiffusion_jax.convert import load_denoiser  # noqa: PLC0415
+  _, params = load_denoiser(path, scan_layers=model.config.scan_layers)
+  return params
+
+
+def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -> int:
+  """Trains the denoiser on the token cache; returns the final step."""
+  cache = token_cache.TokenCacheSource(cache_dir)
+  model, tokenize, text_encoder_fn, frozen = text_setup(config, directory, cache, tokenizer)
+  cfg = model.config
+  schedule = schedules.make(config.diffusion.schedule, cfg.num_timesteps, cfg.codebook_size)
+  num_steps = int(config.train.num_steps)
+  optimizer = state_lib.make_optimizer(config.optim, num_steps)
+  rules, rng = config.mesh.rules, jax.random.key(int(config.seed))
+  history = cfg.num_timesteps if config.diffusion.importance_sampling else None
+  init_fn = _init_fn(model, cfg)
+  kwargs = {"history_timesteps": history}
+  shardings = state_lib.state_shardings(rng, init_fn, optimizer, mesh, rules, **kwargs)
+  abstract = state_lib.abstract_state(rng, init_fn, optimizer, mesh, rules, **kwargs)
+
+  def init_state(params=None):
+    state, _ = state_lib.create_state(rng, init_fn, optimizer, mesh, rules, **kwargs)
+    if params is None:
+      return state
+    if isinstance(model, TextConditionedDenoiser):
+      params = {**jax.device_get(state.params), "denoiser": params}
+    params = jax.device_put(params, shardings.params)
+    return state.replace(params=params, ema_params=params,
+                         opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(
+                             params))
+
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  frozen_shardings = None
+  if frozen is not None:
+    frozen_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen)
+    frozen = jax.device_put(frozen, frozen_shardings)
+  train_step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer,
+                                             text_encoder_fn=text_encoder_fn)
+  jitted = denoiser_step.jit_train_step(train_step, mesh, shardings, batch_sharding,
+                                        frozen_shardings=frozen_shardings)
+  step_fn = ((lambda s, b, r: jitted(s, runner.to_global(b, batch_sharding), r)) if frozen is None
+             else (lambda s, b, r: jitted(s, runner.to_global(b, batch_sharding), r, frozen)))
+
+  def batches():
+    return token_cache.token_batches(
+        cache, batch_size=_per_host(config), seed=int(config.seed),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenize=tokenize, caption_dropout=float(config.data.caption_dropout),
+        text_features=False)
+
+  init_from = config.checkpoint.init_from
+  final = runner.run_stage(config, runner.Stage(
+      directory=directory, num_steps=num_steps, abstract_state=abstract, init_state=init_state,
+      step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
+      init_from=(lambda: _load_init_params(init_from, model)) if init_from else None,
+      resume_from=config.checkpoint.resume_from))
+  return int(np.asarray(jax.device_get(final.step)))
+
+
+def _per_host(config: Any) -> int:
+  from vqdiffusion_jax.data import pipeline  # noqa: PLC0415
+  return pipeline.per_host_batch(int(config.train.global_batch), jax.process_count())

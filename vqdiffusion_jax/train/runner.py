@@ -1,0 +1,85 @@
+"""The shared, resumable step loop that every trainer runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from vqdiffusion_jax.train import checkpoint as ckpt_lib
+from vqdiffusion_jax.train import metrics as metrics_lib
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Host-local numeric batch arrays -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+
+
+@dataclasses.dataclass
+class Stage:
+  """What the shared loop needs to know about one trainer."""
+
+  directory: str
+  num_steps: int
+  abstract_state: Any
+  init_state: Callable[..., Any]
+  step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]]
+  batches: Callable[[], Iterator[dict]]
+  step_of: Callable[[Any], jax.Array]
+  init_from: Callable[[], Any] | None = None
+  resume_from: str = ""
+  on_log: Callable[[int, Any, dict], None] | None = None
+
+
+def run_stage(config: Any, stage: Stage) -> Any:
+  """The shared, resumable step loop of every trainer.
+
+  Resume order is the stage directory's checkpoint, ``stage.resume_from``,
+  ``stage.init_from``, scratch. The data iterator's position is
+  saved with every checkpoint, so a resumed run sees exactly the batches an
+  uninterrupted run would have seen.
+
+  Returns:
+    The final state (or the state at a preemption).
+  """
+  train = config.train
+  checkpointer = ckpt_lib.Checkpointer.for_workdir(
+      stage.directory, save_interval_steps=int(train.checkpoint_every),
+      keep=max(2, int(train.keep_checkpoints)))
+  state, data_state, origin = ckpt_lib.resume(
+      checkpointer, stage.abstract_state, init_from=stage.init_from,
+      init_state=stage.init_state, resume_from=stage.resume_from)
+  iterator = stage.batches()
+  if data_state.get("iterator"):
+    iterator.set_state(data_state["iterator"])
+  step = int(jax.device_get(stage.step_of(state)))
+  writer = metrics_lib.MetricWriter(stage.directory)
+  progress = metrics_lib.Progress(stage.num_steps, step)
+  rng = jax.random.key(int(config.seed))
+  config_json = config.to_dict()
+  with ckpt_lib.PreemptionWatcher() as watcher:
+    while step < stage.num_steps:
+      state, metrics = stage.step_fn(state, next(iterator), rng)
+      step += 1
+      if step % int(train.log_every) == 0 or step == stage.num_steps:
+        scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+        metrics_lib.check_finite(step, scalars)
+        writer.write_scalars(step, scalars)
+        progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
+        if stage.on_log is not None:
+          stage.on_log(step, state, scalars)
+      data_state = {"iterator": iterator.get_state(), "origin": origin}
+      preempted = watcher.should_stop(step)
+      checkpointer.save(step, state, data_state=data_state, config=config_json,
+                        force=preempted or step == stage.num_steps)
+      if preempted:
+        break
+  progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return state
