@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from vqdiffusion_jax.train import loop, runner
@@ -31,8 +34,12 @@ def _metrics(stage_dir):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_each_config_runs_two_steps_in_its_runlocal_form(name, tmp_path):
-  summary = loop.train_and_evaluate(_config(name), str(tmp_path))
+  summary = loop.train_and_evaluate(_config(name, sample_every=2), str(tmp_path))
   assert summary["denoiser_step"] == 2
+  assert (tmp_path / "tokenizer" / "samples" / "reconstructions_00000002.png").exists()
+  captions = (tmp_path / "denoiser" / "samples" / "samples_00000002.txt").read_text()
+  assert (tmp_path / "denoiser" / "samples" / "samples_00000002.png").exists()
+  assert len(captions.splitlines()) == 8
   for stage in ("tokenizer", "denoiser"):
     steps = [m["step"] for m in _metrics(tmp_path / stage)]
     assert steps == [1, 2]
@@ -72,6 +79,19 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
   assert sorted(got) == [1, 2, 3, 4]
   for step in (3, 4):  # same state, same batch, same key: identical to the last bit
     assert got[step] == want[step], step
+  # The saved final states (params, EMA, Adam moments, loss history) and data positions.
+  want_state, want_data = _saved(straight / "denoiser", 4)
+  got_state, got_data = _saved(resumed / "denoiser", 4)
+  assert got_data["iterator"] == want_data["iterator"]
+  assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
+  jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
+
+
+def _saved(stage_dir, step):
+  step_dir = pathlib.Path(stage_dir, "checkpoints", str(step))
+  state = ocp.StandardCheckpointer().restore(str(step_dir / "state"))
+  data = json.loads((step_dir / "data" / "metadata").read_text())
+  return state, data
 
 
 def test_rerunning_a_finished_run_trains_nothing_more(tmp_path):

@@ -143,7 +143,9 @@ def report(config: Any, num_devices: int, figures: dict) -> str:
            f"per device: peak {figures['peak'] / GIB:.2f} GiB (state+batch "
            f"{figures['arguments'] / GIB:.2f}, temporaries {figures['temporaries'] / GIB:.2f}, "
            f"outputs {figures['outputs'] / GIB:.2f}, donated {figures['aliased'] / GIB:.2f})",
-           f"FLOPs per step per device: {figures['flops'] / 1e12:.2f} TFLOP",
+           f"FLOPs per step per device: {figures['flops'] / 1e12:.2f} TFLOP"
+           + (" (XLA counts a scanned layer's body once: this is a lower bound)"
+              if config.train.scan_layers else ""),
            "largest parameters (sharding of params and their Adam moments):"]
   lines += [f"  {path} {shape} -> {spec}" for path, shape, spec in figures["shardings"]]
   return "\n".join(lines)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqdiffusion_jax.data import token_cache
+from vqdiffusion_jax.diffusion import sampler
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
@@ -139,12 +140,41 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
         text_features=False)
 
   init_from = config.checkpoint.init_from
+  write_samples = sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
+                                int(config.seed))
   final = runner.run_stage(config, runner.Stage(
       directory=directory, num_steps=num_steps, abstract_state=abstract, init_state=init_state,
       step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
       init_from=(lambda: _load_init_params(init_from, model)) if init_from else None,
-      resume_from=config.checkpoint.resume_from))
+      resume_from=config.checkpoint.resume_from, on_sample=write_samples))
   return int(np.asarray(jax.device_get(final.step)))
+
+
+def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer, seed: int):
+  """``on_sample`` for the denoiser: EMA-weight samples for 8 of the batch's captions."""
+  cfg = model.config
+
+  @jax.jit
+  def generate(ema_params, ids, rng):
+    if isinstance(model, TextConditionedDenoiser):
+      text = model.apply({"params": ema_params}, ids, method="encode_text")
+    else:
+      text = text_encoder_fn(frozen, ids)
+    denoise = lambda x_t, t: model.apply({"params": ema_params}, x_t, t, text)  # noqa: E731
+    tokens = sampler.sample(denoise, schedule, rng, ids.shape[0], cfg.num_tokens)
+    return tokenizer.module.apply(tokenizer.variables, tokens.reshape(-1, *cfg.spatial_size),
+                                  method="decode")
+
+  def write(step, state, batch, writer):
+    captions = [str(c) for c in batch["captions"][:8]]
+    images = generate(state.ema_params, jnp.asarray(tokenize(captions)),
+                      jax.random.key(seed))
+    path = writer.write_images(step, "samples", np.asarray(images))
+    if path is not None:
+      with open(path.replace(".png", ".txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+
+  return write
 
 
 def _per_host(config: Any) -> int:

@@ -134,11 +134,19 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         random_flip=bool(config.data.random_flip), random_crop=bool(config.data.random_crop))
 
+  reconstruct = jax.jit(lambda v, x: module.apply(v, x)[0])
+
+  def write_reconstructions(step, state, batch, writer):
+    images = jnp.asarray(batch["image"][:8])
+    variables = {"params": state.generator.params, **state.generator.extra}
+    writer.write_images(step, "reconstructions",
+                        np.concatenate([images, reconstruct(variables, images)]))
+
   final = run_stage(config, Stage(
       directory=directory, num_steps=int(config.tokenizer.train.num_steps),
       abstract_state=abstract, init_state=init_state, batches=batches,
       step_fn=lambda s, b, r: jitted(s, to_global(b, batch_sharding), r, lpips_params),
-      step_of=lambda s: s.generator.step))
+      step_of=lambda s: s.generator.step, on_sample=write_reconstructions))
   variables = {"params": final.generator.params, **final.generator.extra}
   return Tokenizer(module, jax.device_get(variables), size)
 

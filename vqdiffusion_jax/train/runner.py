@@ -33,6 +33,7 @@ class Stage:
   init_from: Callable[[], Any] | None = None
   resume_from: str = ""
   on_log: Callable[[int, Any, dict], None] | None = None
+  on_sample: Callable[[int, Any, dict, metrics_lib.MetricWriter], None] | None = None
 
 
 def run_stage(config: Any, stage: Stage) -> Any:
@@ -63,8 +64,11 @@ def run_stage(config: Any, stage: Stage) -> Any:
   config_json = config.to_dict()
   with ckpt_lib.PreemptionWatcher() as watcher:
     while step < stage.num_steps:
-      state, metrics = stage.step_fn(state, next(iterator), rng)
+      batch = next(iterator)
+      state, metrics = stage.step_fn(state, batch, rng)
       step += 1
+      if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
+        stage.on_sample(step, state, batch, writer)
       if step % int(train.log_every) == 0 or step == stage.num_steps:
         scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
         metrics_lib.check_finite(step, scalars)
@@ -83,3 +87,8 @@ def run_stage(config: Any, stage: Stage) -> Any:
   checkpointer.close()
   writer.close()
   return state
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  """Whether a periodic action (every ``every`` steps, and at the end) runs now."""
+  return int(every) > 0 and (step % int(every) == 0 or step == last)
