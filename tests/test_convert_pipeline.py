@@ -126,6 +126,24 @@ def test_official_pth_with_the_wrong_preset_is_a_clear_error(tmp_path, capsys):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_official_pth_without_a_null_text_converts_with_the_flag(tmp_path):
+  raw = _diffusers_model(7)
+  checkpoint = _official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24))
+  for part in ("model", "ema"):
+    checkpoint[part] = {k: v for k, v in checkpoint[part].items()
+                        if not k.endswith("empty_text_embed")}
+  path = _save_official(checkpoint, tmp_path / "no_null.pth")
+  config = denoiser.config_from_diffusers(dict(raw.config))  # learnable_null_text=False
+  want = denoiser.from_official(checkpoint, config)
+  out = str(tmp_path / "out")
+  # The sizes come from a config here; the flag is what the CLI adds to a preset.
+  counts = convert.convert(path, out, config=config, learnable_null_text=False)
+  assert counts["denoiser"] == sum(np.size(x) for x in jax.tree.leaves(want))
+  module, params = convert.load_denoiser(out)
+  assert not module.config.has_null_text
+  _same(params, want)
+
+
 def test_official_pth_with_python_objects_needs_allow_pickle(tmp_path):
   raw = _diffusers_model(6)
   config = denoiser.config_from_diffusers(dict(raw.config), null_text_config=NULL_TEXT_CONFIG)

@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="official .pth: take the raw weights instead of the EMA ones")
   parser.add_argument("--allow-pickle", action="store_true",
                       help="official .pth holding Python objects: unpickle them (trusted files)")
+  parser.add_argument("--no-null-text", action="store_true",
+                      help="official .pth trained without learnable_cf (no empty_text_embed)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
   try:
     counts = pipeline.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite,
+                              **({"learnable_null_text": False} if args.no_null_text else {}))
   except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -171,7 +171,8 @@ def _unboxed(tree):
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | None = None,
             config: transformer.TransformerConfig | None = None, use_ema: bool = True,
-            allow_pickle: bool = False, overwrite: bool = False) -> dict[str, int]:
+            allow_pickle: bool = False, overwrite: bool = False,
+            **overrides) -> dict[str, int]:
   """Converts a checkpoint into our directory format (see ``converted.py``).
 
   A diffusers pipeline gives the denoiser, the VQ tokenizer and the text
@@ -182,13 +183,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
     out: the directory to write.
     preset, config, use_ema, allow_pickle: as in ``load_denoiser``.
     overwrite: replace an existing ``out``.
+    **overrides: denoiser config fields, e.g. ``learnable_null_text=False``
+      for official checkpoints trained without ``learnable_cf``.
 
   Returns:
     Parameter counts by component.
   """
   src = os.fspath(src)
   module, params = load_denoiser(src, preset=preset, config=config, use_ema=use_ema,
-                                 allow_pickle=allow_pickle)
+                                 allow_pickle=allow_pickle, **overrides)
   components = {"denoiser": (_config_dict(module.config), params)}
   tokenizer = None
   if _source_kind(src) == "diffusers_pipeline":
