@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import flax
-import jax
+import flax.linen as nn
 import numpy as np
 
 
@@ -74,7 +74,7 @@ def assemble(abstract_params, rules: Mapping[tuple[str, ...], Rule],
     ConversionError: naming missing rules, missing or unused source keys, and
       shape mismatches, all at once.
   """
-  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(_unbox(abstract_params)))
+  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(abstract_params)))
   problems = []
   no_rule = sorted("/".join(p) for p in target if p not in rules)
   if no_rule:
@@ -109,8 +109,3 @@ def assemble(abstract_params, rules: Mapping[tuple[str, ...], Rule],
     raise ConversionError(f"{what} does not match the module:\n  " + "\n  ".join(problems))
   return flax.traverse_util.unflatten_dict(out)
 
-
-def _unbox(tree):
-  return jax.tree.map(lambda x: x.unbox() if isinstance(x, flax.linen.spmd.LogicallyPartitioned)
-                      else x, tree,
-                      is_leaf=lambda x: isinstance(x, flax.linen.spmd.LogicallyPartitioned))

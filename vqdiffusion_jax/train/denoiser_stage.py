@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax.data import token_cache
+from vqdiffusion_jax.data import pipeline, token_cache
 from vqdiffusion_jax.diffusion import sampler
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text
@@ -178,5 +178,4 @@ def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
 
 
 def _per_host(config: Any) -> int:
-  from vqdiffusion_jax.data import pipeline  # noqa: PLC0415
   return pipeline.per_host_batch(int(config.train.global_batch), jax.process_count())

@@ -32,7 +32,6 @@ class Stage:
   step_of: Callable[[Any], jax.Array]
   init_from: Callable[[], Any] | None = None
   resume_from: str = ""
-  on_log: Callable[[int, Any, dict], None] | None = None
   on_sample: Callable[[int, Any, dict, metrics_lib.MetricWriter], None] | None = None
 
 
@@ -74,8 +73,6 @@ def run_stage(config: Any, stage: Stage) -> Any:
         metrics_lib.check_finite(step, scalars)
         writer.write_scalars(step, scalars)
         progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
-        if stage.on_log is not None:
-          stage.on_log(step, state, scalars)
       data_state = {"iterator": iterator.get_state(), "origin": origin}
       preempted = watcher.should_stop(step)
       checkpointer.save(step, state, data_state=data_state, config=config_json,
