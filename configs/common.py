@@ -23,6 +23,9 @@ The schema every trainer reads:
               num_heads, max_vocab (trainable)
   denoiser:   model (TransformerConfig sizes; K, grid, T, text sizes derive
               from the tokenizer, text and diffusion sections)
+  eval:       samplers (specs ``name[/steps[/guidance[/truncation]]]``),
+              num_samples, batch_size, grid_size, seed, inception_path,
+              clip_path (the end-of-run evaluation and report)
 
 ``runlocal`` (``--config=configs/X.py:runlocal``) shrinks any config to a
 2-core CPU: the embedded shapes data at 32 px, tiny models, a few steps.
@@ -100,7 +103,7 @@ def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=28
           "embed_dim": embed_dim, "norm_num_groups": 32,
           "encoder_attention_levels": tuple(attention_levels),
           "decoder_attention_levels": tuple(attention_levels), "mid_block_attention": True,
-          "ema": True, "beta": 0.25, "dead_code_threshold": 1.0,
+          "ema": True, "beta": 0.25, "dead_code_threshold": 1.0, "patch_size": 0,
       },
       "loss": {
           "rec_loss": "l1", "perceptual_weight": 1.0, "codebook_weight": 1.0,
@@ -109,7 +112,7 @@ def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=28
           "lpips_vgg_path": "", "lpips_heads_path": "",
       },
       "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "warmup_steps": 0,
-                "clip_norm": 0.0},
+                "clip_norm": 0.0, "decay": "constant", "min_lr_ratio": 0.0},
       "train": {"global_batch": 64, "num_steps": 200000},
   })
 
@@ -128,6 +131,16 @@ def denoiser(num_layers: int = 19, embed_dim: int = 1024,
   return ml_collections.ConfigDict({
       "model": {"num_layers": num_layers, "embed_dim": embed_dim, "num_heads": num_heads,
                 "mlp_ratio": 4, "learnable_null_text": True},
+  })
+
+
+def evaluation(samplers=("vqdiffusion/all/1", "vqdiffusion/all/3", "vqdiffusion/25/3",
+                         "purity/16/3"), *, num_samples: int = 256, batch_size: int = 64,
+               grid_size: int = 16) -> ml_collections.ConfigDict:
+  """The end-of-run evaluation: sampler specs (see ``vqdiffusion_jax.evaluate``) and sizes."""
+  return ml_collections.ConfigDict({
+      "samplers": tuple(samplers), "num_samples": num_samples, "batch_size": batch_size,
+      "grid_size": grid_size, "seed": 0, "inception_path": "", "clip_path": "",
   })
 
 
@@ -153,6 +166,8 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.optim = optim(1e-3, warmup_steps=1, ema_decay=0.99)
     config.train = train(8, 2, dtype="float32", log_every=1, checkpoint_every=1,
                          sample_every=0, eval_every=0)
+    config.eval = evaluation(("vqdiffusion/3/1", "purity/8/2"), num_samples=8, batch_size=8,
+                             grid_size=4)
   return config
 
 

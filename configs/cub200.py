@@ -35,5 +35,6 @@ def base_config(dataset: str, *, num_steps: int, warmup_lr: float, warmup_steps:
   config.optim = common.optim(warmup_lr, warmup_steps=warmup_steps, ema_decay=0.9996)
   config.train = common.train(global_batch, num_steps, dtype="bfloat16")
   config.checkpoint = common.checkpoint()
+  config.eval = common.evaluation()
   return config
 

@@ -244,3 +244,55 @@ def test_ema_training_step_updates_codebook_and_reaches_encoder():
   before, after = variables["vq_stats"]["quantize"], updates["vq_stats"]["quantize"]
   assert not np.allclose(np.asarray(after["embed_avg"]), np.asarray(before["embed_avg"]))
   assert not np.allclose(np.asarray(after["codebook"]), np.asarray(before["codebook"]))
+
+
+PATCH = VQGANConfig(block_out_channels=(16,), layers_per_block=2, latent_channels=8,
+                    num_embeddings=32, embed_dim=4, patch_size=4)
+
+
+def test_patch_vqvae_shapes_and_locality():
+  model = VQGAN(PATCH)
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 24, 3), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(1), images)
+  assert PATCH.downsampling_factor == 4
+  assert_logically_partitioned(variables["params"])
+  latents = model.apply(variables, images, method="encode_latents")
+  assert latents.shape == (2, 4, 6, 4)
+  tokens = model.apply(variables, images, method="encode")
+  assert tokens.shape == (2, 4, 6) and model.apply(variables, tokens, method="decode").shape == (
+      2, 16, 24, 3)
+  # The encoder sees one patch per token: changing patch (1, 2) moves only that latent.
+  changed = images.at[:, 4:8, 8:12].set(0.3)
+  moved = np.abs(np.asarray(model.apply(variables, changed, method="encode_latents")
+                            - latents)).sum(-1) > 1e-6
+  expected = np.zeros((2, 4, 6), bool)
+  expected[:, 1, 2] = True
+  np.testing.assert_array_equal(moved, expected)
+  # The decoder's two 3x3 blocks reach two tokens around a changed one, pixel patch for patch.
+  quantized = model.apply(variables, tokens, method=lambda m, t: m.quantize.lookup(t))
+  decoded = model.apply(variables, quantized, method="decode_latents")
+  bumped = model.apply(variables, quantized.at[:, 0, 0].add(1.0), method="decode_latents")
+  reach = np.abs(np.asarray(bumped - decoded)).sum((0, -1)) > 1e-6
+  assert reach[:12, :12].all() and not reach[12:].any() and not reach[:, 12:].any()
+
+
+def test_patch_vqvae_trains_in_the_tokenizer_step():
+  from configs import common  # noqa: PLC0415
+  from vqdiffusion_jax.train import state as state_lib  # noqa: PLC0415
+  from vqdiffusion_jax.train import tokenizer_step  # noqa: PLC0415
+  model = VQGAN(PATCH)
+  images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1, maxval=1)
+  optimizer = __import__("optax").adam(1e-2)
+  loss = common.tokenizer().loss
+  loss.perceptual_weight = 0.0
+  loss.disc_weight = 0.0
+  step = jax.jit(tokenizer_step.make_train_step(model, None, loss, optimizer))
+  generator, _ = state_lib.create_state(
+      jax.random.key(0), lambda r: model.init(r, images), optimizer,
+      jax.make_mesh((1,), ("data",)), ())
+  state = tokenizer_step.TokenizerState(generator)
+  losses = []
+  for i in range(30):
+    state, metrics = step(state, {"image": images}, jax.random.key(i))
+    losses.append(float(metrics["nll"]))
+  assert losses[-1] < 0.7 * losses[0]

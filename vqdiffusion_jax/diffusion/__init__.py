@@ -7,9 +7,12 @@ Modules:
     sampling and the official training loss.
   guidance: truncation, classifier-free guidance and purity on x0 log-probs.
   importance: the importance sampler of training timesteps.
+  samplers: every sampler (reverse process with skip steps, fewer tokens,
+    purity, Paella renoising), each one compiled loop, with guidance,
+    truncation, inpainting and editing.
 """
 
-from vqdiffusion_jax.diffusion import discrete, guidance, importance, schedule
+from vqdiffusion_jax.diffusion import discrete, guidance, importance, samplers, schedule
 from vqdiffusion_jax.diffusion.discrete import (
     LOG_PROB_MIN,
     LOG_ZERO,
@@ -35,14 +38,15 @@ from vqdiffusion_jax.diffusion.importance import (
     timestep_probs,
     update_history,
 )
+from vqdiffusion_jax.diffusion.samplers import SamplerConfig, conditioned_log_x0, sample
 from vqdiffusion_jax.diffusion.schedule import Schedule, Transition
 
 __all__ = [
-    "LOG_PROB_MIN", "LOG_ZERO", "LossHistory", "Schedule", "Transition",
-    "apply_transition", "discrete", "guidance", "guide", "importance",
+    "LOG_PROB_MIN", "LOG_ZERO", "LossHistory", "SamplerConfig", "Schedule", "Transition",
+    "apply_transition", "conditioned_log_x0", "discrete", "guidance", "guide", "importance",
     "log_onehot", "loss_terms", "multinomial_kl", "p_prev", "purity",
     "q_posterior", "q_posterior_tokens", "q_sample", "q_xt_given_x0",
-    "q_xt_given_xtm1", "sample_categorical", "sample_timesteps", "schedule",
+    "q_xt_given_xtm1", "sample", "sample_categorical", "samplers", "sample_timesteps", "schedule",
     "timestep_probs", "training_losses", "truncate", "update_history",
     "vb_loss", "x0_log_probs",
 ]

@@ -9,7 +9,10 @@ as a frozen input.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -17,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqdiffusion_jax.data import pipeline, token_cache
-from vqdiffusion_jax.diffusion import sampler
+from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
-from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer
+from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer, split_words
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
 from vqdiffusion_jax.train import denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -33,12 +36,24 @@ def word_tokenizer(config: Any, directory: str, cache) -> WordTokenizer:
   path = os.path.join(directory, "text_tokenizer.json")
   if os.path.exists(path):
     return WordTokenizer.load(path)
+  if cache is None:
+    raise FileNotFoundError(f"no caption vocabulary at {path}; the denoiser stage writes it")
   captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
   tokenizer = WordTokenizer.fit(captions, int(config.text.max_vocab))
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
     tokenizer.save(path)
   return tokenizer
+
+
+def encode_words(words: WordTokenizer, length: int, texts) -> np.ndarray:
+  """Caption ids of the trainable encoder; warns about captions cut to ``length``."""
+  texts = list(texts)
+  too_long = [t for t in texts if len(split_words(t)) > length - 2]
+  if too_long:
+    warnings.warn(f"{len(too_long)} prompt(s) longer than the text encoder's {length - 2} words "
+                  f"were truncated, e.g. {too_long[0]!r}", stacklevel=2)
+  return words.encode(texts, length)[0]
 
 
 def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> TransformerConfig:
@@ -65,7 +80,7 @@ def text_setup(config: Any, directory: str, cache, tokenizer):
                           max_length=length, dtype=jnp.dtype(config.train.dtype))
     cfg = denoiser_config(config, tokenizer, (length, int(text.width)))
     model = TextConditionedDenoiser(cfg, encoder)
-    return model, lambda texts: words.encode(list(texts), length)[0], None, None
+    return model, functools.partial(encode_words, words, length), None, None
   if text.kind == "clip":
     from vqdiffusion_jax.convert import clip as clip_convert  # noqa: PLC0415
     module, params, hf_tokenizer = clip_convert.load_clip_text(text.clip_path)
@@ -94,23 +109,56 @@ def _load_init_params(path: str, model):
   return params
 
 
-def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -> int:
-  """Trains the denoiser on the token cache; returns the final step."""
-  cache = token_cache.TokenCacheSource(cache_dir)
+@dataclasses.dataclass(frozen=True)
+class DenoiserSetup:
+  """Everything a run or a pipeline needs to build, restore and call the denoiser."""
+
+  model: Any
+  tokenize: Any
+  text_encoder_fn: Any
+  frozen: Any
+  schedule: schedules.Schedule
+  optimizer: Any
+  init_fn: Any
+  history_timesteps: int | None
+  abstract_state: Any
+  shardings: Any
+
+
+def denoiser_setup(config: Any, directory: str, mesh, tokenizer, cache=None) -> DenoiserSetup:
+  """Builds the model, text conditioning, schedule and state layout of a run.
+
+  ``cache`` fits the word tokenizer of a trainable text encoder the first
+  time; afterwards (and for pipelines) the saved one in ``directory`` is read.
+  """
   model, tokenize, text_encoder_fn, frozen = text_setup(config, directory, cache, tokenizer)
   cfg = model.config
   schedule = schedules.make(config.diffusion.schedule, cfg.num_timesteps, cfg.codebook_size)
-  num_steps = int(config.train.num_steps)
-  optimizer = state_lib.make_optimizer(config.optim, num_steps)
+  optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   rules, rng = config.mesh.rules, jax.random.key(int(config.seed))
   history = cfg.num_timesteps if config.diffusion.importance_sampling else None
   init_fn = _init_fn(model, cfg)
   kwargs = {"history_timesteps": history}
-  shardings = state_lib.state_shardings(rng, init_fn, optimizer, mesh, rules, **kwargs)
-  abstract = state_lib.abstract_state(rng, init_fn, optimizer, mesh, rules, **kwargs)
+  return DenoiserSetup(
+      model=model, tokenize=tokenize, text_encoder_fn=text_encoder_fn, frozen=frozen,
+      schedule=schedule, optimizer=optimizer, init_fn=init_fn, history_timesteps=history,
+      abstract_state=state_lib.abstract_state(rng, init_fn, optimizer, mesh, rules, **kwargs),
+      shardings=state_lib.state_shardings(rng, init_fn, optimizer, mesh, rules, **kwargs))
+
+
+def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -> int:
+  """Trains the denoiser on the token cache; returns the final step."""
+  cache = token_cache.TokenCacheSource(cache_dir)
+  setup = denoiser_setup(config, directory, mesh, tokenizer, cache)
+  model, tokenize, text_encoder_fn, frozen = (setup.model, setup.tokenize,
+                                              setup.text_encoder_fn, setup.frozen)
+  schedule, optimizer, shardings = setup.schedule, setup.optimizer, setup.shardings
+  num_steps = int(config.train.num_steps)
 
   def init_state(params=None):
-    state, _ = state_lib.create_state(rng, init_fn, optimizer, mesh, rules, **kwargs)
+    state, _ = state_lib.create_state(jax.random.key(int(config.seed)), setup.init_fn,
+                                      optimizer, mesh, config.mesh.rules,
+                                      history_timesteps=setup.history_timesteps)
     if params is None:
       return state
     if isinstance(model, TextConditionedDenoiser):
@@ -143,16 +191,23 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
   write_samples = sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
                                 int(config.seed))
   final = runner.run_stage(config, runner.Stage(
-      directory=directory, num_steps=num_steps, abstract_state=abstract, init_state=init_state,
-      step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
+      directory=directory, num_steps=num_steps, abstract_state=setup.abstract_state,
+      init_state=init_state, step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
       init_from=(lambda: _load_init_params(init_from, model)) if init_from else None,
       resume_from=config.checkpoint.resume_from, on_sample=write_samples))
   return int(np.asarray(jax.device_get(final.step)))
 
 
-def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer, seed: int):
-  """``on_sample`` for the denoiser: EMA-weight samples for 8 of the batch's captions."""
+def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer, seed: int,
+                  guidance_scale: float = 3.0):
+  """``on_sample`` for the denoiser: EMA-weight samples for 8 of the batch's captions.
+
+  Every step of the reverse process, with classifier-free guidance when the
+  model has a learnable null text.
+  """
   cfg = model.config
+  scale = guidance_scale if cfg.has_null_text else 1.0
+  config = samplers.SamplerConfig("vqdiffusion", guidance_scale=scale)
 
   @jax.jit
   def generate(ema_params, ids, rng):
@@ -160,8 +215,11 @@ def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
       text = model.apply({"params": ema_params}, ids, method="encode_text")
     else:
       text = text_encoder_fn(frozen, ids)
-    denoise = lambda x_t, t: model.apply({"params": ema_params}, x_t, t, text)  # noqa: E731
-    tokens = sampler.sample(denoise, schedule, rng, ids.shape[0], cfg.num_tokens)
+    null = (model.apply({"params": ema_params}, ids.shape[0], method="null_text")
+            if scale != 1.0 else None)
+    log_x0 = samplers.conditioned_log_x0(
+        lambda x, t, c: model.apply({"params": ema_params}, x, t, c), [text], null, scale)
+    tokens = samplers.sample(log_x0, schedule, rng, (ids.shape[0], cfg.num_tokens), config)
     return tokenizer.module.apply(tokenizer.variables, tokens.reshape(-1, *cfg.spatial_size),
                                   method="decode")
 

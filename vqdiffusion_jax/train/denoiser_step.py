@@ -131,10 +131,6 @@ def masked_accuracy(logits: jax.Array, x0: jax.Array, x_t: jax.Array,
   return hits / jnp.maximum(jnp.sum(masked), 1).astype(jnp.float32)
 
 
-def _global_norm(tree: Any) -> jax.Array:
-  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
 def make_train_step(model: nn.Module, schedule: Schedule, train_config: Any,
                     diffusion_config: Any, optimizer: optax.GradientTransformation, *,
                     text_encoder_fn: TextEncoderFn | None = None) -> Callable:
@@ -193,10 +189,10 @@ def make_train_step(model: nn.Module, schedule: Schedule, train_config: Any,
         step=state.step + 1, params=params, opt_state=opt_state,
         ema_params=state_lib.ema_update(state.ema_params, params, ema_decay),
         loss_history=history)
-    grad_norm = _global_norm(grads)
+    grad_norm = state_lib.global_norm(grads)
     metrics = {
         "loss": loss, "vb": jnp.mean(out["vb"]), "aux": jnp.mean(out["aux"]),
-        "grad_norm": grad_norm, "param_norm": _global_norm(params),
+        "grad_norm": grad_norm, "param_norm": state_lib.global_norm(params),
         "learning_rate": learning_rate(state.step), "accuracy": accuracy,
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     }

@@ -24,7 +24,9 @@ from vqdiffusion_jax.data import pipeline, shapes, token_cache
 from vqdiffusion_jax.models import discriminator as disc_lib
 from vqdiffusion_jax.models import lpips as lpips_lib
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
+from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import mesh as mesh_lib
+from vqdiffusion_jax.train import report as report_lib
 from vqdiffusion_jax.train import state as state_lib
 from vqdiffusion_jax.train import tokenizer_step
 from vqdiffusion_jax.train.denoiser_stage import run_denoiser
@@ -46,15 +48,15 @@ class Tokenizer:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
-  """Runs every stage of the experiment; returns a summary of where things are.
+  """Runs every stage of the experiment, then evaluates it and writes the report.
 
   Args:
     config: the experiment config (``configs/common.py`` schema).
     workdir: the run's directory (created if needed).
 
   Returns:
-    ``{"tokenizer": ..., "token_cache": ..., "denoiser": ...}`` paths and
-    final steps.
+    ``{"tokenizer": ..., "token_cache": ..., "denoiser": ..., "report": ...}``
+    paths and the denoiser's final step.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
@@ -63,8 +65,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   cache_dir = build_cache(config, workdir, tokenizer, source)
   denoiser_step = run_denoiser(config, os.path.join(workdir, "denoiser"), mesh, cache_dir,
                                tokenizer)
-  return {"tokenizer": os.path.join(workdir, "tokenizer"), "token_cache": cache_dir,
-          "denoiser": os.path.join(workdir, "denoiser"), "denoiser_step": denoiser_step}
+  summary = {"tokenizer": os.path.join(workdir, "tokenizer"), "token_cache": cache_dir,
+             "denoiser": os.path.join(workdir, "denoiser"), "denoiser_step": denoiser_step}
+  if config.get("eval") and config.eval.samplers:
+    summary["report"] = report_lib.write_report(config, workdir, summary)
+  return summary
 
 
 def train_source(config: Any, workdir: str):
@@ -84,29 +89,73 @@ def tokenizer_module(config: Any) -> VQGAN:
   return VQGAN(VQGANConfig(**model), dtype=jnp.dtype(config.train.dtype))
 
 
-def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
-  """Trains the VQ tokenizer (or loads ``config.tokenizer.path``)."""
+def tokenizer_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:
+  """Adam with linear warmup, then a constant or cosine-decayed rate, optionally clipped."""
+  peak, warmup = float(optim.learning_rate), int(optim.warmup_steps)
+  decay = optim.get("decay", "constant")
+  if decay == "cosine":
+    rate = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1),
+                                              peak * float(optim.get("min_lr_ratio", 0.0)))
+  elif decay == "constant":
+    rate = optax.linear_schedule(0.0, peak, warmup) if warmup else peak
+    if warmup:
+      rate = optax.join_schedules([rate, optax.constant_schedule(peak)], [warmup])
+  else:
+    raise ValueError(f"unknown tokenizer decay {decay!r}; choose 'constant' or 'cosine'")
+  adam = optax.adam(rate, b1=optim.b1, b2=optim.b2)
+  clip = float(optim.clip_norm)
+  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+
+
+def tokenizer_layout(config: Any, module: VQGAN, mesh):
+  """``(parts, abstract_state, shardings, discriminator)`` of the tokenizer's train state.
+
+  ``parts`` maps "generator" (and "discriminator" with a GAN loss) to
+  ``(init_fn, optimizer)``; ``discriminator`` is the module or None.
+  """
+  loss_config = config.tokenizer.loss
+  optim, num_steps = config.tokenizer.optim, int(config.tokenizer.train.num_steps)
+  make_opt = lambda: tokenizer_optimizer(optim, num_steps)  # noqa: E731
+  size = int(config.data.image_size)
+  images = jnp.zeros((1, size, size, 3))
+  parts = {"generator": (lambda r: module.init(r, images), make_opt())}
+  disc = None
+  if float(loss_config.disc_weight) > 0:
+    disc = disc_lib.NLayerDiscriminator(base_channels=loss_config.disc_channels,
+                                        num_layers=loss_config.disc_layers)
+    parts["discriminator"] = (lambda r: disc.init(r, images), make_opt())
+  rng, rules = jax.random.key(int(config.seed)), config.mesh.rules
+  shardings = tokenizer_step.TokenizerState(**{
+      k: state_lib.state_shardings(rng, f, o, mesh, rules) for k, (f, o) in parts.items()})
+  abstract = tokenizer_step.TokenizerState(**{
+      k: state_lib.abstract_state(rng, f, o, mesh, rules) for k, (f, o) in parts.items()})
+  return parts, abstract, shardings, disc
+
+
+def load_tokenizer(config: Any, directory: str, mesh) -> Tokenizer:
+  """The trained tokenizer of a run (its newest verified checkpoint), or the configured one."""
   size = int(config.data.image_size)
   if config.tokenizer.path:
     from vqdiffusion_jax.convert import load_vqvae  # noqa: PLC0415
     module, params = load_vqvae(config.tokenizer.path)
     return Tokenizer(module, {"params": params}, size)
   module = tokenizer_module(config)
+  _, abstract, _, _ = tokenizer_layout(config, module, mesh)
+  with ckpt_lib.Checkpointer.for_workdir(directory, read_only=True) as checkpointer:
+    _, state, _ = checkpointer.restore(abstract)
+  variables = {"params": state.generator.params, **state.generator.extra}
+  return Tokenizer(module, jax.device_get(variables), size)
+
+
+def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
+  """Trains the VQ tokenizer (or loads ``config.tokenizer.path``)."""
+  size = int(config.data.image_size)
+  if config.tokenizer.path:
+    return load_tokenizer(config, directory, mesh)
+  module = tokenizer_module(config)
   loss_config = config.tokenizer.loss
-  use_gan = float(loss_config.disc_weight) > 0
-  optim = config.tokenizer.optim
-  make_opt = lambda: optax.adam(optim.learning_rate, b1=optim.b1, b2=optim.b2)  # noqa: E731
-  images = jnp.zeros((1, size, size, 3))
-  rules = config.mesh.rules
-  parts = {"generator": (lambda r: module.init(r, images), make_opt())}
-  if use_gan:
-    disc = disc_lib.NLayerDiscriminator(base_channels=loss_config.disc_channels,
-                                        num_layers=loss_config.disc_layers)
-    parts["discriminator"] = (lambda r: disc.init(r, images), make_opt())
-  rng = jax.random.key(int(config.seed))
-  shardings = {k: state_lib.state_shardings(rng, f, o, mesh, rules) for k, (f, o) in parts.items()}
-  abstract = tokenizer_step.TokenizerState(**{
-      k: state_lib.abstract_state(rng, f, o, mesh, rules) for k, (f, o) in parts.items()})
+  parts, abstract, shardings, disc = tokenizer_layout(config, module, mesh)
+  rng, rules = jax.random.key(int(config.seed)), config.mesh.rules
 
   def init_state(params=None):
     del params
@@ -117,10 +166,10 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
   lpips_params = None
   if float(loss_config.perceptual_weight) > 0:
     lpips_params = lpips_lib.load_lpips(loss_config.lpips_vgg_path, loss_config.lpips_heads_path)
-  step = tokenizer_step.make_train_step(module, disc if use_gan else None, loss_config,
+  step = tokenizer_step.make_train_step(module, disc, loss_config,
                                         parts["generator"][1], parts.get("discriminator",
                                                                          (None, None))[1])
-  state_shardings = tokenizer_step.TokenizerState(**shardings)
+  state_shardings = shardings
   batch_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated, replicated),

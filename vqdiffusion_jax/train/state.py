@@ -250,3 +250,8 @@ def create_state(rng: jax.Array, init_fn: Callable, optimizer: optax.GradientTra
   shardings = mesh_lib.logical_shardings(jax.eval_shape(boxed_init, rng), mesh, rules)
   init = jax.jit(lambda key: _unbox(boxed_init(key)), out_shardings=shardings)
   return init(rng), shardings
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of every leaf together, computed in float32."""
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

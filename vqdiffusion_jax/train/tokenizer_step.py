@@ -32,7 +32,8 @@ from vqdiffusion_jax.models import quantizer
 from vqdiffusion_jax.train import state as state_lib
 from vqdiffusion_jax.train.state import TrainState
 
-LAST_LAYER = ("decoder", "conv_out")
+# The decoder's output layer (convolutional VQGAN, patch VQ-VAE), for the adaptive GAN weight.
+LAST_LAYERS = ("conv_out", "patch_out")
 
 
 @struct.dataclass
@@ -44,9 +45,8 @@ class TokenizerState:
 
 
 def _last_layer(tree: Mapping[str, Any]) -> Any:
-  for key in LAST_LAYER:
-    tree = tree[key]
-  return tree
+  decoder = tree["decoder"]
+  return next(decoder[name] for name in LAST_LAYERS if name in decoder)
 
 
 def _reconstruction_loss(images: jax.Array, reconstruction: jax.Array, kind: str) -> jax.Array:
@@ -126,7 +126,7 @@ def make_train_step(vqgan: nn.Module, discriminator: nn.Module | None, loss_conf
                "codebook_loss": aux["loss"], "g_loss": gan, "d_weight": weight,
                "perplexity": aux["perplexity"], "usage": aux["usage"],
                "psnr": psnr(images, reconstruction),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": state_lib.global_norm(grads)}
     return new_g, reconstruction, disc_factor, metrics
 
   def discriminator_update(d, images, reconstruction, disc_factor):

@@ -1,0 +1,252 @@
+"""Samplers: shapes, determinism, no [MASK] left, inpainting, reveal counts, guidance."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqdiffusion_jax.diffusion import discrete, guidance, samplers
+from vqdiffusion_jax.diffusion import schedule as schedules
+
+K, T, N, B = 16, 20, 12, 3
+MASK_SCHEDULE = schedules.mask_and_replace(T, K)
+UNIFORM_SCHEDULE = schedules.uniform(T, K)
+TARGET = (np.arange(B * N).reshape(B, N) * 7) % K
+
+
+def certain(x_t, t):
+  """A network sure that x0 is TARGET."""
+  del t
+  return discrete.log_onehot(jnp.asarray(TARGET)[: x_t.shape[0]], K + 1)
+
+
+def uniform(x_t, t):
+  """A network with no idea: uniform over the codebook."""
+  del t
+  return discrete.x0_log_probs(jnp.zeros((*x_t.shape, K)))
+
+
+ALL = [("vqdiffusion", 7, MASK_SCHEDULE), ("vqdiffusion", T, MASK_SCHEDULE),
+       ("vqdiffusion", 1, MASK_SCHEDULE), ("fewer_tokens", 5, MASK_SCHEDULE),
+       ("purity", 4, MASK_SCHEDULE), ("paella", 6, UNIFORM_SCHEDULE),
+       ("vqdiffusion", 9, UNIFORM_SCHEDULE)]
+
+
+@functools.cache
+def _run(name, steps, schedule_kind, network, truncation=1.0, inpaint=False):
+  schedule = MASK_SCHEDULE if schedule_kind == "mask" else UNIFORM_SCHEDULE
+  config = samplers.SamplerConfig(name, steps, truncation_rate=truncation, typical_mass=0.9)
+  fn = certain if network == "certain" else uniform
+  kwargs = {}
+  if inpaint:
+    kwargs = {"known_tokens": jnp.asarray(KNOWN), "known_mask": jnp.asarray(KNOWN_MASK)}
+  return jax.jit(lambda key: samplers.sample(fn, schedule, key, (B, N), config, **kwargs))
+
+
+def _kind(schedule):
+  return "mask" if schedule is MASK_SCHEDULE else "uniform"
+
+
+KNOWN = (np.arange(B * N).reshape(B, N) * 5 + 3) % K
+KNOWN_MASK = np.random.default_rng(0).random((B, N)) < 0.4
+
+
+@pytest.mark.parametrize(("name", "steps", "schedule"), ALL)
+def test_sampler_shapes_determinism_and_no_mask(name, steps, schedule):
+  run = _run(name, steps, _kind(schedule), "uniform")
+  a, b = np.asarray(run(jax.random.key(1))), np.asarray(run(jax.random.key(1)))
+  c = np.asarray(run(jax.random.key(2)))
+  assert a.shape == (B, N) and a.dtype == np.int32
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+  assert a.min() >= 0 and a.max() < K  # no [MASK] (index K) left
+
+
+@pytest.mark.parametrize(("name", "steps", "schedule"), ALL)
+def test_certain_network_gives_its_tokens(name, steps, schedule):
+  tokens = _run(name, steps, _kind(schedule), "certain")(jax.random.key(0))
+  np.testing.assert_array_equal(tokens, TARGET)
+
+
+@pytest.mark.parametrize(("name", "steps", "schedule"), ALL)
+def test_inpainting_keeps_known_tokens(name, steps, schedule):
+  tokens = np.asarray(_run(name, steps, _kind(schedule), "certain", inpaint=True)(
+      jax.random.key(3)))
+  np.testing.assert_array_equal(tokens[KNOWN_MASK], KNOWN[KNOWN_MASK])
+  np.testing.assert_array_equal(tokens[~KNOWN_MASK], TARGET[~KNOWN_MASK])
+
+
+@pytest.mark.parametrize("num_timesteps", [1, 10, 100, 37])
+def test_inference_timesteps_are_distinct_and_span(num_timesteps):
+  for steps in range(1, num_timesteps + 1):
+    ts = samplers.inference_timesteps(num_timesteps - 1, steps)
+    assert len(ts) == steps and ts[0] == num_timesteps - 1 and ts[-1] == 0 or steps == 1
+    assert (np.diff(ts) < 0).all()
+
+
+def _recording(network, calls):
+  """Wraps a network to record (masked count, t) of every call from inside the loop."""
+  def record(x_t, t):
+    calls.append((np.sum(np.asarray(x_t) == K, axis=-1), np.asarray(t)))
+
+  def fn(x_t, t):
+    jax.debug.callback(record, x_t, t)
+    return network(x_t, t)
+  return fn
+
+
+@pytest.mark.parametrize(("name", "rounds", "expected"), [
+    ("fewer_tokens", 4, [12, 9, 6, 3]), ("purity", 5, [12, 9, 6, 3]),
+    ("purity", 12, list(range(12, 0, -1))), ("fewer_tokens", 1, [12])])
+def test_reveal_samplers_reveal_exactly_the_requested_counts(name, rounds, expected):
+  calls = []
+  config = samplers.SamplerConfig(name, rounds)
+  tokens = jax.jit(lambda key: samplers.sample(_recording(uniform, calls), MASK_SCHEDULE, key,
+                                               (B, N), config))(jax.random.key(0))
+  jax.effects_barrier()
+  assert [int(c[0][0]) for c in calls] == expected  # ceil(N / rounds) per call
+  for masked, t in calls:
+    assert (masked == masked[0]).all()
+    cbar = np.exp(np.asarray(MASK_SCHEDULE.log_cumprod_ct))[:T]
+    np.testing.assert_array_equal(t, np.argmin(np.abs(cbar[None] - masked[:, None] / N), -1))
+  assert np.asarray(tokens).max() < K
+
+
+def test_reveal_round_changes_exactly_quota_masked_positions():
+  rng = np.random.default_rng(1)
+  x = np.where(rng.random((4, 30)) < 0.6, K, rng.integers(0, K, (4, 30)))
+  quota = np.minimum(np.array([0, 3, 7, 30]), (x == K).sum(-1))
+  log_x0 = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(4, 30, K + 1))), -1)
+  for purity_prior in (False, True):
+    out = np.asarray(samplers.reveal_round(jax.random.key(0), log_x0, jnp.asarray(x),
+                                           jnp.asarray(quota), mask_index=K,
+                                           purity_prior=purity_prior))
+    changed = out != x
+    assert (x[changed] == K).all()
+    np.testing.assert_array_equal(changed.sum(-1), quota)
+    assert (out[changed] < K).all()
+
+
+def test_purity_prior_prefers_pure_positions():
+  pure = np.arange(40) % 2 == 0
+  logits = np.where(pure[:, None], np.where(np.arange(K) == 0, 30.0, 0.0), 0.0)
+  log_x0 = discrete.x0_log_probs(jnp.broadcast_to(jnp.asarray(logits), (1000, 40, K)))
+  x = jnp.full((1000, 40), K)
+  out = np.asarray(samplers.reveal_round(jax.random.key(0), log_x0, x, jnp.ones(1000, int),
+                                         mask_index=K, purity_prior=True))
+  chosen = np.argmax(out != K, axis=-1)
+  # Purity 1 against 1/16 at the others: a pure position wins with probability 16/17.
+  np.testing.assert_allclose(pure[chosen].mean(), 16 / 17, atol=0.03)
+
+
+def test_sharpen_matches_definition():
+  log_p = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(2).normal(size=(5, K))))
+  r = 0.7
+  purity = np.exp(np.asarray(log_p).max(-1, keepdims=True))
+  expected = (1 + r * purity) * np.asarray(log_p)
+  np.testing.assert_allclose(samplers.sharpen(log_p, r), expected, rtol=1e-6)
+
+
+def test_typical_filter_against_numpy():
+  rng = np.random.default_rng(3)
+  log_p = np.log(rng.dirichlet(np.ones(K) * 0.5, size=20))
+  out = np.asarray(samplers.typical_filter(jnp.asarray(log_p), 0.5))
+  for row, kept in zip(log_p, out, strict=True):
+    p = np.exp(row)
+    order = np.argsort(np.abs(-row - (-(p * row).sum())), kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    expect = np.zeros(K, bool)
+    expect[order[before < 0.5]] = True
+    np.testing.assert_array_equal(np.isfinite(kept), expect)
+    np.testing.assert_allclose(kept[expect], row[expect], rtol=1e-6)
+  np.testing.assert_allclose(samplers.typical_filter(jnp.asarray(log_p), 1.0), log_p, rtol=1e-6)
+
+
+def _conditional_network(calls):
+  """Logits depend on the condition (B, 2): favour token cond[0] with strength cond[1]."""
+  def logits_fn(x_t, t, cond):
+    calls.append(x_t.shape[0])
+    del t
+    onehot = jax.nn.one_hot(cond[:, 0].astype(int), K)
+    return jnp.broadcast_to((onehot * cond[:, 1:2])[:, None, :], (*x_t.shape, K))
+  return logits_fn
+
+
+def test_guidance_batches_both_passes_and_matches_guide():
+  calls = []
+  cond = jnp.array([[3, 2.0], [5, 1.0]])
+  null = jnp.array([[3, 0.5], [1, 1.0]])
+  fn = samplers.conditioned_log_x0(_conditional_network(calls), [cond], null, 3.0)
+  x, t = jnp.full((2, N), K), jnp.array([4, 4])
+  out = fn(x, t)
+  assert calls == [4]  # one network call with conditional and null passes batched
+  logits_fn = _conditional_network([])
+  expected = guidance.guide(discrete.x0_log_probs(logits_fn(x, t, cond)),
+                            discrete.x0_log_probs(logits_fn(x, t, null)), 3.0)
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+  plain = samplers.conditioned_log_x0(_conditional_network(calls), [cond])
+  np.testing.assert_allclose(plain(x, t), discrete.x0_log_probs(logits_fn(x, t, cond)), rtol=1e-6)
+  assert calls[-1] == 2  # scale 1: no unconditional pass
+
+
+def test_regions_select_each_prompt_per_position():
+  calls = []
+  cond_a, cond_b = jnp.array([[2, 50.0]]), jnp.array([[9, 50.0]])
+  left = (np.arange(N) < N // 2).astype(np.float32)
+  fn = samplers.conditioned_log_x0(_conditional_network(calls), [cond_a, cond_b],
+                                   region_weights=jnp.asarray(np.stack([left, 1 - left])))
+  config = samplers.SamplerConfig("vqdiffusion", 5)
+  tokens = np.asarray(samplers.sample(fn, MASK_SCHEDULE, jax.random.key(0), (1, N), config))
+  np.testing.assert_array_equal(tokens[0], np.where(left > 0, 2, 9))
+  assert calls == [2] * len(calls)
+
+
+def test_editing_starts_from_the_given_tokens():
+  config = samplers.SamplerConfig("vqdiffusion", 3, start_step=4)
+  out = samplers.sample(certain, MASK_SCHEDULE, jax.random.key(0), (B, N), config,
+                        init_tokens=jnp.asarray(KNOWN))
+  np.testing.assert_array_equal(out, TARGET)
+  # A network that returns x_t's own tokens where unmasked keeps an edit at step 0 intact.
+  keep = lambda x_t, t: discrete.log_onehot(jnp.minimum(x_t, K - 1), K + 1)  # noqa: E731
+  kept = samplers.sample(keep, MASK_SCHEDULE, jax.random.key(0), (B, N),
+                         samplers.SamplerConfig("vqdiffusion", 1, start_step=0),
+                         init_tokens=jnp.asarray(KNOWN))
+  assert (np.asarray(kept) == KNOWN).mean() > 0.9
+
+
+def test_truncation_limits_drawn_tokens_to_the_top_classes():
+  logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15] + [0.05 / (K - 3)] * (K - 3)))
+  fn = lambda x_t, t: discrete.x0_log_probs(jnp.broadcast_to(logits, (*x_t.shape, K)))  # noqa: E731
+  config = samplers.SamplerConfig("vqdiffusion", 4, truncation_rate=0.7)
+  out = np.asarray(samplers.sample(fn, MASK_SCHEDULE, jax.random.key(0), (64, N), config))
+  assert set(np.unique(out)) <= {0, 1}  # mass above class 2 is 0.8 >= 0.7
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (samplers.SamplerConfig("ddim"), "unknown sampler"),
+    (samplers.SamplerConfig("vqdiffusion", 0), "out of range"),
+    (samplers.SamplerConfig("vqdiffusion", T + 1), "out of range"),
+    (samplers.SamplerConfig("purity", N + 1), "reveal rounds"),
+    (samplers.SamplerConfig("vqdiffusion", 3, truncation_rate=0.0), "truncation_rate"),
+    (samplers.SamplerConfig("vqdiffusion", 3, start_step=T), "start_step"),
+])
+def test_bad_requests_are_clear_errors(config, message):
+  with pytest.raises(ValueError, match=message):
+    samplers.sample(uniform, MASK_SCHEDULE, jax.random.key(0), (B, N), config)
+
+
+def test_mismatched_inputs_are_clear_errors():
+  config = samplers.SamplerConfig("vqdiffusion", 3)
+  with pytest.raises(ValueError, match="known_mask has shape"):
+    samplers.sample(uniform, MASK_SCHEDULE, jax.random.key(0), (B, N), config,
+                    known_tokens=jnp.zeros((B, N), int), known_mask=jnp.zeros((B, N + 1), bool))
+  with pytest.raises(ValueError, match="editing needs"):
+    samplers.sample(uniform, MASK_SCHEDULE, jax.random.key(0), (B, N), config,
+                    init_tokens=jnp.zeros((B, N), int))
+  with pytest.raises(ValueError, match="null condition"):
+    samplers.conditioned_log_x0(_conditional_network([]), [jnp.zeros((1, 2))], None, 2.0)
+  with pytest.raises(ValueError, match="schedule has none"):
+    samplers.sample(uniform, UNIFORM_SCHEDULE, jax.random.key(0), (B, N),
+                    samplers.SamplerConfig("purity", 3))

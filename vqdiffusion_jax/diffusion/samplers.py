@@ -1,0 +1,380 @@
+"""Every sampler of the papers, each one whole run as a single ``lax`` loop.
+
+A sampler sees the network only through ``log_x0_fn(x_t (B, N) int, t (B,)
+int) -> (B, N, K + 1)`` x0 log-probabilities ([MASK] last), so guidance,
+multi-prompt regions and the model family stay outside it
+(``conditioned_log_x0`` builds that function for a conditioned network with
+every pass batched into one call). The RNG key is part of the loop state:
+the result is a deterministic function of the key.
+
+Samplers (``SamplerConfig.name``):
+
+* ``vqdiffusion``: the reverse process from all-[MASK], visiting
+  ``num_inference_steps`` evenly spaced steps (any number from 1 to T) and
+  moving between visited steps t -> s by the skip-step posterior
+  ``q(x_s | x_t, x~_0)``; the last move draws x_0 and never yields [MASK].
+* ``fewer_tokens``: Improved VQ-Diffusion's fewer-tokens sampling: each call
+  reveals exactly ``ceil(N / num_inference_steps)`` of the [MASK] positions
+  (the last call the rest), chosen uniformly, at the step t whose cbar_t is
+  nearest to the masked fraction.
+* ``purity``: as ``fewer_tokens`` but positions are chosen with probability
+  proportional to their purity (largest x0 probability; Gumbel top-k, so
+  without replacement) and revealed from the sharpened distribution
+  ``softmax((1 + r * purity) * log p)``.
+* ``paella``: the renoising sampler of Paella: from noise tokens, predict and
+  sample every token (locally typical sampling with mass ``typical_mass``),
+  then return the fraction ``1 - abar_s`` of positions to their initial
+  noise; for models trained with uniform noise.
+
+Options shared by all: truncation rate r (``truncation_rate``, 1 = off),
+classifier-free guidance (in ``conditioned_log_x0``), inpainting (known
+tokens clamped after every step and never chosen for revealing), and editing
+(``start_step``: start from ``init_tokens`` noised to that step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqdiffusion_jax.diffusion import discrete, guidance
+from vqdiffusion_jax.diffusion.logspace import LOG_PROB_MIN
+from vqdiffusion_jax.diffusion.schedule import Schedule
+
+LogX0Fn = Callable[[jax.Array, jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+SAMPLERS = ("vqdiffusion", "fewer_tokens", "purity", "paella")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """What to sample and how; hashable, so it can be a static jit argument.
+
+  Attributes:
+    name: one of ``SAMPLERS``.
+    num_inference_steps: network calls: visited steps (``vqdiffusion``,
+      ``paella``; 1..T, or 1..start_step + 1 when editing) or reveal rounds
+      (``fewer_tokens``, ``purity``; 1..N). None means T (resp. N).
+    truncation_rate: keep the most likely classes covering this mass (0, 1].
+    guidance_scale: classifier-free guidance scale, 1 = off (used by
+      ``conditioned_log_x0``; kept here so one object describes a run).
+    purity_temperature: r in the purity sharpening ``(1 + r * purity)``.
+    typical_mass: tau of locally typical sampling (``paella``), (0, 1].
+    start_step: editing: start at this step from noised ``init_tokens``.
+  """
+
+  name: str = "vqdiffusion"
+  num_inference_steps: int | None = None
+  truncation_rate: float = 1.0
+  guidance_scale: float = 1.0
+  purity_temperature: float = 1.0
+  typical_mass: float = 1.0
+  start_step: int | None = None
+
+  def steps(self, num_timesteps: int, num_tokens: int) -> int:
+    """The checked number of network calls for a T-step model and N tokens."""
+    if self.name not in SAMPLERS:
+      raise ValueError(f"unknown sampler {self.name!r}; choose one of {SAMPLERS}")
+    start = num_timesteps - 1 if self.start_step is None else self.start_step
+    if not 0 <= start < num_timesteps:
+      raise ValueError(f"start_step {self.start_step} is outside 0..{num_timesteps - 1}")
+    limit = num_tokens if self.name in ("fewer_tokens", "purity") else start + 1
+    steps = limit if self.num_inference_steps is None else int(self.num_inference_steps)
+    if not 1 <= steps <= limit:
+      unit = f"reveal rounds for {num_tokens} tokens" if limit == num_tokens and self.name in (
+          "fewer_tokens", "purity") else f"visited steps from step {start}"
+      raise ValueError(f"num_inference_steps={steps} is out of range 1..{limit} ({unit})")
+    if not 0.0 < self.truncation_rate <= 1.0:
+      raise ValueError(f"truncation_rate must be in (0, 1], got {self.truncation_rate}")
+    if not 0.0 < self.typical_mass <= 1.0:
+      raise ValueError(f"typical_mass must be in (0, 1], got {self.typical_mass}")
+    if self.guidance_scale < 0:
+      raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+    return steps
+
+
+def inference_timesteps(start: int, num_steps: int) -> np.ndarray:
+  """``num_steps`` distinct steps from ``start`` down to 0, evenly spaced, descending."""
+  if not 1 <= num_steps <= start + 1:
+    raise ValueError(f"cannot visit {num_steps} distinct steps in 0..{start}")
+  if num_steps == 1:
+    return np.array([start])
+  return np.floor(np.linspace(start, 0, num_steps) + 0.5).astype(np.int32)
+
+
+def reveal_quota(call: jax.Array, per_call: int, num_masked: jax.Array) -> jax.Array:
+  """Positions to reveal at reveal round ``call``: per_call until none are left, (B,)."""
+  return (jnp.minimum((call + 1) * per_call, num_masked)
+          - jnp.minimum(call * per_call, num_masked))
+
+
+def typical_filter(log_probs: jax.Array, mass: float) -> jax.Array:
+  """Locally typical sampling: keeps the classes nearest the entropy in information.
+
+  Classes are ranked by ``|-log p - H|`` and kept while the probability mass
+  ranked before them is below ``mass`` (the first always survives); the
+  others get -inf. ``mass = 1`` keeps everything.
+
+  Args:
+    log_probs: (..., K) normalised log-probabilities.
+    mass: tau in (0, 1].
+
+  Returns:
+    (..., K) filtered log-probabilities (not renormalised).
+  """
+  if mass >= 1.0:
+    return log_probs
+  probs = jnp.exp(log_probs)
+  entropy = -jnp.sum(probs * log_probs, axis=-1, keepdims=True)
+  order = jnp.argsort(jnp.abs(-log_probs - entropy), axis=-1)
+  ranked = jnp.take_along_axis(probs, order, axis=-1)
+  keep_ranked = (jnp.cumsum(ranked, axis=-1) - ranked) < mass
+  keep = jnp.take_along_axis(keep_ranked, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(keep, log_probs, -jnp.inf)
+
+
+def conditioned_log_x0(logits_fn: LogitsFn, conditions: Sequence, null_condition=None,
+                       guidance_scale: float = 1.0,
+                       region_weights: jax.Array | None = None) -> LogX0Fn:
+  """The x0 log-probs of a conditioned network, every pass in one batched call.
+
+  With one condition and ``guidance_scale`` 1 this is the network's
+  ``x0_log_probs``. With guidance, the null condition's pass is batched with
+  the conditional one and ``guidance.guide`` mixes them. With R conditions
+  (multi-prompt), each region's (guided) log-probs are combined per position
+  as ``sum_r w_r log p_r`` renormalised over the codebook, so hard 0/1
+  region masks select each position's prompt.
+
+  Args:
+    logits_fn: ``(x_t (B', N), t (B',), condition) -> (B', N, K)`` logits.
+    conditions: R condition pytrees, each with leading batch B.
+    null_condition: the unconditional input (learnable null text), batch B;
+      required when ``guidance_scale != 1``.
+    guidance_scale: s; 1 turns guidance off (no extra pass).
+    region_weights: (R, N) non-negative weights summing to 1 over R; needed
+      when R > 1.
+
+  Returns:
+    ``log_x0_fn(x_t, t) -> (B, N, K + 1)``.
+  """
+  conditions = list(conditions)
+  guided = guidance_scale != 1.0
+  if guided and null_condition is None:
+    raise ValueError("classifier-free guidance needs the null condition (learnable null text)")
+  if len(conditions) > 1 and region_weights is None:
+    raise ValueError(f"{len(conditions)} prompts need region weights (R, N)")
+  inputs = conditions + ([null_condition] if guided else [])
+  stacked = jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *inputs)
+  copies = len(inputs)
+
+  def log_x0_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+    batch = x_t.shape[0]
+    logits = logits_fn(jnp.tile(x_t, (copies, 1)), jnp.tile(t, copies), stacked)
+    log_probs = discrete.x0_log_probs(logits).reshape(copies, batch, *logits.shape[1:-1], -1)
+    per_region = log_probs[:len(conditions)]
+    if guided:
+      per_region = guidance.guide(per_region, log_probs[-1:], guidance_scale)
+    if len(conditions) == 1:
+      return per_region[0]
+    weights = jnp.asarray(region_weights, per_region.dtype)[:, None, :, None]
+    mixed = jnp.sum(weights * per_region[..., :-1], axis=0)
+    mixed = jnp.clip(mixed - jax.nn.logsumexp(mixed, axis=-1, keepdims=True), LOG_PROB_MIN, 0.0)
+    return jnp.concatenate([mixed, jnp.full_like(mixed[..., :1], LOG_PROB_MIN)], axis=-1)
+
+  return log_x0_fn
+
+
+def _has_mask(schedule: Schedule) -> bool:
+  """Whether x_T is [MASK] (masking schedules) rather than uniform noise."""
+  try:
+    final = np.asarray(schedule.log_cumprod_ct)[schedule.num_timesteps - 1]
+  except jax.errors.TracerArrayConversionError as error:
+    raise ValueError("samplers need a concrete schedule: close over it instead of passing it "
+                     "to jit as an argument") from error
+  return bool(np.exp(final) > 0.5)
+
+
+def _noise_tokens(schedule: Schedule, rng: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """x_T: all [MASK] for masking schedules, uniform codebook tokens otherwise."""
+  if _has_mask(schedule):
+    return jnp.full(shape, schedule.mask_index, jnp.int32)
+  return jax.random.randint(rng, shape, 0, schedule.codebook_size, jnp.int32)
+
+
+def _clamp(x: jax.Array, known_tokens: jax.Array | None,
+           known_mask: jax.Array | None) -> jax.Array:
+  if known_mask is None:
+    return x
+  return jnp.where(known_mask, known_tokens, x)
+
+
+def _truncated(log_x0_fn: LogX0Fn, rate: float) -> LogX0Fn:
+  if rate >= 1.0:
+    return log_x0_fn
+  return lambda x, t: guidance.truncate(log_x0_fn(x, t), rate)
+
+
+def _reverse_process(log_x0_fn, schedule, rng, x, timesteps, known_tokens, known_mask):
+  batch = x.shape[0]
+  current = jnp.asarray(timesteps, jnp.int32)
+  following = jnp.asarray(np.append(timesteps[1:], -1), jnp.int32)
+  mask_class = jnp.arange(schedule.num_classes) == schedule.mask_index
+
+  def body(i, carry):
+    x, key = carry
+    key, draw = jax.random.split(key)
+    t, s = jnp.full((batch,), current[i]), jnp.full((batch,), following[i])
+    log_p = discrete.q_posterior_tokens(schedule, log_x0_fn(x, t), x, t, s)
+    log_p = jnp.where((s[:, None, None] < 0) & mask_class, -jnp.inf, log_p)
+    x = discrete.sample_categorical(draw, log_p).astype(jnp.int32)
+    return _clamp(x, known_tokens, known_mask), key
+
+  return jax.lax.fori_loop(0, len(timesteps), body, (x, rng))[0]
+
+
+def sharpen(log_x0: jax.Array, temperature: float) -> jax.Array:
+  """Purity sharpening ``(1 + r * purity) * log p`` of (..., K) codebook log-probs."""
+  purity = jnp.exp(jnp.max(log_x0, axis=-1, keepdims=True))
+  return (1.0 + temperature * purity) * log_x0
+
+
+def reveal_round(rng: jax.Array, log_x0: jax.Array, x: jax.Array, quota: jax.Array, *,
+                 mask_index: int, purity_prior: bool, temperature: float = 1.0) -> jax.Array:
+  """Replaces exactly ``quota`` [MASK] positions per sample by drawn tokens.
+
+  Positions are chosen uniformly or, with ``purity_prior``, with probability
+  proportional to purity (Gumbel top-k: sequential draws without
+  replacement), and drawn from the x0 distribution, sharpened by purity when
+  ``purity_prior``. Other positions are returned unchanged.
+
+  Args:
+    rng: PRNG key.
+    log_x0: (B, N, K + 1) x0 log-probs ([MASK] entry ignored).
+    x: (B, N) current tokens.
+    quota: (B,) positions to reveal (at most the number of [MASK]s).
+    mask_index: the [MASK] token, K.
+    purity_prior: choose and sharpen by purity.
+    temperature: r of the sharpening.
+
+  Returns:
+    (B, N) tokens.
+  """
+  pick, draw = jax.random.split(rng)
+  log_x0 = log_x0[..., :mask_index]
+  is_mask = x == mask_index
+  score = jax.random.gumbel(pick, x.shape)
+  if purity_prior:
+    score = score + jnp.max(log_x0, axis=-1)
+    log_x0 = sharpen(log_x0, temperature)
+  score = jnp.where(is_mask, score, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-score, axis=-1), axis=-1)
+  reveal = is_mask & (rank < quota[:, None])
+  tokens = discrete.sample_categorical(draw, log_x0).astype(x.dtype)
+  return jnp.where(reveal, tokens, x)
+
+
+def _reveal_rounds(log_x0_fn, schedule, rng, x, num_rounds, *, purity_prior: bool,
+                   temperature: float):
+  num_tokens = x.shape[1]
+  per_call = -(-num_tokens // num_rounds)
+  mask = schedule.mask_index
+  cbar = jnp.exp(schedule.log_cumprod_ct[:schedule.num_timesteps])
+  num_masked = jnp.sum(x == mask, axis=-1)
+
+  def body(call, carry):
+    x, key = carry
+    key, round_key = jax.random.split(key)
+    fraction = jnp.mean(x == mask, axis=-1)
+    t = jnp.argmin(jnp.abs(cbar[None, :] - fraction[:, None]), axis=-1).astype(jnp.int32)
+    quota = reveal_quota(call, per_call, num_masked)
+    return reveal_round(round_key, log_x0_fn(x, t), x, quota, mask_index=mask,
+                        purity_prior=purity_prior, temperature=temperature), key
+
+  rounds = -(-num_tokens // per_call)
+  return jax.lax.fori_loop(0, rounds, body, (x, rng))[0]
+
+
+def _renoising(log_x0_fn, schedule, rng, x, noise, timesteps, typical_mass, known_tokens,
+               known_mask):
+  batch = x.shape[0]
+  current = jnp.asarray(timesteps, jnp.int32)
+  following = jnp.asarray(np.append(timesteps[1:], -1), jnp.int32)
+  abar = jnp.exp(schedule.log_cumprod_at)
+
+  def body(i, carry):
+    x, key = carry
+    key, draw, renoise = jax.random.split(key, 3)
+    t = jnp.full((batch,), current[i])
+    log_x0 = typical_filter(log_x0_fn(x, t)[..., :-1], typical_mass)
+    x0 = discrete.sample_categorical(draw, log_x0).astype(jnp.int32)
+    s = following[i]
+    noise_fraction = jnp.where(s < 0, 0.0, 1.0 - abar[jnp.maximum(s, 0)])
+    back = jax.random.uniform(renoise, x.shape) < noise_fraction
+    return _clamp(jnp.where(back, noise, x0), known_tokens, known_mask), key
+
+  return jax.lax.fori_loop(0, len(timesteps), body, (x, rng))[0]
+
+
+def sample(log_x0_fn: LogX0Fn, schedule: Schedule, rng: jax.Array, shape: tuple[int, int],
+           config: SamplerConfig = SamplerConfig(), *, known_tokens: jax.Array | None = None,
+           known_mask: jax.Array | None = None,
+           init_tokens: jax.Array | None = None) -> jax.Array:
+  """Draws (B, N) codebook tokens with the sampler ``config`` describes.
+
+  Args:
+    log_x0_fn: ``(x_t, t) -> (B, N, K + 1)`` x0 log-probs (guidance and
+      regions already applied, e.g. by ``conditioned_log_x0``).
+    schedule: the model's noise schedule.
+    rng: PRNG key; the result is a deterministic function of it.
+    shape: (B, N).
+    config: the sampler and its options.
+    known_tokens: (B, N) tokens to keep where ``known_mask`` (inpainting).
+    known_mask: (B, N) bool, True where the token is known.
+    init_tokens: (B, N) tokens of an image to edit from ``config.start_step``.
+
+  Returns:
+    (B, N) int32 tokens in [0, K).
+  """
+  num_steps = config.steps(schedule.num_timesteps, shape[1])
+  for name, value in (("known_tokens", known_tokens), ("known_mask", known_mask),
+                      ("init_tokens", init_tokens)):
+    if value is not None and tuple(value.shape) != tuple(shape):
+      raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+  if (known_tokens is None) != (known_mask is None):
+    raise ValueError("inpainting needs both known_tokens and known_mask")
+  if (config.start_step is None) != (init_tokens is None):
+    raise ValueError("editing needs both config.start_step and init_tokens")
+
+  noise_key, rng = jax.random.split(rng)
+  noise = _noise_tokens(schedule, noise_key, shape)
+  x = noise
+  if init_tokens is not None:
+    start = jnp.full((shape[0],), config.start_step, jnp.int32)
+    x = discrete.q_sample(schedule, noise_key, init_tokens.astype(jnp.int32), start)
+    if not _has_mask(schedule):
+      x = jnp.where(jax.random.uniform(jax.random.fold_in(noise_key, 1), shape)
+                    < 1.0 - jnp.exp(schedule.log_cumprod_at[config.start_step]), noise,
+                    init_tokens.astype(jnp.int32))
+  if known_mask is not None:
+    known_mask = known_mask.astype(bool)
+    known_tokens = known_tokens.astype(jnp.int32)
+  x = _clamp(x, known_tokens, known_mask)
+  log_x0_fn = _truncated(log_x0_fn, config.truncation_rate)
+  start = schedule.num_timesteps - 1 if config.start_step is None else config.start_step
+
+  if config.name == "vqdiffusion":
+    return _reverse_process(log_x0_fn, schedule, rng, x, inference_timesteps(start, num_steps),
+                            known_tokens, known_mask)
+  if config.name == "paella":
+    return _renoising(log_x0_fn, schedule, rng, x, noise, inference_timesteps(start, num_steps),
+                      config.typical_mass, known_tokens, known_mask)
+  if not _has_mask(schedule):
+    raise ValueError(f"the {config.name!r} sampler reveals [MASK] tokens; this schedule has none")
+  return _reveal_rounds(log_x0_fn, schedule, rng, x, num_steps,
+                        purity_prior=config.name == "purity",
+                        temperature=config.purity_temperature)

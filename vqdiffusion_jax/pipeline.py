@@ -1,0 +1,360 @@
+"""Text to images in a notebook: every sampler, inpainting, outpainting, editing.
+
+  from vqdiffusion_jax import Pipeline, make_grid
+  pipe = Pipeline.from_pretrained("runs/shapes")      # a workdir, EMA weights
+  images = pipe(["a big red circle in the center"], num_inference_steps=25,
+                guidance_scale=3.0, sampler="purity", seed=0)
+  make_grid(images)
+
+``from_pretrained`` reads one of our training workdirs (tokenizer and
+denoiser checkpoints, the caption vocabulary of a trained text encoder) or a
+converted directory (``python -m vqdiffusion_jax.convert``: denoiser, VQ
+model, CLIP text tower and tokenizer). Every request is one jitted program
+(text encoding, the whole sampling loop, decoding), compiled once per
+sampler settings and batch size, with the batch split over all devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
+
+from vqdiffusion_jax.diffusion import samplers
+from vqdiffusion_jax.diffusion.schedule import Schedule
+from vqdiffusion_jax.models.paella import PaellaPredictor
+from vqdiffusion_jax.train import metrics
+
+ImageLike = Image.Image | np.ndarray
+
+
+def make_grid(images: Sequence[ImageLike], columns: int | None = None, pad: int = 2) -> Image.Image:
+  """One PIL image tiling ``images`` (PIL or HWC uint8 / [0, 1] float arrays)."""
+  arrays = np.stack([_to_unit(np.asarray(image)) for image in images])
+  return Image.fromarray(metrics.make_grid(arrays * 2.0 - 1.0, columns=columns, pad=pad))
+
+
+def _to_unit(image: np.ndarray) -> np.ndarray:
+  """HWC uint8 or [0, 1] float -> float32 in [0, 1]."""
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) / 255.0
+  return image.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A denoiser, its VQ tokenizer and text conditioning, ready to sample.
+
+  Attributes:
+    denoiser: a ``VQDiffusionTransformer``, a ``TextConditionedDenoiser`` or a
+      ``PaellaPredictor`` (unbound module).
+    params: its params (EMA weights by default in ``from_pretrained``).
+    schedule: its noise schedule.
+    vqvae: the VQ tokenizer module (``VQGAN``) and ``vqvae_variables``.
+    tokenize: prompts -> (B, L) int32 ids; warns when a prompt is cut.
+    encode_text: ``(params, ids) -> (B, L, D)`` text features, given
+      ``params`` (the denoiser's) and ``text_params`` (a frozen encoder's).
+    text_params: params of a frozen text encoder (CLIP), or None.
+    image_size: side of the generated images in pixels.
+  """
+
+  denoiser: Any
+  params: Any
+  schedule: Schedule
+  vqvae: Any
+  vqvae_variables: Any
+  tokenize: Callable[[Sequence[str]], np.ndarray]
+  encode_text: Callable[[Any, Any, jax.Array], jax.Array]
+  text_params: Any = None
+  image_size: int = 256
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, *, use_ema: bool = True,
+                      dtype: Any = jnp.float32) -> Pipeline:
+    """Loads a training workdir or a converted checkpoint directory.
+
+    Args:
+      path: a workdir of ``python -m vqdiffusion_jax.main`` (with
+        ``tokenizer/`` and ``denoiser/``) or a ``vqdiffusion_jax.convert``
+        output directory.
+      use_ema: take the EMA weights of a workdir (else the raw params).
+      dtype: compute dtype of a converted checkpoint's networks.
+    """
+    from vqdiffusion_jax import loading  # noqa: PLC0415
+    return loading.load_pipeline(cls, os.fspath(path), use_ema=use_ema, dtype=dtype)
+
+  # Geometry.
+
+  @property
+  def downsampling_factor(self) -> int:
+    return self.vqvae.config.downsampling_factor
+
+  @property
+  def latent_grid(self) -> tuple[int, int]:
+    side = self.image_size // self.downsampling_factor
+    return side, side
+
+  @property
+  def resizable(self) -> bool:
+    """Whether the denoiser works at other latent sizes (convolutional Paella)."""
+    return isinstance(self.denoiser, PaellaPredictor)
+
+  @property
+  def has_null_text(self) -> bool:
+    model = self.denoiser
+    return hasattr(model, "null_text") and (
+        isinstance(model, PaellaPredictor) or model.config.has_null_text)
+
+  # Public API.
+
+  def __call__(self, prompts: str | Sequence[str], *, num_inference_steps: int | None = None,
+               guidance_scale: float = 1.0, truncation_rate: float = 1.0,
+               sampler: str = "vqdiffusion", seed: int = 0, num_images_per_prompt: int = 1,
+               purity_temperature: float = 1.0, typical_mass: float = 1.0,
+               output_type: str = "pil") -> list:
+    """Generates images for ``prompts``; one list entry per image, prompt-major.
+
+    Args:
+      prompts: one prompt or a list.
+      num_inference_steps: network calls (see ``samplers.SamplerConfig``);
+        None: every step (T) or, for reveal samplers, one token per call.
+      guidance_scale: classifier-free guidance scale; 1 = off.
+      truncation_rate: truncation r in (0, 1]; 1 = off.
+      sampler: "vqdiffusion", "fewer_tokens", "purity" or "paella".
+      seed: the result is a deterministic function of it.
+      num_images_per_prompt: images drawn for each prompt.
+      purity_temperature: r of the purity sampler's sharpening.
+      typical_mass: tau of the Paella sampler's locally typical sampling.
+      output_type: "pil" (PIL images), "np" (HWC float32 in [0, 1]) or
+        "tokens" ((h, w) int32 codebook tokens).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    config = self._sampler_config(sampler, num_inference_steps, guidance_scale, truncation_rate,
+                                  purity_temperature, typical_mass)
+    return self._run(config, seed, [self.tokenize(prompts)], output_type=output_type)
+
+  def inpaint(self, prompts: str | Sequence[str], image: ImageLike, mask: np.ndarray, *,
+              seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
+    """Regenerates the region ``mask`` (H, W; True = repaint) of ``image``.
+
+    A token is kept when none of its pixels is in the mask; the kept tokens
+    are clamped through the whole run. Options as ``__call__``.
+    """
+    tokens = self.encode_image(image)
+    mask = np.asarray(mask, bool)
+    if mask.shape != (self.image_size, self.image_size):
+      raise ValueError(f"mask has shape {mask.shape}; expected ({self.image_size}, "
+                       f"{self.image_size}) like the image")
+    known = ~self._pixels_to_tokens(mask).any(axis=(-1, -2))
+    return self._edit(prompts, tokens, known, None, seed, output_type, sampler_options)
+
+  def outpaint(self, prompts: str | Sequence[str], image: ImageLike,
+               pad: tuple[int, int, int, int], *, seed: int = 0, output_type: str = "pil",
+               **sampler_options) -> list:
+    """Extends ``image`` by ``pad`` = (top, bottom, left, right) pixels.
+
+    With a convolutional (Paella) denoiser the latent grid grows by the
+    padding; a transformer's grid is fixed, so the canvas keeps the model's
+    size and the image is shifted by (top, left), its far side cropped.
+    Padding must be a multiple of the tokenizer's downsampling factor.
+    """
+    factor = self.downsampling_factor
+    if any(p < 0 or p % factor for p in pad):
+      raise ValueError(f"padding {pad} must be non-negative multiples of {factor} pixels")
+    top, bottom, left, right = (p // factor for p in pad)
+    tokens = self.encode_image(image)
+    h, w = self.latent_grid
+    grid = (h + top + bottom, w + left + right) if self.resizable else (h, w)
+    canvas = np.zeros(grid, np.int32)
+    known = np.zeros(grid, bool)
+    rows, cols = min(h, grid[0] - top), min(w, grid[1] - left)
+    if rows <= 0 or cols <= 0:
+      raise ValueError(f"padding {pad} leaves none of the image on the {grid} token canvas")
+    canvas[top:top + rows, left:left + cols] = tokens[:rows, :cols]
+    known[top:top + rows, left:left + cols] = True
+    return self._edit(prompts, canvas, known, None, seed, output_type, sampler_options)
+
+  def edit(self, prompts: str | Sequence[str], image: ImageLike, strength: float = 0.5, *,
+           seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
+    """Text-guided editing: noise ``image``'s tokens to step strength * (T - 1), then denoise."""
+    if not 0.0 <= strength <= 1.0:
+      raise ValueError(f"strength must be in [0, 1], got {strength}")
+    start = round(strength * (self.schedule.num_timesteps - 1))
+    return self._edit(prompts, self.encode_image(image), None, start, seed, output_type,
+                      sampler_options)
+
+  def interpolate(self, prompt_a: str, prompt_b: str, weights: Sequence[float], *,
+                  seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
+    """One image per weight w, conditioned on (1 - w) * text(a) + w * text(b); same noise."""
+    weights = np.asarray(weights, np.float32)
+    ids = self.tokenize([prompt_a, prompt_b])
+    config = self._sampler_config(**self._options(sampler_options))
+    return self._run(config, seed, [np.repeat(ids[:1], len(weights), 0),
+                                    np.repeat(ids[1:], len(weights), 0)],
+                     mix=weights, output_type=output_type, same_noise=True)
+
+  def regions(self, prompts: Sequence[str], masks: Sequence[np.ndarray], *, seed: int = 0,
+              output_type: str = "pil", **sampler_options) -> list:
+    """One image whose region ``masks[r]`` (H, W bool) follows ``prompts[r]``.
+
+    Each position's x0 distribution is the weighted geometric mean of the
+    prompts' by the fraction of its pixels in each mask; positions in no
+    mask weigh the prompts equally.
+    """
+    if len(prompts) != len(masks) or not prompts:
+      raise ValueError(f"{len(prompts)} prompts need as many region masks, got {len(masks)}")
+    cover = []
+    for mask in masks:
+      mask = np.asarray(mask, bool)
+      if mask.shape != (self.image_size, self.image_size):
+        raise ValueError(f"region mask has shape {mask.shape}; expected "
+                         f"({self.image_size}, {self.image_size})")
+      cover.append(self._pixels_to_tokens(mask).mean(axis=(-1, -2)).reshape(-1))
+    cover = np.stack(cover)
+    total = cover.sum(0, keepdims=True)
+    weights = np.where(total > 0, cover / np.maximum(total, 1e-9), 1.0 / len(prompts))
+    config = self._sampler_config(**self._options(sampler_options))
+    return self._run(config, seed, [self.tokenize([p]) for p in prompts],
+                     regions=weights.astype(np.float32), output_type=output_type)
+
+  def encode_image(self, image: ImageLike) -> np.ndarray:
+    """(h, w) codebook tokens of one image of the pipeline's size."""
+    pixels = _to_unit(np.asarray(image.convert("RGB") if isinstance(image, Image.Image)
+                                 else image))
+    if pixels.shape != (self.image_size, self.image_size, 3):
+      raise ValueError(f"image has shape {pixels.shape}; this pipeline works on "
+                       f"({self.image_size}, {self.image_size}, 3) images")
+    if "encode" not in self._cache:
+      self._cache["encode"] = jax.jit(
+          lambda v, x: self.vqvae.apply(v, x * 2.0 - 1.0, method="encode"))
+    return np.asarray(self._cache["encode"](self.vqvae_variables, jnp.asarray(pixels[None])))[0]
+
+  # Internals.
+
+  @staticmethod
+  def _options(options: dict) -> dict:
+    names = {"num_inference_steps", "guidance_scale", "truncation_rate", "sampler",
+             "purity_temperature", "typical_mass"}
+    unknown = set(options) - names
+    if unknown:
+      raise TypeError(f"unknown sampler options {sorted(unknown)}; known: {sorted(names)}")
+    defaults = {"num_inference_steps": None, "guidance_scale": 1.0, "truncation_rate": 1.0,
+                "sampler": "vqdiffusion", "purity_temperature": 1.0, "typical_mass": 1.0}
+    return {**defaults, **options}
+
+  def _sampler_config(self, sampler, num_inference_steps, guidance_scale, truncation_rate,
+                      purity_temperature, typical_mass, start_step=None):
+    if guidance_scale != 1.0 and not self.has_null_text:
+      raise ValueError("guidance needs a learnable null text embedding; this denoiser has none")
+    config = samplers.SamplerConfig(
+        name=sampler, num_inference_steps=num_inference_steps,
+        truncation_rate=float(truncation_rate), guidance_scale=float(guidance_scale),
+        purity_temperature=float(purity_temperature), typical_mass=float(typical_mass),
+        start_step=start_step)
+    h, w = self.latent_grid
+    config.steps(self.schedule.num_timesteps, h * w)
+    return config
+
+  def _edit(self, prompts, tokens, known, start_step, seed, output_type, options):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    options = self._options(options)
+    config = self._sampler_config(**options, start_step=start_step)
+    batch = len(prompts)
+    grid = tokens.shape
+    tokens = np.broadcast_to(tokens.reshape(1, -1), (batch, tokens.size))
+    extra = {"init_tokens": tokens} if start_step is not None else {
+        "known_tokens": tokens, "known_mask": np.broadcast_to(known.reshape(1, -1), tokens.shape)}
+    return self._run(config, seed, [self.tokenize(prompts)], extra=extra, grid=grid,
+                     output_type=output_type)
+
+  def _pixels_to_tokens(self, mask: np.ndarray) -> np.ndarray:
+    """(H, W) -> (h, w, f, f): each token's pixels."""
+    f = self.downsampling_factor
+    h, w = mask.shape[0] // f, mask.shape[1] // f
+    return mask[:h * f, :w * f].reshape(h, f, w, f).transpose(0, 2, 1, 3)
+
+  def _logits(self, params, x_t, t, condition, grid):
+    batch = x_t.shape[0]
+    if isinstance(self.denoiser, PaellaPredictor):
+      logits = self.denoiser.apply({"params": params}, x_t.reshape(batch, *grid), t, condition)
+      return logits.reshape(batch, grid[0] * grid[1], -1)
+    return self.denoiser.apply({"params": params}, x_t, t, condition)
+
+  def _null(self, params, batch: int):
+    return self.denoiser.apply({"params": params}, batch, method="null_text")
+
+  def _program(self, config, grid, num_prompts, mix, regions, same_noise):
+    """The jitted request: encode text, sample, decode; cached per static settings."""
+    key = (config, grid, num_prompts, mix is not None, regions is not None, same_noise)
+    if key in self._cache:
+      return self._cache[key]
+    num_tokens = grid[0] * grid[1]
+
+    def draw(params, features, rng, weights, extra):
+      batch = features[0].shape[0]
+      null = self._null(params, batch) if config.guidance_scale != 1.0 else None
+      log_x0 = samplers.conditioned_log_x0(
+          lambda x, t, c: self._logits(params, x, t, c, grid), features, null,
+          config.guidance_scale, region_weights=weights)
+      return samplers.sample(log_x0, self.schedule, rng, (batch, num_tokens), config, **extra)
+
+    def run(params, text_params, vq_variables, ids, rng, weights, extra):
+      features = [self.encode_text(params, text_params, i) for i in ids]
+      if mix is not None:
+        w = weights[:, None, None]
+        features = [(1.0 - w) * features[0] + w * features[1]]
+      if same_noise:  # every image from the same key: only the condition differs
+        one = lambda f: draw(params, [f[None]], rng, None, {})[0]  # noqa: E731
+        tokens = jax.vmap(one)(features[0])
+      else:
+        tokens = draw(params, features, rng, weights if regions is not None else None, extra)
+      images = self.vqvae.apply(vq_variables, tokens.reshape(-1, *grid), method="decode")
+      return tokens, jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+
+    self._cache[key] = jax.jit(run)
+    return self._cache[key]
+
+  def _run(self, config, seed, ids, *, mix=None, regions=None, extra=None, grid=None,
+           output_type="pil", same_noise=False):
+    if output_type not in ("pil", "np", "tokens"):
+      raise ValueError(f"output_type must be 'pil', 'np' or 'tokens', not {output_type!r}")
+    grid = tuple(grid or self.latent_grid)
+    batch = ids[0].shape[0]
+    devices = jax.device_count()
+    padded = math.ceil(batch / devices) * devices if batch >= devices else batch
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, 0)])  # noqa: E731
+    ids = [pad(np.asarray(i)) for i in ids]
+    extra = {k: pad(np.asarray(v)) for k, v in (extra or {}).items()}
+    weights = pad(np.asarray(mix)) if mix is not None else regions
+    program = self._program(config, grid, len(ids), mix, regions, same_noise)
+    sharding = self._batch_sharding(padded)
+    place = lambda a: jax.device_put(jnp.asarray(a), sharding)  # noqa: E731
+    tokens, images = program(self.params, self.text_params, self.vqvae_variables,
+                             [place(i) for i in ids], jax.random.key(seed),
+                             None if weights is None else
+                             (place(weights) if mix is not None else jnp.asarray(weights)),
+                             {k: place(v) for k, v in extra.items()})
+    tokens, images = np.asarray(tokens)[:batch], np.asarray(images)[:batch]
+    if output_type == "tokens":
+      return list(tokens.reshape(batch, *grid))
+    if output_type == "np":
+      return list(images)
+    return [Image.fromarray(np.asarray(image * 255 + 0.5, np.uint8)) for image in images]
+
+  def _batch_sharding(self, batch: int):
+    devices = jax.devices()
+    if batch % len(devices):
+      devices = devices[:1]
+    mesh = jax.make_mesh((len(devices),), ("batch",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    return NamedSharding(mesh, PartitionSpec("batch"))
