@@ -40,6 +40,7 @@ from vqdiffusion_jax.data import pipeline as data_pipeline
 from vqdiffusion_jax.evaluation import fid, image_metrics
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 from vqdiffusion_jax.train import metrics as metrics_lib
+from vqdiffusion_jax.train.checkpoint import write_json_atomically
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
@@ -113,7 +114,7 @@ def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int =
 
 
 def sample_all(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
-               batch_size: int, label: str = "") -> tuple[np.ndarray, float]:
+               batch_size: int) -> tuple[np.ndarray, float]:
   """(images (B, H, W, 3) float in [0, 1], seconds) for every caption, in batches."""
   images, start_time = [], time.perf_counter()
   progress = metrics_lib.Progress(len(captions))
@@ -122,7 +123,6 @@ def sample_all(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, se
     images.extend(pipe(batch, seed=seed + start, output_type="np", **spec.options()))
     progress.update(min(start + batch_size, len(captions)), None)
   progress.close()
-  del label
   return np.stack(images), time.perf_counter() - start_time
 
 
@@ -198,13 +198,6 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def _write_json(path: str, value: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
-
 def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarray,
              specs: Sequence[SamplerSpec], out_dir: str, *, seed: int = 0, batch_size: int = 64,
              grid_size: int = 16, networks: FeatureNetworks | None = None,
@@ -231,10 +224,10 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
                 **score_samples(images, captions, oracle_ok=oracle_ok, networks=networks)}
       make_grid(list(images[:grid_size]), columns=int(np.ceil(np.sqrt(grid_size)))).save(
           os.path.join(out_dir, f"{spec.label}.png"))
-      _write_json(path, cached)
+      write_json_atomically(path, cached)
     report["samplers"][spec.label] = cached
   report["grid_captions"] = list(captions[:grid_size])
-  _write_json(os.path.join(out_dir, REPORT_JSON), report)
+  write_json_atomically(os.path.join(out_dir, REPORT_JSON), report)
   with open(os.path.join(out_dir, REPORT_MD), "w") as f:
     f.write(markdown_report(report))
   return report

@@ -12,7 +12,6 @@ from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.convert import pipeline as convert_pipeline
 from vqdiffusion_jax.diffusion import schedule as schedules
-from vqdiffusion_jax.models import clip_text
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import denoiser_stage, loop
@@ -72,9 +71,8 @@ def _from_converted(cls, path: str, dtype: Any):
   text_module, text_params, hf_tokenizer = convert_pipeline.load_text_encoder(path, **kwargs)
   cfg = model.config
   schedule = schedules.mask_and_replace(cfg.num_timesteps, cfg.codebook_size)
-  encode = lambda _, tp, ids: clip_text.vq_diffusion_features(text_module, tp, ids)  # noqa: E731
-  tokenize = lambda texts: clip_convert.tokenize(hf_tokenizer, list(texts),  # noqa: E731
-                                                 text_module.max_positions)
+  tokenize, encode_clip = clip_convert.conditioning(text_module, hf_tokenizer)
+  encode = lambda _, text_params, ids: encode_clip(text_params, ids)  # noqa: E731
   image_size = cfg.spatial_size[0] * vqvae.config.downsampling_factor
   return cls(denoiser=model, params=params, schedule=schedule, vqvae=vqvae,
              vqvae_variables={"params": vq_params}, tokenize=tokenize, encode_text=encode,

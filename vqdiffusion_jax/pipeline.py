@@ -151,11 +151,7 @@ class Pipeline:
     are clamped through the whole run. Options as ``__call__``.
     """
     tokens = self.encode_image(image)
-    mask = np.asarray(mask, bool)
-    if mask.shape != (self.image_size, self.image_size):
-      raise ValueError(f"mask has shape {mask.shape}; expected ({self.image_size}, "
-                       f"{self.image_size}) like the image")
-    known = ~self._pixels_to_tokens(mask).any(axis=(-1, -2))
+    known = ~self._pixels_to_tokens(self._pixel_mask(mask, "mask")).any(axis=(-1, -2))
     return self._edit(prompts, tokens, known, None, seed, output_type, sampler_options)
 
   def outpaint(self, prompts: str | Sequence[str], image: ImageLike,
@@ -215,11 +211,8 @@ class Pipeline:
       raise ValueError(f"{len(prompts)} prompts need as many region masks, got {len(masks)}")
     cover = []
     for mask in masks:
-      mask = np.asarray(mask, bool)
-      if mask.shape != (self.image_size, self.image_size):
-        raise ValueError(f"region mask has shape {mask.shape}; expected "
-                         f"({self.image_size}, {self.image_size})")
-      cover.append(self._pixels_to_tokens(mask).mean(axis=(-1, -2)).reshape(-1))
+      tokens = self._pixels_to_tokens(self._pixel_mask(mask, "region mask"))
+      cover.append(tokens.mean(axis=(-1, -2)).reshape(-1))
     cover = np.stack(cover)
     total = cover.sum(0, keepdims=True)
     weights = np.where(total > 0, cover / np.maximum(total, 1e-9), 1.0 / len(prompts))
@@ -276,6 +269,14 @@ class Pipeline:
         "known_tokens": tokens, "known_mask": np.broadcast_to(known.reshape(1, -1), tokens.shape)}
     return self._run(config, seed, [self.tokenize(prompts)], extra=extra, grid=grid,
                      output_type=output_type)
+
+  def _pixel_mask(self, mask: np.ndarray, what: str) -> np.ndarray:
+    """``mask`` as (H, W) bool of the pipeline's image size, or a ValueError naming it."""
+    mask = np.asarray(mask, bool)
+    if mask.shape != (self.image_size, self.image_size):
+      raise ValueError(f"{what} has shape {mask.shape}; expected ({self.image_size}, "
+                       f"{self.image_size}) like the image")
+    return mask
 
   def _pixels_to_tokens(self, mask: np.ndarray) -> np.ndarray:
     """(H, W) -> (h, w, f, f): each token's pixels."""

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqdiffusion_jax.convert import common
-from vqdiffusion_jax.models.clip_text import CLIPTextTransformer
+from vqdiffusion_jax.models.clip_text import CLIPTextTransformer, vq_diffusion_features
 
 TEXT_PREFIX = "text_model."
 _IGNORED_KEYS = ("logit_scale", "text_projection.weight", "visual_projection.weight")
@@ -175,6 +175,17 @@ def load_tokenizer(path: str):
   import transformers
 
   return transformers.CLIPTokenizer.from_pretrained(path)
+
+
+def conditioning(module: CLIPTextTransformer, tokenizer):
+  """``(tokenize(texts) -> ids, encode(params, ids) -> features)`` of VQ-Diffusion's CLIP text."""
+  def tokenize_texts(texts):
+    return tokenize(tokenizer, list(texts), module.max_positions)
+
+  def encode(params, ids):
+    return vq_diffusion_features(module, params, ids)
+
+  return tokenize_texts, encode
 
 
 def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = 77, *,

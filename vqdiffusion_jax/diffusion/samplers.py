@@ -219,10 +219,15 @@ def _truncated(log_x0_fn: LogX0Fn, rate: float) -> LogX0Fn:
   return lambda x, t: guidance.truncate(log_x0_fn(x, t), rate)
 
 
+def _step_pairs(timesteps: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """(current, following) visited steps; the step after the last is -1 (x_0)."""
+  return (jnp.asarray(timesteps, jnp.int32),
+          jnp.asarray(np.append(timesteps[1:], -1), jnp.int32))
+
+
 def _reverse_process(log_x0_fn, schedule, rng, x, timesteps, known_tokens, known_mask):
   batch = x.shape[0]
-  current = jnp.asarray(timesteps, jnp.int32)
-  following = jnp.asarray(np.append(timesteps[1:], -1), jnp.int32)
+  current, following = _step_pairs(timesteps)
   mask_class = jnp.arange(schedule.num_classes) == schedule.mask_index
 
   def body(i, carry):
@@ -302,8 +307,7 @@ def _reveal_rounds(log_x0_fn, schedule, rng, x, num_rounds, *, purity_prior: boo
 def _renoising(log_x0_fn, schedule, rng, x, noise, timesteps, typical_mass, known_tokens,
                known_mask):
   batch = x.shape[0]
-  current = jnp.asarray(timesteps, jnp.int32)
-  following = jnp.asarray(np.append(timesteps[1:], -1), jnp.int32)
+  current, following = _step_pairs(timesteps)
   abar = jnp.exp(schedule.log_cumprod_at)
 
   def body(i, carry):
@@ -356,10 +360,6 @@ def sample(log_x0_fn: LogX0Fn, schedule: Schedule, rng: jax.Array, shape: tuple[
   if init_tokens is not None:
     start = jnp.full((shape[0],), config.start_step, jnp.int32)
     x = discrete.q_sample(schedule, noise_key, init_tokens.astype(jnp.int32), start)
-    if not _has_mask(schedule):
-      x = jnp.where(jax.random.uniform(jax.random.fold_in(noise_key, 1), shape)
-                    < 1.0 - jnp.exp(schedule.log_cumprod_at[config.start_step]), noise,
-                    init_tokens.astype(jnp.int32))
   if known_mask is not None:
     known_mask = known_mask.astype(bool)
     known_tokens = known_tokens.astype(jnp.int32)

@@ -160,7 +160,8 @@ def _config_dict(config: Any) -> dict:
   return json.loads(json.dumps(config))
 
 
-def _write_json_atomically(path: str, value: Any) -> None:
+def write_json_atomically(path: str, value: Any) -> None:
+  """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -295,7 +296,7 @@ class Checkpointer:
     if config == self._config_written or self.read_only:
       return
     if jax.process_index() == 0:
-      _write_json_atomically(self.config_path, config)
+      write_json_atomically(self.config_path, config)
     self._config_written = config
 
   def read_config(self, step: int | None = None) -> dict:

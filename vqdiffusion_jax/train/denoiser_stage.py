@@ -22,7 +22,6 @@ import numpy as np
 from vqdiffusion_jax.data import pipeline, token_cache
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
-from vqdiffusion_jax.models import clip_text
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer, split_words
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
@@ -85,9 +84,7 @@ def text_setup(config: Any, directory: str, cache, tokenizer):
     from vqdiffusion_jax.convert import clip as clip_convert  # noqa: PLC0415
     module, params, hf_tokenizer = clip_convert.load_clip_text(text.clip_path)
     cfg = denoiser_config(config, tokenizer, (module.max_positions, module.hidden_size))
-    encode = lambda p, ids: clip_text.vq_diffusion_features(module, p, ids)  # noqa: E731
-    tokenize = lambda texts: clip_convert.tokenize(hf_tokenizer, list(texts),  # noqa: E731
-                                                   module.max_positions)
+    tokenize, encode = clip_convert.conditioning(module, hf_tokenizer)
     return VQDiffusionTransformer(cfg), tokenize, encode, params
   raise ValueError(f"unknown text kind {text.kind!r}; choose 'trainable' or 'clip'")
 
