@@ -130,7 +130,7 @@ def denoiser(num_layers: int = 19, embed_dim: int = 1024,
              num_heads: int = 16) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "model": {"num_layers": num_layers, "embed_dim": embed_dim, "num_heads": num_heads,
-                "mlp_ratio": 4, "learnable_null_text": True},
+                "mlp_ratio": 4, "learnable_null_text": True, "pooled_text": False},
   })
 
 

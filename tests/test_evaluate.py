@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vqdiffusion_jax import evaluate, sample
-from vqdiffusion_jax.data import shapes
+from vqdiffusion_jax.data import oracle, shapes
 from vqdiffusion_jax.evaluation import inception
 from vqdiffusion_jax.train import report as report_lib
 
@@ -35,12 +35,39 @@ def test_the_main_job_writes_its_report(tiny_workdir):
     assert set(row["oracle"]) == {*shapes.ATTRIBUTES, "all"}
     assert all(0.0 <= v <= 1.0 for v in row["oracle"].values())
     assert row["images_per_second"] > 0
+    assert set(row["oracle_by_objects"]) <= {"1", "2"}
+    assert all(0.0 <= v <= 1.0 for v in row["oracle_by_objects"].values())
     with Image.open(out / f"{label}.png") as grid:
       assert grid.size == (2 * 32 + 3 * 2,) * 2  # 4 images, 2 x 2
   assert np.isfinite(report["tokenizer"]["psnr"]) and report["tokenizer"]["num_images"] == 8
+  assert set(report["tokenizer"]["oracle"]) == {*shapes.ATTRIBUTES, "all"}
   text = (out / "report.md").read_text()
+  assert "Oracle accuracy of the reconstructions" in text
+  assert "by the number of objects in the caption" in text
   assert "| purity | 8 | 2 | 1 |" in text and "## Targets of the embedded default" in text
   assert "tokenizer PSNR" in text and "guidance gain" in text
+
+
+def test_accuracy_by_object_count_groups_captions():
+  captions = ["a big red circle in the center",
+              "a small blue square on the left and a big red circle at the top",
+              "a small blue square on the left and a big red circle at the bottom"]
+  results = [{"all": True}, {"all": False}, {"all": True}]
+  assert evaluate.accuracy_by_object_count(results, captions) == {"1": 1.0, "2": 0.5}
+
+
+def test_reconstruction_ceiling_is_the_oracle_on_round_trips(tiny_workdir):
+  from configs import shapes as shapes_config  # noqa: PLC0415
+  from vqdiffusion_jax import Pipeline  # noqa: PLC0415
+  pipe = Pipeline.from_pretrained(tiny_workdir)
+  captions, images = evaluate.evaluation_data(shapes_config.get_config("runlocal"),
+                                              tiny_workdir, 6)
+  tokens = np.stack([pipe.encode_image(image) for image in images])
+  decoded = pipe.vqvae.apply(pipe.vqvae_variables, tokens, method="decode")
+  expected = oracle.accuracy(np.clip(np.asarray(decoded), -1.0, 1.0), captions)
+  metrics = evaluate.reconstruction_metrics(pipe, images, batch_size=4, captions=captions)
+  assert metrics["oracle"] == pytest.approx(expected, abs=1e-6)
+  assert "oracle" not in evaluate.reconstruction_metrics(pipe, images, captions=["a cat"] * 6)
 
 
 def test_report_is_resumed_not_resampled(tiny_workdir, monkeypatch):

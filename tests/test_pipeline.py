@@ -12,6 +12,7 @@ from vqdiffusion_jax import Pipeline, make_grid
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.paella import PaellaPredictor
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
+from vqdiffusion_jax.train.checkpoint import CheckpointError
 
 PROMPT = "a big red circle in the center"
 
@@ -27,6 +28,15 @@ def test_loads_ema_weights_of_a_workdir(pipe, tiny_workdir):
                          pipe.params, raw.params)
   assert any(jax.tree.leaves(differs))
   assert pipe.image_size == 32 and pipe.latent_grid == (8, 8)
+
+
+def test_loads_a_chosen_checkpoint_step(pipe, tiny_workdir):
+  earlier = Pipeline.from_pretrained(tiny_workdir, step=3)
+  differs = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         pipe.params, earlier.params)
+  assert any(jax.tree.leaves(differs))
+  with pytest.raises(CheckpointError, match="step 99"):
+    Pipeline.from_pretrained(tiny_workdir, step=99)
 
 
 @pytest.mark.parametrize(("sampler", "steps", "scale"), [

@@ -134,6 +134,35 @@ def test_scan_remat_gradients_match_plain(tiny):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), scanned, plain)
 
 
+def test_pooled_text_modulates_by_the_mean_caption(tiny):
+  _, params, (tokens, t, text), logits = tiny
+  config = dataclasses.replace(TINY, pooled_text=True)
+  abstract = nn.meta.unbox(transformer.abstract_params(config))
+  assert abstract["block_0"]["pooled_text"]["kernel"].shape == (24, 64)
+  rng = np.random.default_rng(3)
+  pooled = {f"block_{i}": {"pooled_text": {
+      "kernel": jnp.asarray(0.2 * rng.normal(size=(24, 64)), jnp.float32),
+      "bias": jnp.asarray(0.2 * rng.normal(size=(64,)), jnp.float32)}} for i in range(2)}
+  with_pooled = {k: {**v, **pooled.get(k, {})} if isinstance(v, dict) else v
+                 for k, v in params.items()}
+  apply = _apply(config)
+  out = apply({"params": with_pooled}, tokens, t, text)
+  assert np.abs(out - logits).max() > 1e-2
+  # The pooled row is the mean over text positions, so their order does not matter to it.
+  zero_cross = jax.tree.map(jnp.zeros_like, params["block_0"]["cross_attn"])
+  order_free = {**with_pooled, **{f"block_{i}": {**with_pooled[f"block_{i}"],
+                                                 "cross_attn": zero_cross} for i in range(2)}}
+  np.testing.assert_allclose(apply({"params": order_free}, tokens, t, text[:, ::-1]),
+                             apply({"params": order_free}, tokens, t, text), atol=1e-5)
+  # A zero projection adds nothing: the plain model's logits.
+  zeroed = jax.tree.map(jnp.zeros_like, pooled)
+  plain = {k: {**v, **zeroed.get(k, {})} if isinstance(v, dict) else v
+           for k, v in params.items()}
+  np.testing.assert_allclose(apply({"params": plain}, tokens, t, text), logits, atol=1e-5)
+  with pytest.raises(ValueError, match="pooled_text needs text"):
+    dataclasses.replace(TINY, pooled_text=True, conditioning="none")
+
+
 def test_null_text(tiny):
   _, params, _, _ = tiny
   module = transformer.VQDiffusionTransformer(TINY)

@@ -94,23 +94,32 @@ def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[s
   return captions, images
 
 
-def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int = 64) -> dict:
-  """Mean PSNR / SSIM (dB, [0, 1] pixels) of the tokenizer's encode-decode round trip."""
+def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int = 64,
+                           captions: Sequence[str] | None = None) -> dict:
+  """Mean PSNR / SSIM (dB, [0, 1] pixels) of the tokenizer's encode-decode round trip.
+
+  With shapes ``captions`` also the oracle accuracy of the reconstructions:
+  the ceiling that the denoiser's samples can reach through this tokenizer.
+  """
   vq, variables = pipe.vqvae, pipe.vqvae_variables
 
   @jax.jit
   def round_trip(x):
     tokens = vq.apply(variables, x * 2.0 - 1.0, method="encode")
     out = jnp.clip((vq.apply(variables, tokens, method="decode") + 1.0) / 2.0, 0.0, 1.0)
-    return image_metrics.psnr(out, x), image_metrics.ssim(out, x)
+    return out, image_metrics.psnr(out, x), image_metrics.ssim(out, x)
 
-  psnrs, ssims = [], []
+  outs, psnrs, ssims = [], [], []
   for start in range(0, len(images), batch_size):
-    p, s = round_trip(jnp.asarray(images[start:start + batch_size], jnp.float32) / 255.0)
+    out, p, s = round_trip(jnp.asarray(images[start:start + batch_size], jnp.float32) / 255.0)
+    outs.append(np.asarray(out))
     psnrs.append(np.asarray(p))
     ssims.append(np.asarray(s))
-  return {"psnr": float(np.mean(np.concatenate(psnrs))),
-          "ssim": float(np.mean(np.concatenate(ssims))), "num_images": int(len(images))}
+  metrics = {"psnr": float(np.mean(np.concatenate(psnrs))),
+             "ssim": float(np.mean(np.concatenate(ssims))), "num_images": int(len(images))}
+  if captions is not None and is_shapes_captions(captions):
+    metrics["oracle"] = oracle.accuracy(np.concatenate(outs) * 2.0 - 1.0, list(captions))
+  return metrics
 
 
 def sample_all(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
@@ -166,7 +175,10 @@ def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: boo
   """The metrics of generated images (float [0, 1]) for their captions."""
   scores = {}
   if oracle_ok:
-    scores["oracle"] = oracle.accuracy(np.asarray(images * 255 + 0.5, np.uint8), list(captions))
+    results = oracle.check_batch(np.asarray(images * 255 + 0.5, np.uint8), list(captions))
+    scores["oracle"] = {k: float(np.mean([r[k] for r in results]))
+                        for k in (*shapes.ATTRIBUTES, "all")}
+    scores["oracle_by_objects"] = accuracy_by_object_count(results, captions)
   if networks is not None and networks.inception is not None:
     pool, logits = networks.inception_outputs(images)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[:, 1:]), axis=-1))
@@ -180,6 +192,15 @@ def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: boo
     text_embeds = networks.clip.embed_texts(list(captions))
     scores["clip_score"] = float(np.mean(np.asarray(clip_score(image_embeds, text_embeds))))
   return scores
+
+
+def accuracy_by_object_count(results: Sequence[dict], captions: Sequence[str]
+                             ) -> dict[str, float]:
+  """All-attributes oracle accuracy per number of objects a caption names."""
+  groups: dict[int, list[bool]] = {}
+  for result, caption in zip(results, captions, strict=True):
+    groups.setdefault(len(shapes.parse_caption(caption)), []).append(result["all"])
+  return {str(count): float(np.mean(hits)) for count, hits in sorted(groups.items())}
 
 
 def is_shapes_captions(captions: Sequence[str]) -> bool:
@@ -211,7 +232,8 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
   oracle_ok = is_shapes_captions(captions)
   settings = {"tag": tag, "seed": seed, "num_samples": len(captions)}
   report = {"settings": settings,
-            "tokenizer": reconstruction_metrics(pipe, reference_images, batch_size),
+            "tokenizer": reconstruction_metrics(pipe, reference_images, batch_size,
+                                                 captions),
             "samplers": {}}
   for spec in specs:
     path = os.path.join(out_dir, f"{spec.label}.json")
@@ -233,6 +255,15 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
   return report
 
 
+def _ceiling(tokenizer_metrics: dict) -> str:
+  if "oracle" not in tokenizer_metrics:
+    return ""
+  accuracy = tokenizer_metrics["oracle"]
+  parts = ", ".join(f"{a} {accuracy[a]:.3f}" for a in shapes.ATTRIBUTES)
+  return (" Oracle accuracy of the reconstructions (the samples' ceiling): all attributes "
+          f"{accuracy['all']:.3f}, {parts}.")
+
+
 def markdown_report(report: dict, run_summary: dict | None = None) -> str:
   """A one-page Markdown summary of ``evaluate``'s report."""
   lines = ["# Evaluation report", ""]
@@ -241,7 +272,7 @@ def markdown_report(report: dict, run_summary: dict | None = None) -> str:
   tok = report["tokenizer"]
   lines += ["## Tokenizer reconstruction", "",
             f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['num_images']} "
-            "evaluation images.", "", "## Samplers", ""]
+            "evaluation images." + _ceiling(tok), "", "## Samplers", ""]
   rows = report["samplers"]
   metric_names = sorted({k for r in rows.values() for k in r
                          if k in ("fid", "clip_score", "quality_score", "diversity_score")})
@@ -259,12 +290,27 @@ def markdown_report(report: dict, run_summary: dict | None = None) -> str:
     cells += [f"{r[m]:.3f}" if m in r else "" for m in metric_names]
     cells.append(f"{r['images_per_second']:.2f}")
     lines.append("| " + " | ".join(cells) + " |")
+  lines += _by_object_count_table(rows)
   lines += ["", "## Sample grids", "", "Captions of the grid cells, row-major: "
             + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(report.get("grid_captions", []))),
             ""]
   for label in rows:
     lines += [f"### {label}", "", f"![{label}]({label}.png)", ""]
   return "\n".join(lines)
+
+
+def _by_object_count_table(rows: dict) -> list[str]:
+  counts = sorted({c for r in rows.values() for c in r.get("oracle_by_objects", {})}, key=int)
+  if not counts:
+    return []
+  lines = ["", "All-attributes oracle accuracy by the number of objects in the caption:", "",
+           "| sampler | " + " | ".join(f"{c} object{'s' if c != '1' else ''}" for c in counts)
+           + " |", "|" + "---|" * (len(counts) + 1)]
+  for label, r in rows.items():
+    by_count = r.get("oracle_by_objects", {})
+    lines.append(f"| {label} | " + " | ".join(
+        f"{by_count[c]:.3f}" if c in by_count else "" for c in counts) + " |")
+  return lines
 
 
 def guidance_gain(report: dict) -> float | None:

@@ -32,12 +32,15 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(checkpointer.read_config())
 
 
-def load_pipeline(cls, path: str, *, use_ema: bool = True, dtype: Any = None):
+def load_pipeline(cls, path: str, *, use_ema: bool = True, dtype: Any = None,
+                  step: int | None = None):
   """``cls`` (a ``Pipeline``) built from ``path``; see ``Pipeline.from_pretrained``."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   if is_workdir(path):
-    return _from_workdir(cls, path, use_ema)
+    return _from_workdir(cls, path, use_ema, step)
+  if step is not None:
+    raise ValueError(f"step={step} needs a training workdir; {path} is a converted checkpoint")
   if converted.is_converted(path) or os.path.isfile(os.path.join(path, "model_index.json")):
     return _from_converted(cls, path, dtype)
   raise FileNotFoundError(
@@ -45,14 +48,14 @@ def load_pipeline(cls, path: str, *, use_ema: bool = True, dtype: Any = None):
       "nor a converted (python -m vqdiffusion_jax.convert) or diffusers pipeline directory")
 
 
-def _from_workdir(cls, workdir: str, use_ema: bool):
+def _from_workdir(cls, workdir: str, use_ema: bool, step: int | None):
   config = run_config(workdir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   tokenizer = loop.load_tokenizer(config, os.path.join(workdir, TOKENIZER_STAGE), mesh)
   directory = os.path.join(workdir, DENOISER_STAGE)
   setup = denoiser_stage.denoiser_setup(config, directory, mesh, tokenizer)
   with ckpt_lib.Checkpointer.for_workdir(directory, read_only=True) as checkpointer:
-    _, state, _ = checkpointer.restore(setup.abstract_state)
+    _, state, _ = checkpointer.restore(setup.abstract_state, step)
   params = jax.device_get(state.ema_params if use_ema else state.params)
   model = setup.model
   if isinstance(model, TextConditionedDenoiser):

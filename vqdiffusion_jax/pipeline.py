@@ -79,7 +79,7 @@ class Pipeline:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, use_ema: bool = True,
-                      dtype: Any = jnp.float32) -> Pipeline:
+                      dtype: Any = jnp.float32, step: int | None = None) -> Pipeline:
     """Loads a training workdir or a converted checkpoint directory.
 
     Args:
@@ -88,9 +88,10 @@ class Pipeline:
         output directory.
       use_ema: take the EMA weights of a workdir (else the raw params).
       dtype: compute dtype of a converted checkpoint's networks.
+      step: a workdir's denoiser checkpoint step (default: the newest good one).
     """
     from vqdiffusion_jax import loading  # noqa: PLC0415
-    return loading.load_pipeline(cls, os.fspath(path), use_ema=use_ema, dtype=dtype)
+    return loading.load_pipeline(cls, os.fspath(path), use_ema=use_ema, dtype=dtype, step=step)
 
   # Geometry.
 

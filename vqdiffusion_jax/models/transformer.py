@@ -69,6 +69,11 @@ class TransformerConfig:
     position_grid: (rows, cols) of the position tables when they differ from
       ``spatial_size``; None: the token grid.
     learnable_null_text: whether the "text" model has the null text parameter.
+    pooled_text: also modulate every AdaLN by a per-block projection of the
+      mean text feature ("text" only; the pooled conditioning of DiT-style
+      models, absent from the official VQ-Diffusion). It gives each position
+      a direct product of its features with the whole caption, which a small
+      model trained briefly otherwise learns only slowly through attention.
     dtype: compute dtype (parameters are float32).
     remat: recompute each block in the backward pass.
     scan_layers: run the blocks under ``nn.scan`` over stacked parameters.
@@ -88,6 +93,7 @@ class TransformerConfig:
   mlp_type: str = "fc"
   position_grid: tuple[int, int] | None = None
   learnable_null_text: bool = True
+  pooled_text: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
@@ -99,6 +105,8 @@ class TransformerConfig:
       raise ValueError(f"mlp_type {self.mlp_type!r} not in {MLP_TYPES}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} not divisible by {self.num_heads} heads")
+    if self.pooled_text and self.conditioning != "text":
+      raise ValueError(f"pooled_text needs text conditioning, not {self.conditioning!r}")
     grid = self.grid
     if grid[0] * grid[1] < self.num_tokens:
       raise ValueError(f"position grid {grid} smaller than {self.num_tokens} tokens")
@@ -195,11 +203,15 @@ class AdaLayerNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, index: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, index: jax.Array,
+               extra: jax.Array | None = None) -> jax.Array:
+    """``extra``: an optional (B, D) vector added to the looked-up row."""
     width = x.shape[-1]
     table = self.param("embedding", _partitioned(_normal(), (self.table_axis, axes.EMBED)),
                        (self.num_rows, width), jnp.float32)
     row = lookup_or_mean(table, jnp.asarray(index, jnp.int32)).astype(self.dtype)
+    if extra is not None:
+      row = row + extra.astype(self.dtype)
     modulation = nn.Dense(
         2 * width, dtype=self.dtype, param_dtype=jnp.float32, name="modulation",
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.MLP)),
@@ -298,10 +310,19 @@ class Block(nn.Module):
     cfg = self.config
     dtype = cfg.dtype
     self_attn = Attention(cfg.num_heads, cfg.head_dim, dtype=dtype, name="self_attn")
-    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="self_attn_norm")(h, t)
+    pooled = None
+    if cfg.pooled_text:
+      pooled = nn.Dense(
+          h.shape[-1], dtype=dtype, param_dtype=jnp.float32, name="pooled_text",
+          kernel_init=_partitioned(_normal(), (axes.COND_EMBED, axes.EMBED)),
+          bias_init=_partitioned(nn.initializers.zeros, (axes.EMBED,)))(
+              jnp.mean(condition.astype(dtype), axis=1))
+    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="self_attn_norm")(
+        h, t, pooled)
     h = h + self_attn(normed, normed)
     if cfg.conditioning == "text":
-      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="cross_attn_norm")(h, t)
+      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="cross_attn_norm")(
+          h, t, pooled)
       cross_attn = Attention(cfg.num_heads, cfg.head_dim, axes.COND_EMBED, dtype,
                              name="cross_attn")
       h = h + cross_attn(normed, condition.astype(dtype))

@@ -64,6 +64,7 @@ def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> Trans
       condition_length=condition[0], condition_dim=condition[1],
       num_timesteps=int(config.diffusion.num_timesteps),
       learnable_null_text=bool(model.learnable_null_text),
+      pooled_text=bool(model.get("pooled_text", False)),  # absent from older saved configs
       dtype=jnp.dtype(config.train.dtype), remat=bool(config.train.remat),
       scan_layers=bool(config.train.scan_layers))
 

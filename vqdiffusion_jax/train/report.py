@@ -36,9 +36,9 @@ def run_summary(summary: dict) -> dict:
   tokenizer, denoiser = _last_metrics(summary["tokenizer"]), _last_metrics(summary["denoiser"])
   out = {}
   if tokenizer:
-    out["tokenizer"] = (f"{tokenizer['step']} steps, final L1 {tokenizer['nll']:.4f}, "
-                        f"batch PSNR {tokenizer['psnr']:.2f} dB, codebook perplexity "
-                        f"{tokenizer['perplexity']:.1f}")
+    out["tokenizer"] = (f"{tokenizer['step']} steps, final reconstruction loss "
+                        f"{tokenizer['nll']:.4f}, batch PSNR {tokenizer['psnr']:.2f} dB, "
+                        f"codebook perplexity {tokenizer['perplexity']:.1f}")
   if denoiser:
     out["denoiser"] = f"{denoiser['step']} steps, final loss {denoiser['loss']:.4f}"
   return out

@@ -1,0 +1,102 @@
+"""Train-step time of the embedded default's denoiser under three block layouts.
+
+  PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
+
+Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
+a 24 x 128 trained text encoder, pooled text) with random weights and times
+one full train step (text encoder, forward, loss, backward, AdamW, EMA) with
+the blocks as a Python loop, under ``nn.scan``, and under ``nn.scan`` with
+rematerialisation. Timings are interleaved (A B C A B C ...); the table gives
+medians and the speed-up over the plain loop.
+
+XLA:CPU fuses the backward pass's chain of residual cotangents into every
+consumer of it, transposed copies included, so an unrolled stack recomputes
+that chain many times; a scanned body bounds it to one block.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import shapes as shapes_config
+from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
+from vqdiffusion_jax.models.text_encoder import TextEncoder
+from vqdiffusion_jax.models.transformer import TransformerConfig
+from vqdiffusion_jax.train import denoiser_step
+from vqdiffusion_jax.train import mesh as mesh_lib
+from vqdiffusion_jax.train import state as state_lib
+
+LAYOUTS = {"loop": (False, False), "scan": (True, False), "scan+remat": (True, True)}
+VOCAB = 32
+
+
+def build_step(config, scan_layers: bool, remat: bool, batch: int):
+  """(jitted step, state, batch) for one layout."""
+  model_config = config.denoiser.model
+  text = config.text
+  denoiser = TransformerConfig(
+      codebook_size=config.tokenizer.model.num_embeddings, spatial_size=(8, 8),
+      num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
+      num_heads=model_config.num_heads, condition_dim=text.width,
+      condition_length=text.length, num_timesteps=config.diffusion.num_timesteps,
+      pooled_text=model_config.pooled_text, scan_layers=scan_layers, remat=remat)
+  encoder = TextEncoder(VOCAB, width=text.width, num_layers=text.num_layers,
+                        num_heads=text.num_heads, max_length=text.length)
+  model = TextConditionedDenoiser(denoiser, encoder)
+  schedule = schedules.make(config.diffusion.schedule, denoiser.num_timesteps,
+                            denoiser.codebook_size)
+  optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  tokens = jnp.zeros((1, denoiser.num_tokens), jnp.int32)
+  ids = jnp.zeros((1, text.length), jnp.int32)
+  state, _ = state_lib.create_state(
+      jax.random.key(0),
+      lambda r: model.init(r, tokens, jnp.zeros((1,), jnp.int32), ids, method="from_ids"),
+      optimizer, mesh, config.mesh.rules, history_timesteps=denoiser.num_timesteps)
+  rng = np.random.default_rng(0)
+  data = {"tokens": jnp.asarray(rng.integers(0, denoiser.codebook_size,
+                                             (batch, denoiser.num_tokens)), jnp.int32),
+          "text_ids": jnp.asarray(rng.integers(4, VOCAB, (batch, text.length)), jnp.int32),
+          "drop_text": jnp.zeros((batch,), bool)}
+  step = jax.jit(denoiser_step.make_train_step(model, schedule, config, config.diffusion,
+                                               optimizer))
+  return step, state, data
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+  args = parser.parse_args()
+  config = shapes_config.get_config()
+  key = jax.random.key(1)
+  runs = {}
+  for name, (scan_layers, remat) in LAYOUTS.items():
+    step, state, data = build_step(config, scan_layers, remat, args.batch)
+    jax.block_until_ready(step(state, data, key))  # compile
+    runs[name] = (step, state, data)
+  seconds = {name: [] for name in LAYOUTS}
+  for _ in range(args.repeats):
+    for name, (step, state, data) in runs.items():
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        out = step(state, data, key)
+      jax.block_until_ready(out)
+      seconds[name].append((time.perf_counter() - start) / args.steps)
+  base = statistics.median(seconds["loop"])
+  print(f"denoiser train step, batch {args.batch}, {jax.devices()[0].platform}")
+  print("| layout | ms / step (median) | samples/s | speed-up |")
+  print("|---|---|---|---|")
+  for name, times in seconds.items():
+    median = statistics.median(times)
+    print(f"| {name} | {1000 * median:.1f} | {args.batch / median:.1f} | {base / median:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
