@@ -15,6 +15,7 @@ that chain many times; a scanned body bounds it to one block.
 """
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -26,8 +27,7 @@ from configs import shapes as shapes_config
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.text_encoder import TextEncoder
-from vqdiffusion_jax.models.transformer import TransformerConfig
-from vqdiffusion_jax.train import denoiser_step
+from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -37,14 +37,11 @@ VOCAB = 32
 
 def build_step(config, scan_layers: bool, remat: bool, batch: int):
   """(jitted step, state, batch) for one layout."""
-  model_config = config.denoiser.model
   text = config.text
-  denoiser = TransformerConfig(
-      codebook_size=config.tokenizer.model.num_embeddings, spatial_size=(8, 8),
-      num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
-      num_heads=model_config.num_heads, condition_dim=text.width,
-      condition_length=text.length, num_timesteps=config.diffusion.num_timesteps,
-      pooled_text=model_config.pooled_text, scan_layers=scan_layers, remat=remat)
+  tokenizer = loop.Tokenizer(loop.tokenizer_module(config), {}, int(config.data.image_size))
+  denoiser = dataclasses.replace(
+      denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width))),
+      scan_layers=scan_layers, remat=remat)
   encoder = TextEncoder(VOCAB, width=text.width, num_layers=text.num_layers,
                         num_heads=text.num_heads, max_length=text.length)
   model = TextConditionedDenoiser(denoiser, encoder)
@@ -52,12 +49,9 @@ def build_step(config, scan_layers: bool, remat: bool, batch: int):
                             denoiser.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  tokens = jnp.zeros((1, denoiser.num_tokens), jnp.int32)
-  ids = jnp.zeros((1, text.length), jnp.int32)
   state, _ = state_lib.create_state(
-      jax.random.key(0),
-      lambda r: model.init(r, tokens, jnp.zeros((1,), jnp.int32), ids, method="from_ids"),
-      optimizer, mesh, config.mesh.rules, history_timesteps=denoiser.num_timesteps)
+      jax.random.key(0), denoiser_stage.make_init_fn(model, denoiser), optimizer, mesh,
+      config.mesh.rules, history_timesteps=denoiser.num_timesteps)
   rng = np.random.default_rng(0)
   data = {"tokens": jnp.asarray(rng.integers(0, denoiser.codebook_size,
                                              (batch, denoiser.num_tokens)), jnp.int32),

@@ -143,8 +143,11 @@ def test_pooled_text_modulates_by_the_mean_caption(tiny):
   pooled = {f"block_{i}": {"pooled_text": {
       "kernel": jnp.asarray(0.2 * rng.normal(size=(24, 64)), jnp.float32),
       "bias": jnp.asarray(0.2 * rng.normal(size=(64,)), jnp.float32)}} for i in range(2)}
-  with_pooled = {k: {**v, **pooled.get(k, {})} if isinstance(v, dict) else v
-                 for k, v in params.items()}
+  def with_blocks(extra):
+    return {k: {**v, **extra.get(k, {})} if isinstance(v, dict) else v
+            for k, v in params.items()}
+
+  with_pooled = with_blocks(pooled)
   apply = _apply(config)
   out = apply({"params": with_pooled}, tokens, t, text)
   assert np.abs(out - logits).max() > 1e-2
@@ -155,9 +158,7 @@ def test_pooled_text_modulates_by_the_mean_caption(tiny):
   np.testing.assert_allclose(apply({"params": order_free}, tokens, t, text[:, ::-1]),
                              apply({"params": order_free}, tokens, t, text), atol=1e-5)
   # A zero projection adds nothing: the plain model's logits.
-  zeroed = jax.tree.map(jnp.zeros_like, pooled)
-  plain = {k: {**v, **zeroed.get(k, {})} if isinstance(v, dict) else v
-           for k, v in params.items()}
+  plain = with_blocks(jax.tree.map(jnp.zeros_like, pooled))
   np.testing.assert_allclose(apply({"params": plain}, tokens, t, text), logits, atol=1e-5)
   with pytest.raises(ValueError, match="pooled_text needs text"):
     dataclasses.replace(TINY, pooled_text=True, conditioning="none")

@@ -176,8 +176,7 @@ def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: boo
   scores = {}
   if oracle_ok:
     results = oracle.check_batch(np.asarray(images * 255 + 0.5, np.uint8), list(captions))
-    scores["oracle"] = {k: float(np.mean([r[k] for r in results]))
-                        for k in (*shapes.ATTRIBUTES, "all")}
+    scores["oracle"] = oracle.summarize(results)
     scores["oracle_by_objects"] = accuracy_by_object_count(results, captions)
   if networks is not None and networks.inception is not None:
     pool, logits = networks.inception_outputs(images)

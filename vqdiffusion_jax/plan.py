@@ -96,7 +96,7 @@ def plan(config: Any, num_devices: int) -> dict:
   cfg = model.config
   schedule = schedules.make(config.diffusion.schedule, cfg.num_timesteps, cfg.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
-  init_fn = denoiser_stage._init_fn(model, cfg)  # noqa: SLF001
+  init_fn = denoiser_stage.make_init_fn(model, cfg)
   rng = jax.random.key(0)
   kwargs = {"history_timesteps": cfg.num_timesteps}
   state = state_lib.abstract_state(rng, init_fn, optimizer, mesh, config.mesh.rules, **kwargs)

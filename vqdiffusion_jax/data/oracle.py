@@ -262,5 +262,9 @@ def accuracy(images: np.ndarray, captions: list[str | bytes]) -> dict[str, float
     dict mapping ``colour``, ``shape``, ``position``, ``size`` and ``all`` to
     the fraction of images for which that attribute holds for every object.
   """
-  results = check_batch(images, captions)
+  return summarize(check_batch(images, captions))
+
+
+def summarize(results: list[dict]) -> dict[str, float]:
+  """``accuracy`` from ``check_batch``'s per-image results."""
   return {k: float(np.mean([r[k] for r in results])) for k in (*shapes.ATTRIBUTES, "all")}

@@ -90,7 +90,8 @@ def text_setup(config: Any, directory: str, cache, tokenizer):
   raise ValueError(f"unknown text kind {text.kind!r}; choose 'trainable' or 'clip'")
 
 
-def _init_fn(model, cfg: TransformerConfig):
+def make_init_fn(model, cfg: TransformerConfig):
+  """``rng -> variables`` of the denoiser (and its trainable text encoder, if any)."""
   tokens = jnp.zeros((1, cfg.num_tokens), jnp.int32)
   t = jnp.zeros((1,), jnp.int32)
   if isinstance(model, TextConditionedDenoiser):
@@ -135,7 +136,7 @@ def denoiser_setup(config: Any, directory: str, mesh, tokenizer, cache=None) -> 
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   rules, rng = config.mesh.rules, jax.random.key(int(config.seed))
   history = cfg.num_timesteps if config.diffusion.importance_sampling else None
-  init_fn = _init_fn(model, cfg)
+  init_fn = make_init_fn(model, cfg)
   kwargs = {"history_timesteps": history}
   return DenoiserSetup(
       model=model, tokenize=tokenize, text_encoder_fn=text_encoder_fn, frozen=frozen,
