@@ -15,13 +15,13 @@ JAX backend.
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
@@ -41,25 +41,13 @@ def _model(layers: int, dim: int, heads: int):
   return model, params, config.num_tokens
 
 
-def _program(model, schedule, num_tokens, steps: int, guidance: float, batch: int):
-  """The jitted sampler for one setting: (params, condition, rng) -> (B, N) tokens."""
-  config = samplers.SamplerConfig(name="vqdiffusion", num_inference_steps=steps,
-                                  guidance_scale=guidance)
-
-  def run(params, condition, rng):
-    logits = lambda x, t, c: model.apply({"params": params}, x, t, c)  # noqa: E731
-    null = model.apply({"params": params}, batch, method="null_text") if guidance != 1 else None
-    log_x0 = samplers.conditioned_log_x0(logits, [condition], null, guidance)
-    return samplers.sample(log_x0, schedule, rng, (batch, num_tokens), config)
-
-  return jax.jit(run)
-
-
 def _measure(model, params, schedule, num_tokens, steps, guidance, batch, repeats) -> dict:
   condition = jax.random.normal(jax.random.key(1), (batch, TEXT_LENGTH, TEXT_DIM))
   rng = jax.random.key(2)
   start = time.perf_counter()
-  compiled = _program(model, schedule, num_tokens, steps, guidance, batch).lower(
+  config = samplers.SamplerConfig(name="vqdiffusion", num_inference_steps=steps,
+                                  guidance_scale=guidance)
+  compiled = harness.sampler_program(model, schedule, num_tokens, config, batch).lower(
       params, condition, rng).compile()
   compile_s = time.perf_counter() - start
   times = []
@@ -70,21 +58,6 @@ def _measure(model, params, schedule, num_tokens, steps, guidance, batch, repeat
   seconds = statistics.median(times)
   return {"steps": steps, "guidance": guidance, "batch": batch, "seconds_per_batch": seconds,
           "images_per_s": batch / seconds, "compile_s": compile_s, "times": times}
-
-
-def _device_name() -> str:
-  """The accelerator's kind or, on the CPU backend, the processor model and core count."""
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    return device.device_kind
-  model = "cpu"
-  try:
-    with open("/proc/cpuinfo") as file:
-      model = next((line.split(":", 1)[1].strip() for line in file
-                    if line.startswith("model name")), model)
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} cores"
 
 
 def _parse():
@@ -109,7 +82,7 @@ def main():
   args = _parse()
   model, params, num_tokens = _model(args.layers, args.dim, args.heads)
   schedule = schedules.mask_and_replace(TIMESTEPS, CODEBOOK)
-  header = {"backend": jax.default_backend(), "device": _device_name(),
+  header = {"backend": jax.default_backend(), "device": harness.device_name(),
             "layers": args.layers, "dim": args.dim, "heads": args.heads,
             "tokens": f"{GRID[0]}x{GRID[1]}", "codebook": CODEBOOK, "timesteps": TIMESTEPS,
             "repeats": args.repeats}

@@ -15,7 +15,9 @@ def _log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _posterior(scheduler, log_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-  """Official clamp of diffusers' posterior, one sample at a time (scalar t)."""
+  """Official clamp of diffusers' posterior; it takes a scalar t, so one call per distinct t."""
+  if bool((t == t[0]).all()):
+    return scheduler.q_posterior(log_x0[:, :-1], x_t, int(t[0])).clamp(-70, 0)
   rows = [scheduler.q_posterior(log_x0[b:b + 1, :-1], x_t[b:b + 1], int(t[b]))
           for b in range(x_t.shape[0])]
   return torch.cat(rows).clamp(-70, 0)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqdiffusion_jax.models import axes
+from vqdiffusion_jax.models import attention, axes
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -93,12 +93,7 @@ class MultiHeadAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     q, k, v = (self._project_in(x, head_dim, name) for name in ("query", "key", "value"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim**-0.5
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    heads = attention.dot_product_attention(q, k, v, mask)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
         kernel_init=nn.with_logical_partitioning(

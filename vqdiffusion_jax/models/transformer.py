@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax.models import axes
+from vqdiffusion_jax.models import attention, axes
 
 LN_EPS = 1e-5
 CONDITIONINGS = ("text", "class", "none")
@@ -242,9 +242,7 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(self._project(context, "key", self.context_axis), act_axes)
     value = nn.with_logical_constraint(self._project(context, "value", self.context_axis),
                                        act_axes)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(scores * self.head_dim ** -0.5, axis=-1)
-    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    mixed = attention.dot_product_attention(query, key, value)
     return nn.DenseGeneral(
         x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
         kernel_init=_partitioned(_normal(), (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),

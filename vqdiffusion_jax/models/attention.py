@@ -1,0 +1,32 @@
+"""Scaled dot-product attention of multi-head projections, computed heads-first.
+
+The projections come as ``(B, L, H, Dh)``. Written as one einsum over that
+layout, XLA:CPU runs both attention matmuls about three times slower than
+with the heads moved before the lengths, so the heads are moved explicitly:
+``(B, H, L, Dh)`` for the two batched matmuls and the softmax, then back.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v per head, the scores and softmax in float32.
+
+  Args:
+    query: ``(B, Lq, H, Dh)``.
+    key, value: ``(B, Lk, H, Dh)``.
+    mask: boolean, broadcastable to ``(B, H, Lq, Lk)``; True where a query may
+      attend to a key. None attends everywhere.
+
+  Returns:
+    ``(B, Lq, H, Dh)`` in the dtype of ``value``.
+  """
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores * query.shape[-1] ** -0.5
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
