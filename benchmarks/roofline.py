@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, vs_diffusers
-from vqdiffusion_jax.diffusion import discrete, samplers
+from vqdiffusion_jax.diffusion import discrete
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import transformer
+from vqdiffusion_jax.train import denoiser_stage
 
 TIMESTEPS = vs_diffusers.TIMESTEPS
 
@@ -78,33 +79,18 @@ def train_row(size, batch: int, dtype: str, peak: float, repeats: int) -> dict:
           "seconds": seconds, "mfu": flops / seconds / peak}
 
 
-def _sampler(module, params, size, batch: int, steps: int):
-  config = samplers.SamplerConfig(name="vqdiffusion", num_inference_steps=steps,
-                                  guidance_scale=vs_diffusers.GUIDANCE,
-                                  truncation_rate=vs_diffusers.TRUNCATION)
-  schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
-  condition = jax.random.normal(jax.random.key(1), (batch, size.text_length, size.text_dim))
-  program = harness.sampler_program(module, schedule, size.num_tokens, config, batch)
-  return program.lower(params, condition, jax.random.key(2)).compile(), condition
-
-
 def _init(module):
-  size_tokens = jnp.zeros((1, module.config.num_tokens), jnp.int32)
-  text = jnp.zeros((1, module.config.condition_length, module.config.condition_dim))
-  variables = jax.jit(module.init)(jax.random.key(0), size_tokens, jnp.zeros((1,), jnp.int32),
-                                   text)
-  return nn.unbox(variables["params"])
+  init = denoiser_stage.make_init_fn(module, module.config)
+  return nn.unbox(jax.jit(init)(jax.random.key(0))["params"])
 
 
 def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: int) -> dict:
   """Model FLOPs (S x one step), seconds and MFU of the guided sampler."""
   module = network(size, dtype)
   params = _init(module)
-  one_step, _ = _sampler(module, params, size, batch, 1)
+  one_step, _ = vs_diffusers.guided_sampler(module, params, size, batch, 1)
   flops = steps * _flops(one_step)
-  compiled, condition = _sampler(module, params, size, batch, steps)
-  rng = jax.random.key(2)
-  seconds = _seconds(lambda: compiled(params, condition, rng).block_until_ready(), repeats)
+  seconds = _seconds(vs_diffusers.our_sample(module, params, size, batch, steps), repeats)
   return {"work": f"sample {steps} steps", "grid": size.grid, "batch": batch, "flops": flops,
           "seconds": seconds, "mfu": flops / seconds / peak}
 
@@ -175,9 +161,7 @@ def sampler_breakdown(size, batch: int, steps: int, dtype: str,
   text = jax.random.normal(jax.random.key(1), (2 * batch, size.text_length, size.text_dim))
   call = jax.jit(lambda p: module.apply({"params": p}, tokens, t, text)).lower(params).compile()
   network_s = steps * _seconds(lambda: call(params).block_until_ready(), repeats)
-  compiled, condition = _sampler(module, params, size, batch, steps)
-  rng = jax.random.key(2)
-  whole = _seconds(lambda: compiled(params, condition, rng).block_until_ready(), repeats)
+  whole = _seconds(vs_diffusers.our_sample(module, params, size, batch, steps), repeats)
   return {f"{steps} guided network calls": network_s, "whole sampler": whole}
 
 

@@ -62,6 +62,7 @@ TIMESTEPS = 100
 AUX_WEIGHT = 5e-4
 GUIDANCE = 5.0
 TRUNCATION = 0.86
+SAMPLE_KEY = jax.random.key(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ def their_train(model, null, size: Size, batch: int):
                                    num_train_timesteps=TIMESTEPS)
   model.train()
   parameters = list(model.parameters()) + list(null.parameters())
-  optim = common.optim(1e-4)
+  optim = _run_config(batch).optim
   optimizer = torch.optim.AdamW(parameters, lr=optim.learning_rate, betas=(optim.b1, optim.b2),
                                 weight_decay=optim.weight_decay)
   generator = torch.Generator().manual_seed(1)
@@ -203,16 +204,20 @@ def their_train(model, null, size: Size, batch: int):
   return step
 
 
-def our_sample(module, params, size: Size, batch: int, steps: int):
-  """A blocking ``run()`` of our guided sampler, compiled ahead of time."""
+def guided_sampler(module, params, size: Size, batch: int, steps: int):
+  """``(compiled sampler, condition)``: our guided sampler over a random condition."""
   config = samplers.SamplerConfig(name="vqdiffusion", num_inference_steps=steps,
                                   guidance_scale=GUIDANCE, truncation_rate=TRUNCATION)
   schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
   condition = jax.random.normal(jax.random.key(1), (batch, size.text_length, size.text_dim))
-  rng = jax.random.key(2)
-  compiled = harness.sampler_program(module, schedule, size.num_tokens, config, batch).lower(
-      params, condition, rng).compile()
-  return lambda: jax.block_until_ready(compiled(params, condition, rng))
+  program = harness.sampler_program(module, schedule, size.num_tokens, config, batch)
+  return program.lower(params, condition, SAMPLE_KEY).compile(), condition
+
+
+def our_sample(module, params, size: Size, batch: int, steps: int):
+  """A blocking ``run()`` of our guided sampler, compiled ahead of time."""
+  compiled, condition = guided_sampler(module, params, size, batch, steps)
+  return lambda: jax.block_until_ready(compiled(params, condition, SAMPLE_KEY))
 
 
 def their_sample(model, null, size: Size, batch: int, steps: int):
