@@ -43,7 +43,8 @@ def build_step(config, scan_layers: bool, remat: bool, batch: int):
       denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width))),
       scan_layers=scan_layers, remat=remat)
   encoder = TextEncoder(VOCAB, width=text.width, num_layers=text.num_layers,
-                        num_heads=text.num_heads, max_length=text.length)
+                        num_heads=text.num_heads, max_length=text.length,
+                        matmul_dtype=denoiser_stage.matmul_dtype(config))
   model = TextConditionedDenoiser(denoiser, encoder)
   schedule = schedules.make(config.diffusion.schedule, denoiser.num_timesteps,
                             denoiser.codebook_size)

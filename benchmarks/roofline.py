@@ -1,10 +1,14 @@
 """Model FLOP utilisation of our train step and sampler, and where their time goes.
 
   PYTHONPATH=. python benchmarks/roofline.py [--size tiny|large] [--grids 8 16 32]
-      [--batch 8 32] [--steps 25] [--repeats 3] [--dtype float32|bfloat16] [--json out.json]
+      [--batch 8 32] [--steps 25] [--repeats 3] [--dtype float32|bfloat16|mixed] [--json out.json]
 
-1. Peak: a large square matmul in the compute dtype, timed in this run; its
-   2 n^3 FLOPs per second are the machine's peak.
+``--dtype mixed`` keeps activations float32 and runs every matmul on
+bfloat16 operands with float32 accumulation (``matmul_dtype="bfloat16"``).
+
+1. Peak: a large square matmul in the compute dtype (mixed: bfloat16
+   operands, float32 product), timed in this run; its 2 n^3 FLOPs per second
+   are the machine's peak.
 2. For each token grid and batch, with the size's network (``SIZES`` of
    benchmarks/vs_diffusers.py): the train step's model FLOPs from XLA's cost
    analysis of the unrolled, non-rematerialised program (XLA counts a loop
@@ -39,11 +43,21 @@ from vqdiffusion_jax.train import denoiser_stage
 TIMESTEPS = vs_diffusers.TIMESTEPS
 
 
-def matmul_peak(dtype, repeats: int) -> float:
+DTYPES = ("float32", "bfloat16", "mixed")
+
+
+def _dtypes(dtype: str) -> tuple[str, str]:
+  """(compute dtype, matmul dtype) of a ``--dtype`` choice."""
+  return ("float32", "bfloat16") if dtype == "mixed" else (dtype, "float32")
+
+
+def matmul_peak(dtype: str, repeats: int) -> float:
   """FLOP/s of an n x n matmul, n = 2048 on CPU and 8192 on accelerators."""
   n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x).lower(a).compile()
+  operands = "float32" if dtype == "float32" else "bfloat16"
+  product = _dtypes(dtype)[0]
+  a = jax.random.normal(jax.random.key(0), (n, n), operands)
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=product)).lower(a).compile()
   return 2 * n ** 3 / _seconds(lambda: matmul(a).block_until_ready(), repeats)
 
 
@@ -64,8 +78,9 @@ def network(size: vs_diffusers.Size, dtype: str, *, scan_layers: bool = False,
       codebook_size=size.codebook, spatial_size=(size.grid, size.grid),
       num_layers=size.layers, embed_dim=size.dim, num_heads=size.heads,
       condition_dim=size.text_dim, condition_length=size.text_length,
-      num_timesteps=TIMESTEPS, conditioning="text", learnable_null_text=True, dtype=dtype,
-      scan_layers=scan_layers, remat=remat))
+      num_timesteps=TIMESTEPS, conditioning="text", learnable_null_text=True,
+      dtype=_dtypes(dtype)[0], matmul_dtype=_dtypes(dtype)[1], scan_layers=scan_layers,
+      remat=remat))
 
 
 def train_row(size, batch: int, dtype: str, peak: float, repeats: int) -> dict:
@@ -132,10 +147,12 @@ def block_parts(size, batch: int, dtype: str, repeats: int) -> dict[str, float]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, size.num_tokens, size.dim)), jnp.float32)
   text = jnp.asarray(rng.normal(size=(batch, size.text_length, size.text_dim)), jnp.float32)
+  compute, matmul = _dtypes(dtype)
+  attention = transformer.Attention(size.heads, head_dim, dtype=compute, matmul_dtype=matmul)
   parts = {
-      "self-attention": (transformer.Attention(size.heads, head_dim, dtype=dtype), (x, x)),
-      "cross-attention": (transformer.Attention(size.heads, head_dim, dtype=dtype), (x, text)),
-      "MLP": (transformer.Mlp(4, dtype=dtype), (x,)),
+      "self-attention": (attention, (x, x)),
+      "cross-attention": (attention, (x, text)),
+      "MLP": (transformer.Mlp(4, dtype=compute, matmul_dtype=matmul), (x,)),
   }
   out = {}
   for name, (module, inputs) in parts.items():
@@ -172,8 +189,9 @@ def _parse():
   parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
   parser.add_argument("--steps", type=int, default=25, help="sampler network calls")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                      help="compute dtype; default float32 on CPU, bfloat16 elsewhere")
+  parser.add_argument("--dtype", choices=DTYPES,
+                      help="compute dtype, or mixed (float32 activations, bfloat16 matmuls); "
+                      "default float32 on CPU, bfloat16 elsewhere")
   parser.add_argument("--json", help="also write the results to this JSON file")
   args = parser.parse_args()
   if args.repeats < 1:
@@ -192,7 +210,7 @@ def _share_table(title: str, seconds: dict[str, float], total: float) -> None:
 def main():
   args = _parse()
   base = vs_diffusers.SIZES[args.size]
-  peak = matmul_peak(jnp.dtype(args.dtype), args.repeats)
+  peak = matmul_peak(args.dtype, args.repeats)
   print(f"# roofline on {jax.default_backend()} ({harness.device_name()}), size {args.size} "
         f"({base.layers} layers, dim {base.dim}, K = {base.codebook}), {args.dtype}")
   print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s\n")

@@ -1,7 +1,8 @@
 """Side by side with diffusers: train steps and guided sampling on the same weights.
 
   PYTHONPATH=. python benchmarks/vs_diffusers.py [--sizes tiny large] [--train-batch 8 32]
-      [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--json out.json]
+      [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--precision bfloat16]
+      [--json out.json]
 
 For each size the script builds one diffusers ``Transformer2DModel`` (discrete
 input: ``num_vector_embeds`` = K + 1, AdaLN, approximate GEGLU) and its
@@ -22,6 +23,12 @@ interleaved (ours, theirs, ours, theirs, ...), after one untimed warm-up run:
           (skip-step over T = 100); theirs is VQDiffusionPipeline's denoising
           loop (its transformer call, guidance, ``truncate`` and
           ``VQDiffusionScheduler.step``), which visits the last S steps.
+
+``--precision bfloat16`` runs both sides' matmuls on bfloat16: ours with
+``matmul_dtype="bfloat16"`` (bfloat16 operands, float32 accumulation,
+float32 activations and softmax), theirs under ``torch.autocast("cpu",
+torch.bfloat16)``; the loss and the sampler's log-space updates stay float32
+on both sides. The log-probability gap is always that of the float32 networks.
 
 Neither side decodes tokens or encodes text. Each row gives medians and the
 ratio ours / theirs in samples (train) or images (sample) per second, so a
@@ -173,7 +180,11 @@ def _torch_q_sample(scheduler, x0: torch.Tensor, t: int, codebook: int, generato
   return torch.where(u > 1.0 - mask_prob, codebook, replaced)
 
 
-def their_train(model, null, size: Size, batch: int):
+def _autocast(precision: str):
+  return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def their_train(model, null, size: Size, batch: int, precision: str = "float32"):
   """A blocking ``step()`` of the same optimiser step in eager PyTorch."""
   scheduler = VQDiffusionScheduler(num_vec_classes=size.codebook + 1,
                                    num_train_timesteps=TIMESTEPS)
@@ -192,9 +203,10 @@ def their_train(model, null, size: Size, batch: int):
     t = int(torch.randint(TIMESTEPS, (1,), generator=generator))
     x_t = _torch_q_sample(scheduler, x0, t, size.codebook, generator)
     condition = torch.where(drop[:, None, None], null.embeddings[None], text)
-    log_probs = model(x_t, encoder_hidden_states=condition, timestep=torch.tensor(t)).sample
+    with _autocast(precision):
+      log_probs = model(x_t, encoder_hidden_states=condition, timestep=torch.tensor(t)).sample
     loss, _, _ = torch_reference.training_loss(
-        scheduler, log_probs.permute(0, 2, 1), x0, x_t, torch.full((batch,), t), pt,
+        scheduler, log_probs.float().permute(0, 2, 1), x0, x_t, torch.full((batch,), t), pt,
         aux_weight=AUX_WEIGHT, mask_weight=(1.0, 1.0))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -220,7 +232,7 @@ def our_sample(module, params, size: Size, batch: int, steps: int):
   return lambda: jax.block_until_ready(compiled(params, condition, SAMPLE_KEY))
 
 
-def their_sample(model, null, size: Size, batch: int, steps: int):
+def their_sample(model, null, size: Size, batch: int, steps: int, precision: str = "float32"):
   """A blocking ``run()`` of VQDiffusionPipeline's guided denoising loop."""
   model.eval()
   scheduler = VQDiffusionScheduler(num_vec_classes=size.codebook + 1,
@@ -234,8 +246,9 @@ def their_sample(model, null, size: Size, batch: int, steps: int):
     scheduler.set_timesteps(steps)
     sample = torch.full((batch, size.num_tokens), size.codebook)
     for t in scheduler.timesteps:
-      out = model(torch.cat([sample] * 2), encoder_hidden_states=embeds, timestep=t).sample
-      uncond, cond = out.chunk(2)
+      with _autocast(precision):
+        out = model(torch.cat([sample] * 2), encoder_hidden_states=embeds, timestep=t).sample
+      uncond, cond = out.float().chunk(2)
       out = uncond + GUIDANCE * (cond - uncond)
       out = out - torch.logsumexp(out, dim=1, keepdim=True)
       out = VQDiffusionPipeline.truncate(None, out, TRUNCATION).clamp(-70)
@@ -280,16 +293,18 @@ def run_size(size_name: str, args) -> list[dict]:
                                 remat=args.remat)
   print(f"| {size_name} | same weights | max abs log p gap "
         f"{max_log_prob_gap(model, null, module, params, size):.1e} | | | |", flush=True)
+  module = module.clone(config=dataclasses.replace(module.config, matmul_dtype=args.precision))
   rows = []
   for batch in args.train_batch:
     rows.append(_pair("train", size_name, f"batch {batch}", batch,
                       our_train(module, params, size, batch),
-                      their_train(model, null, size, batch), args.repeats))
+                      their_train(model, null, size, batch, args.precision), args.repeats))
   for steps in args.steps:
     for batch in args.sample_batch:
       rows.append(_pair("sample", size_name, f"{steps} steps, batch {batch}", batch,
                         our_sample(module, params, size, batch, steps),
-                        their_sample(model, null, size, batch, steps), args.repeats))
+                        their_sample(model, null, size, batch, steps, args.precision),
+                        args.repeats))
   return rows
 
 
@@ -305,6 +320,8 @@ def _parse():
                       help="our blocks as a Python loop rather than nn.scan")
   parser.add_argument("--no-remat", dest="remat", action="store_false",
                       help="keep activations instead of rematerialising each block")
+  parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                      help="both sides' matmul dtype (theirs through torch.autocast)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
   if args.repeats < 1:
@@ -319,7 +336,8 @@ def main():
   print(f"# vqdiffusion-jax vs diffusers {torch.__version__} on {jax.default_backend()} "
         f"({harness.device_name()}), torch threads {torch.get_num_threads()}")
   print(f"medians of {args.repeats} interleaved runs; guidance {GUIDANCE:g}, truncation "
-        f"{TRUNCATION}; ours: scan {args.scan_layers}, remat {args.remat}\n")
+        f"{TRUNCATION}; matmuls in {args.precision}; ours: scan {args.scan_layers}, "
+        f"remat {args.remat}\n")
   print("| size | work | setting | ours / s | diffusers / s | ours / diffusers |")
   print("|---|---|---|---:|---:|---:|")
   rows = [row for name in args.sizes for row in run_size(name, args)]
@@ -327,7 +345,8 @@ def main():
                                  for r in rows))
   if args.json:
     with open(args.json, "w") as file:
-      json.dump({"device": harness.device_name(), "rows": rows}, file, indent=1)
+      json.dump({"device": harness.device_name(), "precision": args.precision, "rows": rows},
+                file, indent=1)
 
 
 if __name__ == "__main__":

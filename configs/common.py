@@ -64,7 +64,7 @@ def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: 
       "global_batch": global_batch, "num_steps": num_steps, "log_every": log_every,
       "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
       "sample_every": sample_every, "eval_every": eval_every, "dtype": dtype, "remat": remat,
-      "scan_layers": False,
+      "scan_layers": False, "matmul_dtype": "float32",
   })
 
 

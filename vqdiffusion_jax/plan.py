@@ -39,7 +39,6 @@ import numpy as np  # noqa: E402
 from vqdiffusion_jax.diffusion import schedule as schedules  # noqa: E402
 from vqdiffusion_jax.models import clip_text  # noqa: E402
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser  # noqa: E402
-from vqdiffusion_jax.models.text_encoder import TextEncoder  # noqa: E402
 from vqdiffusion_jax.models.transformer import VQDiffusionTransformer  # noqa: E402
 from vqdiffusion_jax.train import denoiser_stage, denoiser_step  # noqa: E402
 from vqdiffusion_jax.train import mesh as mesh_lib  # noqa: E402
@@ -62,9 +61,7 @@ def _model(config: Any):
   text, tokenizer = config.text, _planned_tokenizer(config)
   if text.kind == "trainable":
     cfg = denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width)))
-    encoder = TextEncoder(vocab_size=int(text.max_vocab) + 4, width=int(text.width),
-                          num_layers=int(text.num_layers), num_heads=int(text.num_heads),
-                          max_length=int(text.length))
+    encoder = denoiser_stage.trained_text_encoder(config, int(text.max_vocab) + 4)
     return TextConditionedDenoiser(cfg, encoder), None, None
   clip = clip_text.CLIPTextTransformer()  # ViT-B/32 text tower
   cfg = denoiser_stage.denoiser_config(config, tokenizer, (clip.max_positions, clip.hidden_size))
@@ -138,7 +135,8 @@ def _figures(compiled, state) -> dict:
 
 def report(config: Any, num_devices: int, figures: dict) -> str:
   lines = [f"{num_devices} devices, mesh {dict(config.mesh.shape)}, global batch "
-           f"{config.train.global_batch}, dtype {config.train.dtype}, "
+           f"{config.train.global_batch}, dtype {config.train.dtype}, matmuls "
+           f"{denoiser_stage.matmul_dtype(config)}, "
            f"remat {config.train.remat}, params {figures['params'] / 1e6:.1f}M",
            f"per device: peak {figures['peak'] / GIB:.2f} GiB (state+batch "
            f"{figures['arguments'] / GIB:.2f}, temporaries {figures['temporaries'] / GIB:.2f}, "

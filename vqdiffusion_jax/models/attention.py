@@ -8,10 +8,16 @@ with the heads moved before the lengths, so the heads are moved explicitly:
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+# (B, H, Lq, Dh) x (B, H, Lk, Dh) -> (B, H, Lq, Lk), and the weights times the values.
+_SCORES = (((3,), (3,)), ((0, 1), (0, 1)))
+_MIX = (((3,), (2,)), ((0, 1), (0, 1)))
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+                          mask: jax.Array | None = None,
+                          dot_general=lax.dot_general) -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v per head, the scores and softmax in float32.
 
   Args:
@@ -19,14 +25,15 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     key, value: ``(B, Lk, H, Dh)``.
     mask: boolean, broadcastable to ``(B, H, Lq, Lk)``; True where a query may
       attend to a key. None attends everywhere.
+    dot_general: the two matmuls' ``lax.dot_general`` (see ``precision``).
 
   Returns:
     ``(B, Lq, H, Dh)`` in the dtype of ``value``.
   """
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores * query.shape[-1] ** -0.5
+  scores = dot_general(q, k, _SCORES, preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) * query.shape[-1] ** -0.5
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+  return jnp.swapaxes(dot_general(weights, v, _MIX).astype(value.dtype), 1, 2)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqdiffusion_jax.models import attention, axes
+from vqdiffusion_jax.models import attention, axes, precision
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -60,10 +60,12 @@ def layer_norm(eps: float, dtype, name: str | None = None) -> nn.LayerNorm:
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)))
 
 
-def dense(features: int, kernel_axes: tuple[str, str], dtype, name: str) -> nn.Dense:
+def dense(features: int, kernel_axes: tuple[str, str], dtype, name: str,
+          matmul_dtype: str = "float32") -> nn.Dense:
   """A biased Dense layer with float32, logically partitioned parameters."""
   return nn.Dense(
       features, dtype=dtype, param_dtype=jnp.float32, name=name,
+      dot_general=precision.dot_general_for(matmul_dtype),
       kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[1],)))
 
@@ -77,6 +79,7 @@ class MultiHeadAttention(nn.Module):
 
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -93,9 +96,11 @@ class MultiHeadAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     q, k, v = (self._project_in(x, head_dim, name) for name in ("query", "key", "value"))
-    heads = attention.dot_product_attention(q, k, v, mask)
+    dot_general = precision.dot_general_for(self.matmul_dtype)
+    heads = attention.dot_product_attention(q, k, v, mask, dot_general)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
+        dot_general=dot_general,
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(),
             (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
@@ -104,6 +109,7 @@ class MultiHeadAttention(nn.Module):
   def _project_in(self, x: jax.Array, head_dim: int, name: str) -> jax.Array:
     return nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        dot_general=precision.dot_general_for(self.matmul_dtype),
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(),
             (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
@@ -117,14 +123,16 @@ class FeedForward(nn.Module):
   intermediate_size: int
   activation: str = "quick_gelu"
   dtype: jnp.dtype = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    hidden = dense(self.intermediate_size, (axes.EMBED, axes.MLP), self.dtype, "fc1")(x)
+    hidden = dense(self.intermediate_size, (axes.EMBED, axes.MLP), self.dtype, "fc1",
+                   self.matmul_dtype)(x)
     hidden = nn.with_logical_constraint(hidden, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     hidden = ACTIVATIONS[self.activation](hidden)
-    return dense(width, (axes.MLP, axes.EMBED), self.dtype, "fc2")(hidden)
+    return dense(width, (axes.MLP, axes.EMBED), self.dtype, "fc2", self.matmul_dtype)(hidden)
 
 
 class EncoderLayer(nn.Module):
@@ -135,14 +143,17 @@ class EncoderLayer(nn.Module):
   layer_norm_eps: float = 1e-5
   activation: str = "quick_gelu"
   dtype: jnp.dtype = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Args: x ``(B, L, D)``; mask as for ``MultiHeadAttention``. Returns ``(B, L, D)``."""
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm1")(x)
-    x = x + MultiHeadAttention(self.num_heads, self.dtype, name="attention")(normed, mask)
+    x = x + MultiHeadAttention(self.num_heads, self.dtype, self.matmul_dtype,
+                               name="attention")(normed, mask)
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(x)
-    x = x + FeedForward(self.intermediate_size, self.activation, self.dtype, name="mlp")(normed)
+    x = x + FeedForward(self.intermediate_size, self.activation, self.dtype, self.matmul_dtype,
+                        name="mlp")(normed)
     return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 

@@ -132,6 +132,7 @@ class TextEncoder(nn.Module):
   activation: str = "gelu"
   normalize: bool = False
   dtype: jnp.dtype = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -164,6 +165,7 @@ class TextEncoder(nn.Module):
     attend = mask[:, None, None, :]
     for i in range(self.num_layers):
       x = EncoderLayer(self.num_heads, self.width * self.mlp_ratio, self.layer_norm_eps,
-                       self.activation, self.dtype, name=f"layer_{i}")(x, attend)
+                       self.activation, self.dtype, self.matmul_dtype,
+                       name=f"layer_{i}")(x, attend)
     x = layer_norm(self.layer_norm_eps, jnp.float32, "final_norm")(x)
     return l2_normalize(x) if self.normalize else x

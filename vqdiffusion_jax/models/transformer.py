@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax.models import attention, axes
+from vqdiffusion_jax.models import attention, axes, precision
 
 LN_EPS = 1e-5
 CONDITIONINGS = ("text", "class", "none")
@@ -75,6 +75,9 @@ class TransformerConfig:
       a direct product of its features with the whole caption, which a small
       model trained briefly otherwise learns only slowly through attention.
     dtype: compute dtype (parameters are float32).
+    matmul_dtype: "float32", or "bfloat16" for every matmul of the blocks and
+      head on bfloat16-rounded operands with float32 products and activations
+      (``precision.mixed_dot_general``).
     remat: recompute each block in the backward pass.
     scan_layers: run the blocks under ``nn.scan`` over stacked parameters.
   """
@@ -95,10 +98,12 @@ class TransformerConfig:
   learnable_null_text: bool = True
   pooled_text: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False
 
   def __post_init__(self):
+    precision.dot_general_for(self.matmul_dtype)  # validates the name
     if self.conditioning not in CONDITIONINGS:
       raise ValueError(f"conditioning {self.conditioning!r} not in {CONDITIONINGS}")
     if self.mlp_type not in MLP_TYPES:
@@ -201,6 +206,7 @@ class AdaLayerNorm(nn.Module):
   num_rows: int
   table_axis: str
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, index: jax.Array,
@@ -214,6 +220,7 @@ class AdaLayerNorm(nn.Module):
       row = row + extra.astype(self.dtype)
     modulation = nn.Dense(
         2 * width, dtype=self.dtype, param_dtype=jnp.float32, name="modulation",
+        dot_general=precision.dot_general_for(self.matmul_dtype),
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.MLP)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.MLP,)))(nn.silu(row))
     scale, shift = jnp.split(modulation[:, None, :], 2, axis=-1)
@@ -228,10 +235,12 @@ class Attention(nn.Module):
   head_dim: int
   context_axis: str = axes.EMBED
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   def _project(self, x, name, in_axis):
     return nn.DenseGeneral(
         (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        dot_general=precision.dot_general_for(self.matmul_dtype),
         kernel_init=_partitioned(_normal(), (in_axis, axes.HEADS, axes.HEAD_DIM)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.HEADS, axes.HEAD_DIM)))(x)
 
@@ -242,9 +251,11 @@ class Attention(nn.Module):
     key = nn.with_logical_constraint(self._project(context, "key", self.context_axis), act_axes)
     value = nn.with_logical_constraint(self._project(context, "value", self.context_axis),
                                        act_axes)
-    mixed = attention.dot_product_attention(query, key, value)
+    dot_general = precision.dot_general_for(self.matmul_dtype)
+    mixed = attention.dot_product_attention(query, key, value, dot_general=dot_general)
     return nn.DenseGeneral(
         x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
+        dot_general=dot_general,
         kernel_init=_partitioned(_normal(), (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.EMBED,)))(mixed)
 
@@ -254,17 +265,20 @@ class Mlp(nn.Module):
 
   ratio: int
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
+    dot_general = precision.dot_general_for(self.matmul_dtype)
     hidden = nn.Dense(
         self.ratio * width, dtype=self.dtype, param_dtype=jnp.float32, name="fc1",
+        dot_general=dot_general,
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.MLP)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.MLP,)))(x)
     hidden = nn.with_logical_constraint(gelu2(hidden), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return nn.Dense(
-        width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2",
+        width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2", dot_general=dot_general,
         kernel_init=_partitioned(_normal(), (axes.MLP, axes.EMBED)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.EMBED,)))(hidden)
 
@@ -306,32 +320,37 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, t: jax.Array, condition: jax.Array | None):
     cfg = self.config
-    dtype = cfg.dtype
-    self_attn = Attention(cfg.num_heads, cfg.head_dim, dtype=dtype, name="self_attn")
+    dtype, matmul_dtype = cfg.dtype, cfg.matmul_dtype
+    self_attn = Attention(cfg.num_heads, cfg.head_dim, dtype=dtype, matmul_dtype=matmul_dtype,
+                          name="self_attn")
     pooled = None
     if cfg.pooled_text:
       pooled = nn.Dense(
           h.shape[-1], dtype=dtype, param_dtype=jnp.float32, name="pooled_text",
+          dot_general=precision.dot_general_for(matmul_dtype),
           kernel_init=_partitioned(_normal(), (axes.COND_EMBED, axes.EMBED)),
           bias_init=_partitioned(nn.initializers.zeros, (axes.EMBED,)))(
               jnp.mean(condition.astype(dtype), axis=1))
-    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="self_attn_norm")(
+    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype,
+                          name="self_attn_norm")(
         h, t, pooled)
     h = h + self_attn(normed, normed)
     if cfg.conditioning == "text":
-      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, name="cross_attn_norm")(
+      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype,
+                            name="cross_attn_norm")(
           h, t, pooled)
       cross_attn = Attention(cfg.num_heads, cfg.head_dim, axes.COND_EMBED, dtype,
-                             name="cross_attn")
+                             matmul_dtype, name="cross_attn")
       h = h + cross_attn(normed, condition.astype(dtype))
     if cfg.conditioning == "class":
-      normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, name="mlp_norm")(h, condition)
+      normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, matmul_dtype,
+                            name="mlp_norm")(h, condition)
     else:
       normed = _layer_norm(True, "mlp_norm", dtype)(h)
     if cfg.mlp_type == "conv":
       mlp = ConvMlp(cfg.mlp_ratio, cfg.spatial_size, dtype, name="mlp")
     else:
-      mlp = Mlp(cfg.mlp_ratio, dtype, name="mlp")
+      mlp = Mlp(cfg.mlp_ratio, dtype, matmul_dtype, name="mlp")
     h = h + mlp(normed)
     h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return (h, None) if self.scanned else h
@@ -385,6 +404,7 @@ class VQDiffusionTransformer(nn.Module):
     self.head_norm = _layer_norm(True, "head_norm", jnp.float32)
     self.head = nn.Dense(
         cfg.codebook_size, dtype=jnp.float32, param_dtype=jnp.float32,
+        dot_general=precision.dot_general_for(cfg.matmul_dtype),
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.VOCAB)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.VOCAB,)))
     if cfg.has_null_text:

@@ -55,6 +55,11 @@ def encode_words(words: WordTokenizer, length: int, texts) -> np.ndarray:
   return words.encode(texts, length)[0]
 
 
+def matmul_dtype(config: Any) -> str:
+  """The train config's matmul dtype ("float32" in configs saved before it existed)."""
+  return str(config.train.get("matmul_dtype", "float32"))
+
+
 def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> TransformerConfig:
   model = config.denoiser.model
   return TransformerConfig(
@@ -66,7 +71,17 @@ def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> Trans
       learnable_null_text=bool(model.learnable_null_text),
       pooled_text=bool(model.get("pooled_text", False)),  # absent from older saved configs
       dtype=jnp.dtype(config.train.dtype), remat=bool(config.train.remat),
-      scan_layers=bool(config.train.scan_layers))
+      scan_layers=bool(config.train.scan_layers),
+      matmul_dtype=matmul_dtype(config))
+
+
+def trained_text_encoder(config: Any, vocab_size: int) -> TextEncoder:
+  """The "trainable" text kind's encoder over a ``vocab_size`` word vocabulary."""
+  text = config.text
+  return TextEncoder(vocab_size=vocab_size, width=int(text.width),
+                     num_layers=int(text.num_layers), num_heads=int(text.num_heads),
+                     max_length=int(text.length), dtype=jnp.dtype(config.train.dtype),
+                     matmul_dtype=matmul_dtype(config))
 
 
 def text_setup(config: Any, directory: str, cache, tokenizer):
@@ -75,9 +90,7 @@ def text_setup(config: Any, directory: str, cache, tokenizer):
   length = int(text.length)
   if text.kind == "trainable":
     words = word_tokenizer(config, directory, cache)
-    encoder = TextEncoder(vocab_size=words.vocab_size, width=int(text.width),
-                          num_layers=int(text.num_layers), num_heads=int(text.num_heads),
-                          max_length=length, dtype=jnp.dtype(config.train.dtype))
+    encoder = trained_text_encoder(config, words.vocab_size)
     cfg = denoiser_config(config, tokenizer, (length, int(text.width)))
     model = TextConditionedDenoiser(cfg, encoder)
     return model, functools.partial(encode_words, words, length), None, None

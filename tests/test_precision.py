@@ -1,0 +1,139 @@
+"""bfloat16 matmuls with float32 accumulation: exact products and cotangents, and wiring."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from tests.test_transformer import TINY, _inputs, _random_params
+from vqdiffusion_jax.models import precision, transformer
+from vqdiffusion_jax.models.text_encoder import TextEncoder
+
+# (lhs shape, rhs shape, dimension numbers): Dense, DenseGeneral out to heads and in
+# from heads, both attention matmuls, and batch axes that are not leading.
+CASES = [
+    ((4, 5, 6), (6, 7), (((2,), (0,)), ((), ()))),
+    ((4, 5, 6), (6, 3, 2), (((2,), (0,)), ((), ()))),
+    ((4, 5, 3, 2), (3, 2, 7), (((2, 3), (0, 1)), ((), ()))),
+    ((2, 3, 5, 4), (2, 3, 6, 4), (((3,), (3,)), ((0, 1), (0, 1)))),
+    ((2, 3, 5, 6), (2, 3, 6, 4), (((3,), (2,)), ((0, 1), (0, 1)))),
+    ((2, 5, 3, 4), (2, 6, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+    ((5, 2, 4, 3), (3, 4, 2, 7), (((3, 2), (0, 1)), ((1,), (2,)))),
+]
+
+
+def _bf16_values(rng, shape):
+  """float32 values that bfloat16 holds exactly."""
+  return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", CASES)
+def test_product_and_cotangents_are_float32_math_on_bfloat16_values(lhs_shape, rhs_shape, dims):
+  rng = np.random.default_rng(0)
+  lhs, rhs = _bf16_values(rng, lhs_shape), _bf16_values(rng, rhs_shape)
+  exact = lambda a, b: lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)  # noqa: E731
+  want, want_vjp = jax.vjp(exact, lhs, rhs)
+  cotangent = _bf16_values(rng, want.shape)
+  got, got_vjp = jax.vjp(lambda a, b: precision.mixed_dot_general(a, b, dims), lhs, rhs)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+    assert got_grad.dtype == jnp.float32 and got_grad.shape == want_grad.shape
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_operands_and_cotangent_are_rounded_to_bfloat16():
+  rng = np.random.default_rng(1)
+  lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 8), (8, 5)))
+  dims = (((1,), (0,)), ((), ()))
+  cotangent = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  got, vjp = jax.vjp(lambda a, b: precision.mixed_dot_general(a, b, dims), lhs, rhs)
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  np.testing.assert_allclose(got, rounded(lhs) @ rounded(rhs), rtol=1e-6)
+  assert np.abs(got - lhs @ rhs).max() > 1e-4  # the rounding is real
+  lhs_grad, rhs_grad = vjp(cotangent)
+  np.testing.assert_allclose(lhs_grad, rounded(cotangent) @ rounded(rhs).T, rtol=1e-6)
+  np.testing.assert_allclose(rhs_grad, rounded(lhs).T @ rounded(cotangent), rtol=1e-6)
+
+
+def _sub_jaxprs(params: dict):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+  """Operand dtypes of every dot_general in a jaxpr and the jaxprs inside it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for sub in _sub_jaxprs(eqn.params):
+      found.extend(_dot_operand_dtypes(sub))
+  return found
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_denoiser_matmul_runs_on_bfloat16_forward_and_backward(scan_layers):
+  config = dataclasses.replace(TINY, matmul_dtype="bfloat16", pooled_text=True,
+                               scan_layers=scan_layers, remat=scan_layers)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                        nn.meta.unbox(transformer.abstract_params(config)))
+  tokens, t, text = _inputs(config)
+  module = transformer.VQDiffusionTransformer(config)
+  loss = lambda p: jnp.sum(module.apply({"params": p}, tokens, t, text))  # noqa: E731
+  dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  # Per block: q, k, v, scores, mix and out of two attentions, two modulations, the
+  # pooled text and two MLP layers; then the head. Each has two backward products.
+  blocks_traced = 1 if scan_layers else config.num_layers
+  assert len(dtypes) >= 3 * (17 * blocks_traced + 1)
+  assert set(dtypes) == {("bfloat16", "bfloat16")}
+
+
+def test_bfloat16_matmuls_track_the_float32_model():
+  _, params = _random_params(TINY)
+  inputs = _inputs(TINY)
+  mixed = dataclasses.replace(TINY, matmul_dtype="bfloat16")
+  outputs = {}
+  for name, config in (("float32", TINY), ("bfloat16", mixed)):
+    module = transformer.VQDiffusionTransformer(config)
+    loss = lambda p, m=module: jnp.mean(  # noqa: E731
+        jax.nn.log_softmax(m.apply({"params": p}, *inputs))[..., 0])
+    outputs[name] = (module.apply({"params": params}, *inputs), jax.grad(loss)(params))
+  (logits32, grads32), (logits16, grads16) = outputs["float32"], outputs["bfloat16"]
+  assert logits16.dtype == jnp.float32
+  scale = np.abs(logits32).max()
+  assert 0 < np.abs(logits16 - logits32).max() < 0.05 * scale
+  flat32, flat16 = jax.tree.leaves(grads32), jax.tree.leaves(grads16)
+  largest = max(float(jnp.linalg.norm(a)) for a in flat32)
+  # Key biases get no gradient at all (a softmax ignores a shift shared by a query's
+  # scores): float32 leaves rounding noise there, bfloat16 more; skip such leaves.
+  cosines = [float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+             for a, b in zip(flat32, flat16, strict=True)
+             if jnp.linalg.norm(a) > 1e-4 * largest]
+  assert len(cosines) > 0.8 * len(flat32) and min(cosines) > 0.99
+
+
+def test_text_encoder_bfloat16_matmuls_track_float32():
+  ids = jnp.asarray(np.random.default_rng(2).integers(4, 20, (2, 6)), jnp.int32)
+  plain = TextEncoder(vocab_size=20, width=32, num_layers=2, num_heads=4, max_length=6)
+  params = plain.init(jax.random.key(0), ids)
+  mixed = dataclasses.replace(plain, matmul_dtype="bfloat16")
+  want, got = plain.apply(params, ids), mixed.apply(params, ids)
+  assert got.dtype == jnp.float32
+  assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_unknown_matmul_dtype_is_an_error():
+  with pytest.raises(ValueError, match="matmul dtype 'float16'"):
+    dataclasses.replace(TINY, matmul_dtype="float16")
+  with pytest.raises(ValueError, match="matmul dtype"):
+    precision.dot_general_for("fp8")
