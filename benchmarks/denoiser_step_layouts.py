@@ -26,7 +26,6 @@ import numpy as np
 from configs import shapes as shapes_config
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
-from vqdiffusion_jax.models.text_encoder import TextEncoder
 from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
@@ -42,9 +41,7 @@ def build_step(config, scan_layers: bool, remat: bool, batch: int):
   denoiser = dataclasses.replace(
       denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width))),
       scan_layers=scan_layers, remat=remat)
-  encoder = TextEncoder(VOCAB, width=text.width, num_layers=text.num_layers,
-                        num_heads=text.num_heads, max_length=text.length,
-                        matmul_dtype=denoiser_stage.matmul_dtype(config))
+  encoder = denoiser_stage.trained_text_encoder(config, VOCAB)
   model = TextConditionedDenoiser(denoiser, encoder)
   schedule = schedules.make(config.diffusion.schedule, denoiser.num_timesteps,
                             denoiser.codebook_size)
