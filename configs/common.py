@@ -5,20 +5,23 @@ The schema every trainer reads:
   seed
   data:       name, data_dir, image_size, train_split, eval_split,
               caption_dropout, text_length, random_flip, random_crop,
-              cache_dir (token cache), shuffle_buffer, num_workers
+              cache_dir (token cache), shuffle_buffer, num_workers, in_memory
   mesh:       shape {data, fsdp, tensor} (one may be -1), dcn {data, fsdp,
               tensor} (slices; all 1 on one slice), rules (logical -> mesh)
   optim:      learning_rate, b1, b2, weight_decay, warmup_steps, decay
               ("cosine" | "linear" | "constant"), min_lr_ratio, clip_norm,
               ema_decay
   train:      global_batch, num_steps, log_every, checkpoint_every,
-              keep_checkpoints, sample_every, eval_every, dtype, remat
+              keep_checkpoints, sample_every, eval_every, dtype, remat,
+              scan_layers, matmul_dtype ("float32" | "bfloat16" | "auto":
+              bfloat16 where this machine has bfloat16 matrix units)
   checkpoint: resume_from, init_from
   diffusion:  schedule, num_timesteps, aux_weight, adaptive_aux, mask_weight,
               importance_sampling
   tokenizer:  model (VQGANConfig fields), path (a trained / converted
               tokenizer to use instead of training one), loss (rec, perceptual
               and adversarial weights, disc_start, lpips paths), optim, train
+              (global_batch, num_steps, matmul_dtype as in train)
   text:       kind ("trainable" | "clip"), clip_path, width, num_layers,
               num_heads, max_vocab (trainable)
   denoiser:   model (TransformerConfig sizes; K, grid, T, text sizes derive
@@ -75,6 +78,7 @@ def data(name: str, image_size: int, *, data_dir: str = "", text_length: int = 7
       "train_split": "train", "eval_split": "test", "caption_dropout": caption_dropout,
       "text_length": text_length, "random_flip": False, "random_crop": False,
       "cache_dir": "", "shuffle_buffer": 0, "num_workers": 0,
+      "in_memory": False,  # keep decoded records (images, token-cache entries) after first read
       "num_train": 0, "num_test": 0,  # shapes only: split sizes (0: the builder's default)
   })
 
@@ -113,7 +117,7 @@ def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=28
       },
       "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "warmup_steps": 0,
                 "clip_norm": 0.0, "decay": "constant", "min_lr_ratio": 0.0},
-      "train": {"global_batch": 64, "num_steps": 200000},
+      "train": {"global_batch": 64, "num_steps": 200000, "matmul_dtype": "float32"},
   })
 
 

@@ -274,3 +274,31 @@ def test_tfds_array_record_dataset_flows_through(tmp_path):
     pipeline.tfds_source("tiny_captions_for_pipeline_test", "train", str(tmp_path / "none"))
   with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
     pipeline.tfds_source("no_such_dataset_xyz", "train", str(tmp_path))
+
+
+class CountingSource(list):
+  """A list source that counts reads per index."""
+
+  def __init__(self, records):
+    super().__init__(records)
+    self.reads = [0] * len(records)
+    self.metadata = {"num_records": len(records)}
+
+  def __getitem__(self, index):
+    self.reads[index] += 1
+    return super().__getitem__(index)
+
+
+def test_memoized_source_reads_each_record_once_and_changes_no_batch():
+  plain = make_source(6)
+  counting = CountingSource(plain)
+  memo = pipeline.MemoizedSource(counting)
+  kw = {"image_size": 8, "batch_size": 4, "seed": 2, "caption_dropout": 0.3,
+        "random_crop": True, "random_flip": True}
+  expected = take(pipeline.image_batches(plain, **kw), 6)
+  got = take(pipeline.image_batches(memo, **kw), 6)
+  assert_batches_equal(got, expected)
+  assert counting.reads == [1] * 6  # four epochs of six records, each decoded once
+  assert len(memo) == 6 and memo.metadata == {"num_records": 6}
+  with pytest.raises(IndexError):
+    memo[6]

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,8 @@ def test_the_main_job_writes_its_report(tiny_workdir):
   assert "by the number of objects in the caption" in text
   assert "| purity | 8 | 2 | 1 |" in text and "## Targets of the embedded default" in text
   assert "tokenizer PSNR" in text and "guidance gain" in text
+  assert f"- machine: {len(jax.devices())} x {jax.devices()[0].device_kind}" in text
+  assert "matmuls: tokenizer float32, denoiser float32" in text  # runlocal: float32
 
 
 def test_accuracy_by_object_count_groups_captions():

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from jax import lax
 
+from configs import shapes as shapes_config
 from tests.test_transformer import TINY, _inputs, _random_params
+from tests.test_vqgan import PATCH
 from vqdiffusion_jax.models import precision, transformer
 from vqdiffusion_jax.models.text_encoder import TextEncoder
+from vqdiffusion_jax.models.vqgan import VQGAN
+from vqdiffusion_jax.train import denoiser_stage, loop
 
 # (lhs shape, rhs shape, dimension numbers): Dense, DenseGeneral out to heads and in
 # from heads, both attention matmuls, and batch axes that are not leading.
@@ -137,3 +141,101 @@ def test_unknown_matmul_dtype_is_an_error():
     dataclasses.replace(TINY, matmul_dtype="float16")
   with pytest.raises(ValueError, match="matmul dtype"):
     precision.dot_general_for("fp8")
+
+
+# (input shape, kernel side, stride, padding): the patch tokenizer's 3 x 3, 1 x 1 and
+# patch-embedding convolutions, and a strided overlapping one with "SAME" padding.
+CONVS = [
+    ((2, 6, 5, 4), 3, 1, ((1, 1), (1, 1))),
+    ((2, 6, 5, 4), 1, 1, ((0, 0), (0, 0))),
+    ((2, 16, 12, 3), 4, 4, "VALID"),
+    ((1, 9, 7, 3), 3, 2, "SAME"),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", CONVS)
+def test_matmul_conv_equals_the_convolution_and_its_gradients(shape, kernel, stride, padding):
+  rng = np.random.default_rng(3)
+  images, weights = _bf16_values(rng, shape), _bf16_values(rng, (kernel, kernel, shape[-1], 5))
+  numbers = lax.conv_dimension_numbers(images.shape, weights.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def reference(x, w):
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=numbers,
+                                    precision=lax.Precision.HIGHEST)
+
+  conv = precision.conv_for("bfloat16")
+  want, want_vjp = jax.vjp(reference, images, weights)
+  got, got_vjp = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding,
+                                           dimension_numbers=numbers), images, weights)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cotangent = _bf16_values(rng, want.shape)
+  for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+  assert precision.conv_for("float32") is None
+  with pytest.raises(ValueError, match="dilation"):
+    conv(images, weights, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=numbers)
+
+
+def test_patch_tokenizer_convolutions_run_as_bfloat16_matmuls():
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  plain = VQGAN(PATCH)
+  mixed = VQGAN(PATCH, matmul_dtype="bfloat16")
+  variables = plain.init(jax.random.key(1), images)
+  assert jax.tree.structure(mixed.init(jax.random.key(1), images)) == jax.tree.structure(
+      variables)
+
+  def loss(params, model):
+    return jnp.mean(model.apply({**variables, "params": params}, images)[0] ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(variables["params"], mixed).jaxpr
+  names = {eqn.primitive.name for eqn in jaxpr.eqns}
+  assert "conv_general_dilated" not in names
+  # 14 convolutions (patch embedding, 2 x 2 in the blocks, conv_out, quant_conv,
+  # post_quant_conv, conv_in, 2 x 2 in the blocks, patch_out), three products each;
+  # the quantizer's distances stay float32.
+  dtypes = _dot_operand_dtypes(jaxpr)
+  assert dtypes.count(("bfloat16", "bfloat16")) == 3 * 14
+  want, got = plain.apply(variables, images)[0], mixed.apply(variables, images)[0]
+  assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+  with pytest.raises(ValueError, match="patch VQ-VAE"):
+    VQGAN(dataclasses.replace(PATCH, patch_size=0, block_out_channels=(32,),
+                              norm_num_groups=8), matmul_dtype="bfloat16").init(
+        jax.random.key(1), images)
+
+
+@pytest.mark.parametrize("platform,flags,want", [
+    ("cpu", {"avx2", "fma"}, "float32"),
+    ("cpu", {"avx2", "amx_tile", "amx_bf16"}, "bfloat16"),
+    ("cpu", {"avx512f", "avx512_bf16"}, "bfloat16"),
+    ("cpu", set(), "float32"),
+    ("gpu", set(), "bfloat16"),
+    ("tpu", set(), "bfloat16"),
+])
+def test_auto_matmul_dtype_is_bfloat16_only_where_there_are_bfloat16_units(platform, flags,
+                                                                          want):
+  assert precision.resolve_matmul_dtype("auto", platform, frozenset(flags)) == want
+  for name in precision.MATMUL_DTYPES:
+    assert precision.resolve_matmul_dtype(name, platform, frozenset(flags)) == name
+  with pytest.raises(ValueError, match="'float16' not in"):
+    precision.resolve_matmul_dtype("float16", platform, frozenset(flags))
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                     "processor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+  assert precision.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "amx_bf16"}
+  assert precision.cpu_flags(str(tmp_path / "absent")) == frozenset()
+
+
+def test_the_trainers_resolve_auto_for_this_machine():
+  config = shapes_config.get_config("runlocal")
+  with config.unlocked():
+    config.train.matmul_dtype = config.tokenizer.train.matmul_dtype = "auto"
+  here = precision.resolve_matmul_dtype("auto")
+  assert denoiser_stage.matmul_dtype(config) == here
+  assert loop.tokenizer_module(config).matmul_dtype == here
+  with config.unlocked():
+    config.tokenizer.model.patch_size = 0
+  assert loop.tokenizer_module(config).matmul_dtype == "float32"

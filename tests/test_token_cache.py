@@ -234,3 +234,11 @@ def test_token_batches_draw_the_same_captions_as_image_batches(tmp_path):
     np.testing.assert_array_equal(t["captions"], i["captions"])
     np.testing.assert_array_equal(t["drop_text"], i["drop_text"])
     np.testing.assert_array_equal(t["tokens"], encode(i["image"]).reshape(3, -1))
+
+
+def test_token_batches_from_a_memoized_cache_are_the_same(tmp_path):
+  _, out, _ = build(tmp_path, n=8)
+  kw = {"batch_size": 3, "seed": 1, "caption_dropout": 0.5, "num_epochs": 3}
+  memo = pipeline.MemoizedSource(token_cache.TokenCacheSource(out))
+  assert_batches_equal(list(token_cache.token_batches(memo, **kw)),
+                       list(token_cache.token_batches(out, **kw)))

@@ -181,6 +181,43 @@ def resize_and_crop(image: np.ndarray, image_size: int,
   return np.asarray(pil.crop((left, top, left + image_size, top + image_size)))
 
 
+class MemoizedSource(Sequence):
+  """A random-access source that keeps every record it has decoded, for small datasets.
+
+  The first read of a record goes to the wrapped source; later reads return
+  the same decoded dict, so from the second epoch on no PNG or npz is decoded
+  again. Records are shared, so callers must not modify them (the pipelines
+  here copy what they change). Attributes other than ``len`` and ``[]`` (e.g.
+  a token cache's ``metadata``) are those of the wrapped source.
+  """
+
+  def __init__(self, source: Sequence[Record]):
+    """Wraps ``source``; nothing is read until a record is asked for.
+
+    Args:
+      source: a random-access source (``len``, ``[i]``).
+    """
+    self.source = source
+    self._records: list[Record | None] = [None] * len(source)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> Record:
+    record = self._records[index]
+    if record is None:
+      record = self._records[index] = self.source[index]
+    return record
+
+  def __getattr__(self, name: str) -> Any:
+    if name == "source":  # Not yet set: unpickling or a failed __init__.
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+  def __repr__(self) -> str:
+    return f"MemoizedSource({self.source!r})"
+
+
 def to_float(image: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] to float32 [-1, 1]."""
   return image.astype(np.float32) / 127.5 - 1.0

@@ -339,7 +339,8 @@ def _token_example(record: dict, rng: np.random.Generator, caption_dropout: floa
   return out
 
 
-def token_batches(cache: TokenCacheSource | str | os.PathLike, *, batch_size: int, seed: int,
+def token_batches(cache: TokenCacheSource | pipeline.MemoizedSource | str | os.PathLike, *,
+                  batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   tokenize: pipeline.Tokenize | None = None, caption_dropout: float = 0.1,
                   text_features: bool = True, num_epochs: int | None = None,
@@ -351,7 +352,8 @@ def token_batches(cache: TokenCacheSource | str | os.PathLike, *, batch_size: in
   ``image_batches`` gives for the source with the same seed.
 
   Args:
-    cache: a ``TokenCacheSource`` or its directory.
+    cache: a ``TokenCacheSource`` (or one wrapped in ``pipeline.MemoizedSource``) or
+      its directory.
     batch_size: this host's batch, ``pipeline.per_host_batch(global_batch, process_count)``.
     seed: non-negative seed.
     process_index, process_count: this host and the number of hosts.
@@ -368,7 +370,8 @@ def token_batches(cache: TokenCacheSource | str | os.PathLike, *, batch_size: in
     ``text_features`` float32 (b, L, D) when cached and wanted (zeros for an
     image without captions).
   """
-  source = cache if isinstance(cache, TokenCacheSource) else TokenCacheSource(cache)
+  source = (cache if isinstance(cache, TokenCacheSource | pipeline.MemoizedSource)
+            else TokenCacheSource(cache))
   spec = source.metadata["text_features"]
   feature_shape = spec["shape"] if (spec and text_features) else None
 

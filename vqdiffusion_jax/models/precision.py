@@ -13,6 +13,7 @@ bfloat16 operand, which XLA runs as a float32 matmul: on XLA:CPU that is 3 to
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,9 @@ import numpy as np
 from jax import lax
 
 MATMUL_DTYPES = ("float32", "bfloat16")
+# CPU features with bfloat16 matrix units; without them XLA:CPU's bfloat16 matmuls
+# are no faster than float32 ones (slower on AVX2-only machines).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
@@ -110,6 +114,41 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None,
   return _bf16_product(lhs, rhs, ((lhs_contract, rhs_contract), (batch, batch)))
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+  """The CPU's feature flags from ``cpuinfo`` (Linux); empty where it cannot be read."""
+  if not os.path.exists(cpuinfo):
+    return frozenset()
+  with open(cpuinfo) as f:
+    for line in f:
+      if line.startswith("flags"):
+        return frozenset(line.partition(":")[2].split())
+  return frozenset()
+
+
+def resolve_matmul_dtype(name: str, platform: str | None = None,
+                         flags: frozenset[str] | None = None) -> str:
+  """A config's matmul dtype name made concrete: "auto" picks the faster one here.
+
+  Args:
+    name: "float32", "bfloat16" (returned as they are) or "auto".
+    platform: the JAX backend ("cpu", "gpu", "tpu"); default ``jax.default_backend()``.
+    flags: the CPU feature flags; default ``cpu_flags()``.
+
+  Returns:
+    For "auto", "bfloat16" on GPU and TPU and on CPUs with bfloat16 matrix
+    units (``BF16_CPU_FLAGS``), otherwise "float32".
+  """
+  if name in MATMUL_DTYPES:
+    return name
+  if name != "auto":
+    raise ValueError(f"matmul dtype {name!r} not in {(*MATMUL_DTYPES, 'auto')}")
+  platform = platform or jax.default_backend()
+  if platform != "cpu":
+    return "bfloat16"
+  flags = cpu_flags() if flags is None else flags
+  return "bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
+
+
 def dot_general_for(matmul_dtype: str):
   """The dot_general for a matmul dtype name.
 
@@ -119,3 +158,76 @@ def dot_general_for(matmul_dtype: str):
   if matmul_dtype not in MATMUL_DTYPES:
     raise ValueError(f"matmul dtype {matmul_dtype!r} not in {MATMUL_DTYPES}")
   return mixed_dot_general if matmul_dtype == "bfloat16" else lax.dot_general
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _padding_pairs(padding, kernel: tuple[int, int], strides: tuple[int, int],
+                   spatial: tuple[int, int]) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    return lax.padtype_to_pads(spatial, kernel, strides, padding)
+  return [tuple(int(p) for p in pair) for pair in padding]
+
+
+def _patches(images: jax.Array, kernel: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
+  """(B, H, W, C) -> (B, H', W', kh * kw * C): each output position's window, HWC-major."""
+  (kh, kw), (sh, sw) = kernel, strides
+  batch, height, width, channels = images.shape
+  rows, cols = (height - kh) // sh + 1, (width - kw) // sw + 1
+  if (kh, kw) == (1, 1):
+    return images[:, ::sh, ::sw][:, :rows, :cols]
+  if (kh, kw) == (sh, sw):  # Non-overlapping windows: a reshape, no copies per tap.
+    tiles = images[:, :rows * kh, :cols * kw].reshape(batch, rows, kh, cols, kw, channels)
+    return tiles.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, kh * kw * channels)
+  taps = [images[:, i:i + sh * (rows - 1) + 1:sh, j:j + sw * (cols - 1) + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+def matmul_conv(dot_general):
+  """A ``conv_general_dilated`` for 2-D NHWC / HWIO convolutions as one ``dot_general``.
+
+  The input's windows are gathered (im2col) and multiplied by the kernel
+  reshaped to (kh * kw * C_in, C_out), so the convolution runs on whatever
+  the given ``dot_general`` runs on (e.g. ``mixed_dot_general``'s bfloat16
+  units). Meant for small kernels on small grids (the patch tokenizer): the
+  gathered windows take kh * kw times the input's memory. Dilation and
+  feature groups are not supported.
+
+  Args:
+    dot_general: a ``lax.dot_general``-like function.
+
+  Returns:
+    A function with ``lax.conv_general_dilated``'s signature (Flax's
+    ``nn.Conv(conv_general_dilated=...)``).
+  """
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, precision=None,
+           preferred_element_type=None):
+    del precision, preferred_element_type
+    expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    if lhs.ndim != 4 or (dimension_numbers is not None and lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) != expected):
+      raise ValueError(f"matmul_conv takes 2-D NHWC / HWIO convolutions, got input "
+                       f"{lhs.shape} with dimension numbers {dimension_numbers}")
+    if feature_group_count != 1 or any(d != 1 for d in (*(lhs_dilation or ()),
+                                                         *(rhs_dilation or ()))):
+      raise ValueError("matmul_conv supports neither dilation nor feature groups")
+    kernel, strides = tuple(rhs.shape[:2]), tuple(window_strides)
+    pads = _padding_pairs(padding, kernel, strides, tuple(lhs.shape[1:3]))
+    padded = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    windows = _patches(padded, kernel, strides)
+    return dot_general(windows, rhs.reshape(-1, rhs.shape[-1]), (((3,), (0,)), ((), ())))
+
+  return conv
+
+
+def conv_for(matmul_dtype: str):
+  """Flax's ``conv_general_dilated`` for a matmul dtype name.
+
+  "float32": None (Flax's default, ``lax.conv_general_dilated``);
+  "bfloat16": ``matmul_conv(mixed_dot_general)``.
+  """
+  dot_general = dot_general_for(matmul_dtype)
+  return matmul_conv(dot_general) if dot_general is mixed_dot_general else None

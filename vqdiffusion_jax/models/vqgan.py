@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqdiffusion_jax.models import axes
+from vqdiffusion_jax.models import axes, precision
 from vqdiffusion_jax.models.quantizer import VectorQuantizer
 
 Array = jax.Array
@@ -114,12 +114,13 @@ class VQGANConfig:
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Any, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+          padding: Any = None, matmul_dtype: str = "float32") -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride),
       padding=((pad, pad), (pad, pad)) if padding is None else padding,
       dtype=dtype, param_dtype=jnp.float32, name=name,
+      conv_general_dilated=precision.conv_for(matmul_dtype),
       kernel_init=nn.with_logical_partitioning(
           _KERNEL_INIT, (*axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)))
@@ -319,28 +320,31 @@ class PatchResidual(nn.Module):
   width: int
   kernel: int
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     h = _layer_norm("norm", self.dtype)(x)
-    h = _conv(self.width, self.kernel, "conv1", self.dtype)(h)
-    return x + _conv(self.width, 1, "conv2", self.dtype)(nn.gelu(h))
+    h = _conv(self.width, self.kernel, "conv1", self.dtype, matmul_dtype=self.matmul_dtype)(h)
+    return x + _conv(self.width, 1, "conv2", self.dtype, matmul_dtype=self.matmul_dtype)(
+        nn.gelu(h))
 
 
 class PatchEncoder(nn.Module):
   """Images (B, H, W, C) -> (B, H/p, W/p, latent_channels), one vector per p x p patch."""
   config: VQGANConfig
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
-    cfg = self.config
+    cfg, mm = self.config, self.matmul_dtype
     width, p = cfg.block_out_channels[-1], cfg.patch_size
-    x = _conv(width, p, "patch_embed", self.dtype, stride=p, padding="VALID")(
+    x = _conv(width, p, "patch_embed", self.dtype, stride=p, padding="VALID", matmul_dtype=mm)(
         images.astype(self.dtype))
     for index in range(cfg.layers_per_block):
-      x = PatchResidual(width, 1, self.dtype, name=f"blocks_{index}")(x)
-    return _conv(cfg.latent_channels, 1, "conv_out", self.dtype)(
+      x = PatchResidual(width, 1, self.dtype, mm, name=f"blocks_{index}")(x)
+    return _conv(cfg.latent_channels, 1, "conv_out", self.dtype, matmul_dtype=mm)(
         _layer_norm("norm_out", self.dtype)(x))
 
 
@@ -348,15 +352,16 @@ class PatchDecoder(nn.Module):
   """(B, h, w, latent_channels) -> images (B, h*p, w*p, out_channels), float32."""
   config: VQGANConfig
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, latents: Array) -> Array:
-    cfg = self.config
+    cfg, mm = self.config, self.matmul_dtype
     width, p = cfg.block_out_channels[-1], cfg.patch_size
-    x = _conv(width, 1, "conv_in", self.dtype)(latents.astype(self.dtype))
+    x = _conv(width, 1, "conv_in", self.dtype, matmul_dtype=mm)(latents.astype(self.dtype))
     for index in range(cfg.layers_per_block):
-      x = PatchResidual(width, 3, self.dtype, name=f"blocks_{index}")(x)
-    x = _conv(p * p * cfg.out_channels, 1, "patch_out", self.dtype)(
+      x = PatchResidual(width, 3, self.dtype, mm, name=f"blocks_{index}")(x)
+    x = _conv(p * p * cfg.out_channels, 1, "patch_out", self.dtype, matmul_dtype=mm)(
         _layer_norm("norm_out", self.dtype)(x))
     batch, h, w, _ = x.shape
     x = x.reshape(batch, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
@@ -373,20 +378,32 @@ class VQGAN(nn.Module):
   Attributes:
     config: the sizes.
     dtype: compute dtype (float32, or bfloat16 on TPU / GPU).
+    matmul_dtype: "bfloat16" runs the patch VQ-VAE's convolutions as matmuls on
+      bfloat16 operands with float32 results (``precision.matmul_conv``); the
+      convolutional VQGAN supports only "float32" (use ``dtype`` there).
   """
   config: VQGANConfig
   dtype: Any = jnp.float32
+  matmul_dtype: str = "float32"
 
   def setup(self):
-    cfg = self.config
-    self.encoder = (PatchEncoder if cfg.patch_size else Encoder)(cfg, self.dtype)
-    self.quant_conv = _conv(cfg.embed_dim, 1, "quant_conv", self.dtype)
+    cfg, mm = self.config, self.matmul_dtype
+    precision.dot_general_for(mm)  # Rejects an unknown name.
+    if mm != "float32" and not cfg.patch_size:
+      raise ValueError(f"matmul_dtype={mm!r} needs the patch VQ-VAE (patch_size > 0); the "
+                       "convolutional VQGAN takes its precision from dtype")
+    if cfg.patch_size:
+      self.encoder = PatchEncoder(cfg, self.dtype, mm)
+      self.decoder = PatchDecoder(cfg, self.dtype, mm)
+    else:
+      self.encoder, self.decoder = Encoder(cfg, self.dtype), Decoder(cfg, self.dtype)
+    self.quant_conv = _conv(cfg.embed_dim, 1, "quant_conv", self.dtype, matmul_dtype=mm)
     self.quantize = VectorQuantizer(
         cfg.num_embeddings, cfg.embed_dim, beta=cfg.beta, ema=cfg.ema, decay=cfg.ema_decay,
         eps=cfg.ema_eps, dead_code_threshold=cfg.dead_code_threshold, legacy=cfg.legacy,
         dtype=self.dtype)
-    self.post_quant_conv = _conv(cfg.latent_channels, 1, "post_quant_conv", self.dtype)
-    self.decoder = (PatchDecoder if cfg.patch_size else Decoder)(cfg, self.dtype)
+    self.post_quant_conv = _conv(cfg.latent_channels, 1, "post_quant_conv", self.dtype,
+                                 matmul_dtype=mm)
 
   def encode_latents(self, images: Array) -> Array:
     """Images (B, H, W, C) in [-1, 1] -> unquantized codebook-space vectors, float32.

@@ -22,6 +22,7 @@ import numpy as np
 from vqdiffusion_jax.data import pipeline, token_cache
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer, split_words
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
@@ -56,8 +57,11 @@ def encode_words(words: WordTokenizer, length: int, texts) -> np.ndarray:
 
 
 def matmul_dtype(config: Any) -> str:
-  """The train config's matmul dtype ("float32" in configs saved before it existed)."""
-  return str(config.train.get("matmul_dtype", "float32"))
+  """The train config's matmul dtype, "auto" resolved for this machine.
+
+  "float32" in configs saved before the field existed.
+  """
+  return precision.resolve_matmul_dtype(str(config.train.get("matmul_dtype", "float32")))
 
 
 def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> TransformerConfig:
@@ -161,6 +165,8 @@ def denoiser_setup(config: Any, directory: str, mesh, tokenizer, cache=None) -> 
 def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -> int:
   """Trains the denoiser on the token cache; returns the final step."""
   cache = token_cache.TokenCacheSource(cache_dir)
+  if config.data.get("in_memory"):
+    cache = pipeline.MemoizedSource(cache)
   setup = denoiser_setup(config, directory, mesh, tokenizer, cache)
   model, tokenize, text_encoder_fn, frozen = (setup.model, setup.tokenize,
                                               setup.text_encoder_fn, setup.frozen)

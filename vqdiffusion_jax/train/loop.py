@@ -23,6 +23,7 @@ import optax
 from vqdiffusion_jax.data import pipeline, shapes, token_cache
 from vqdiffusion_jax.models import discriminator as disc_lib
 from vqdiffusion_jax.models import lpips as lpips_lib
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -73,20 +74,35 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
 
 def train_source(config: Any, workdir: str):
-  """The training split as a random-access source; builds the shapes data if needed."""
+  """The training split as a random-access source; builds the shapes data if needed.
+
+  With ``data.in_memory`` decoded records are kept (``pipeline.MemoizedSource``).
+  """
   data = config.data
   if data.name == "shapes":
     data_dir = data.data_dir or os.path.join(workdir, "data")
     kwargs = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
-    return shapes.build(data_dir, data.image_size, **kwargs).as_data_source(
+    source = shapes.build(data_dir, data.image_size, **kwargs).as_data_source(
         split=data.train_split)
-  return pipeline.tfds_source(data.name, data.train_split, data.data_dir)
+  else:
+    source = pipeline.tfds_source(data.name, data.train_split, data.data_dir)
+  return pipeline.MemoizedSource(source) if data.get("in_memory") else source
 
 
 def tokenizer_module(config: Any) -> VQGAN:
-  model = {k: tuple(v) if isinstance(v, list) else v
-           for k, v in config.tokenizer.model.to_dict().items()}
-  return VQGAN(VQGANConfig(**model), dtype=jnp.dtype(config.train.dtype))
+  """The tokenizer as it trains (``tokenizer.train.matmul_dtype``; inference uses float32).
+
+  "auto" is resolved for this machine (``precision.resolve_matmul_dtype``); the
+  convolutional VQGAN, which takes its precision from ``train.dtype``, resolves
+  it to "float32".
+  """
+  model = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in config.tokenizer.model.to_dict().items()})
+  name = str(config.tokenizer.train.get("matmul_dtype", "float32"))
+  if name == "auto" and not model.patch_size:
+    name = "float32"
+  return VQGAN(model, dtype=jnp.dtype(config.train.dtype),
+               matmul_dtype=precision.resolve_matmul_dtype(name))
 
 
 def tokenizer_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:
@@ -139,7 +155,7 @@ def load_tokenizer(config: Any, directory: str, mesh) -> Tokenizer:
     from vqdiffusion_jax.convert import load_vqvae  # noqa: PLC0415
     module, params = load_vqvae(config.tokenizer.path)
     return Tokenizer(module, {"params": params}, size)
-  module = tokenizer_module(config)
+  module = tokenizer_module(config).clone(matmul_dtype="float32")
   _, abstract, _, _ = tokenizer_layout(config, module, mesh)
   with ckpt_lib.Checkpointer.for_workdir(directory, read_only=True) as checkpointer:
     _, state, _ = checkpointer.restore(abstract)
@@ -197,7 +213,7 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
       step_fn=lambda s, b, r: jitted(s, to_global(b, batch_sharding), r, lpips_params),
       step_of=lambda s: s.generator.step, on_sample=write_reconstructions))
   variables = {"params": final.generator.params, **final.generator.extra}
-  return Tokenizer(module, jax.device_get(variables), size)
+  return Tokenizer(module.clone(matmul_dtype="float32"), jax.device_get(variables), size)
 
 
 def build_cache(config: Any, workdir: str, tokenizer: Tokenizer, source) -> str:

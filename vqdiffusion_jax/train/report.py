@@ -14,8 +14,11 @@ import json
 import os
 from typing import Any
 
+import jax
+
 from vqdiffusion_jax import evaluate
 from vqdiffusion_jax.pipeline import Pipeline
+from vqdiffusion_jax.train import denoiser_stage
 
 REPORT_DIR = "report"
 # The embedded default's targets: guided all-attribute and per-attribute oracle accuracy, PSNR.
@@ -42,6 +45,16 @@ def run_summary(summary: dict) -> dict:
   if denoiser:
     out["denoiser"] = f"{denoiser['step']} steps, final loss {denoiser['loss']:.4f}"
   return out
+
+
+def machine_line(config: Any) -> str:
+  """The devices the run used and the matmul dtypes its trainers resolved to."""
+  from vqdiffusion_jax.train import loop  # noqa: PLC0415 (loop imports this module)
+  devices = jax.devices()
+  return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+          f"{os.cpu_count()} CPU cores; matmuls: tokenizer "
+          f"{loop.tokenizer_module(config).matmul_dtype}, denoiser "
+          f"{denoiser_stage.matmul_dtype(config)}")
 
 
 def target_lines(report: dict) -> list[str]:
@@ -86,7 +99,8 @@ def write_report(config: Any, workdir: str, summary: dict) -> str:
       pipe, captions, images, specs, out_dir, seed=int(eval_config.seed),
       batch_size=int(eval_config.batch_size), grid_size=int(eval_config.grid_size),
       networks=networks, tag=f"denoiser step {summary['denoiser_step']}")
-  text = evaluate.markdown_report(report, run_summary(summary))
+  text = evaluate.markdown_report(report, {"machine": machine_line(config),
+                                           **run_summary(summary)})
   targets = target_lines(report)
   if targets:
     text += "\n## Targets of the embedded default\n\n" + "\n".join(targets) + "\n"
