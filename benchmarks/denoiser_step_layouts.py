@@ -1,13 +1,14 @@
 """Train-step time of the embedded default's denoiser under three block layouts.
 
   PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
+      [--layouts loop scan scan+remat] [--matmul-dtypes float32 bfloat16]
 
 Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
 a 24 x 128 trained text encoder, pooled text) with random weights and times
 one full train step (text encoder, forward, loss, backward, AdamW, EMA) with
 the blocks as a Python loop, under ``nn.scan``, and under ``nn.scan`` with
-rematerialisation. Timings are interleaved (A B C A B C ...); the table gives
-medians and the speed-up over the plain loop.
+rematerialisation, for each matmul dtype asked for. Timings are interleaved
+(A B C A B C ...); the table gives medians and the speed-up over the first row.
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
 consumer of it, transposed copies included, so an unrolled stack recomputes
@@ -25,6 +26,7 @@ import numpy as np
 
 from configs import shapes as shapes_config
 from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -65,15 +67,21 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+  parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+  parser.add_argument("--matmul-dtypes", nargs="+", choices=precision.MATMUL_DTYPES,
+                      default=["float32"])
   args = parser.parse_args()
-  config = shapes_config.get_config()
   key = jax.random.key(1)
   runs = {}
-  for name, (scan_layers, remat) in LAYOUTS.items():
-    step, state, data = build_step(config, scan_layers, remat, args.batch)
-    jax.block_until_ready(step(state, data, key))  # compile
-    runs[name] = (step, state, data)
-  seconds = {name: [] for name in LAYOUTS}
+  for matmul_dtype in args.matmul_dtypes:
+    config = shapes_config.get_config()
+    with config.unlocked():
+      config.train.matmul_dtype = matmul_dtype
+    for layout in args.layouts:
+      step, state, data = build_step(config, *LAYOUTS[layout], args.batch)
+      jax.block_until_ready(step(state, data, key))  # compile
+      runs[f"{layout}, {matmul_dtype}"] = (step, state, data)
+  seconds = {name: [] for name in runs}
   for _ in range(args.repeats):
     for name, (step, state, data) in runs.items():
       start = time.perf_counter()
@@ -81,9 +89,9 @@ def main() -> None:
         out = step(state, data, key)
       jax.block_until_ready(out)
       seconds[name].append((time.perf_counter() - start) / args.steps)
-  base = statistics.median(seconds["loop"])
+  base = statistics.median(next(iter(seconds.values())))
   print(f"denoiser train step, batch {args.batch}, {jax.devices()[0].platform}")
-  print("| layout | ms / step (median) | samples/s | speed-up |")
+  print("| layout, matmuls | ms / step (median) | samples/s | speed-up |")
   print("|---|---|---|---|")
   for name, times in seconds.items():
     median = statistics.median(times)
