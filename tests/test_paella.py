@@ -120,7 +120,9 @@ def test_receptive_field_is_local(params):
   inside = np.zeros_like(diff, dtype=bool)
   inside[max(row_low, 0):row_high + 1, max(col_low, 0):col_high + 1] = True
   assert inside.sum() < diff.size / 2, "the bound should leave most of the latent outside"
-  assert diff[~inside].max() <= 1e-6
+  # Outside: only float32 rounding, which differs between the batch rows by CPU (1.4e-6
+  # on an AVX2-only EPYC); inside, the change moves logits by more than 1e-3.
+  assert diff[~inside].max() <= 1e-5
   assert diff[inside].max() > 1e-3
   assert diff[row, col] > 1e-3
 
