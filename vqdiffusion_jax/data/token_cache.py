@@ -370,8 +370,7 @@ def token_batches(cache: TokenCacheSource | pipeline.MemoizedSource | str | os.P
     ``text_features`` float32 (b, L, D) when cached and wanted (zeros for an
     image without captions).
   """
-  source = (cache if isinstance(cache, TokenCacheSource | pipeline.MemoizedSource)
-            else TokenCacheSource(cache))
+  source = TokenCacheSource(cache) if isinstance(cache, str | os.PathLike) else cache
   spec = source.metadata["text_features"]
   feature_shape = spec["shape"] if (spec and text_features) else None
 

@@ -114,8 +114,9 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None,
   return _bf16_product(lhs, rhs, ((lhs_contract, rhs_contract), (batch, batch)))
 
 
+@functools.cache
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-  """The CPU's feature flags from ``cpuinfo`` (Linux); empty where it cannot be read."""
+  """The CPU's feature flags from ``cpuinfo`` (Linux), read once; empty where it cannot be."""
   if not os.path.exists(cpuinfo):
     return frozenset()
   with open(cpuinfo) as f:

@@ -89,20 +89,24 @@ def train_source(config: Any, workdir: str):
   return pipeline.MemoizedSource(source) if data.get("in_memory") else source
 
 
-def tokenizer_module(config: Any) -> VQGAN:
-  """The tokenizer as it trains (``tokenizer.train.matmul_dtype``; inference uses float32).
+def tokenizer_matmul_dtype(config: Any) -> str:
+  """``tokenizer.train.matmul_dtype`` with "auto" resolved for this machine.
 
-  "auto" is resolved for this machine (``precision.resolve_matmul_dtype``); the
-  convolutional VQGAN, which takes its precision from ``train.dtype``, resolves
-  it to "float32".
+  The convolutional VQGAN, which takes its precision from ``train.dtype``,
+  resolves "auto" to "float32".
   """
-  model = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in config.tokenizer.model.to_dict().items()})
   name = str(config.tokenizer.train.get("matmul_dtype", "float32"))
-  if name == "auto" and not model.patch_size:
-    name = "float32"
-  return VQGAN(model, dtype=jnp.dtype(config.train.dtype),
-               matmul_dtype=precision.resolve_matmul_dtype(name))
+  if name == "auto" and not config.tokenizer.model.get("patch_size", 0):
+    return "float32"
+  return precision.resolve_matmul_dtype(name)
+
+
+def tokenizer_module(config: Any) -> VQGAN:
+  """The tokenizer as it trains (``tokenizer_matmul_dtype``; inference uses float32)."""
+  model = {k: tuple(v) if isinstance(v, list) else v
+           for k, v in config.tokenizer.model.to_dict().items()}
+  return VQGAN(VQGANConfig(**model), dtype=jnp.dtype(config.train.dtype),
+               matmul_dtype=tokenizer_matmul_dtype(config))
 
 
 def tokenizer_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:

@@ -53,7 +53,7 @@ def machine_line(config: Any) -> str:
   devices = jax.devices()
   return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPU cores; matmuls: tokenizer "
-          f"{loop.tokenizer_module(config).matmul_dtype}, denoiser "
+          f"{loop.tokenizer_matmul_dtype(config)}, denoiser "
           f"{denoiser_stage.matmul_dtype(config)}")
 
 
