@@ -1,13 +1,14 @@
-"""Train-step time of the embedded default's denoiser under three block layouts.
+"""Train-step time of the embedded default's denoiser under four block layouts.
 
   PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
-      [--layouts loop scan scan+remat] [--matmul-dtypes float32 bfloat16]
+      [--layouts loop scan scan+remat scan+minimal-remat] [--matmul-dtypes float32 bfloat16]
 
 Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
 a 24 x 128 trained text encoder, pooled text) with random weights and times
 one full train step (text encoder, forward, loss, backward, AdamW, EMA) with
-the blocks as a Python loop, under ``nn.scan``, and under ``nn.scan`` with
-rematerialisation, for each matmul dtype asked for. Timings are interleaved
+the blocks as a Python loop, under ``nn.scan``, under ``nn.scan`` with
+rematerialisation, and with the "minimal" remat policy (the weight products
+kept, the rest recomputed), for each matmul dtype asked for. Timings are interleaved
 (A B C A B C ...); the table gives medians and the speed-up over the first row.
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
@@ -32,17 +33,19 @@ from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
-LAYOUTS = {"loop": (False, False), "scan": (True, False), "scan+remat": (True, True)}
+# name: (scan_layers, remat, remat_policy)
+LAYOUTS = {"loop": (False, False, "full"), "scan": (True, False, "full"),
+           "scan+remat": (True, True, "full"), "scan+minimal-remat": (True, True, "minimal")}
 VOCAB = 32
 
 
-def build_step(config, scan_layers: bool, remat: bool, batch: int):
+def build_step(config, scan_layers: bool, remat: bool, batch: int, remat_policy: str = "full"):
   """(jitted step, state, batch) for one layout."""
   text = config.text
   tokenizer = loop.Tokenizer(loop.tokenizer_module(config), {}, int(config.data.image_size))
   denoiser = dataclasses.replace(
       denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width))),
-      scan_layers=scan_layers, remat=remat)
+      scan_layers=scan_layers, remat=remat, remat_policy=remat_policy)
   encoder = denoiser_stage.trained_text_encoder(config, VOCAB)
   model = TextConditionedDenoiser(denoiser, encoder)
   schedule = schedules.make(config.diffusion.schedule, denoiser.num_timesteps,
@@ -78,7 +81,8 @@ def main() -> None:
     with config.unlocked():
       config.train.matmul_dtype = matmul_dtype
     for layout in args.layouts:
-      step, state, data = build_step(config, *LAYOUTS[layout], args.batch)
+      scan_layers, remat, policy = LAYOUTS[layout]
+      step, state, data = build_step(config, scan_layers, remat, args.batch, policy)
       jax.block_until_ready(step(state, data, key))  # compile
       runs[f"{layout}, {matmul_dtype}"] = (step, state, data)
   seconds = {name: [] for name in runs}

@@ -1,7 +1,8 @@
 """Model FLOP utilisation of our train step and sampler, and where their time goes.
 
   PYTHONPATH=. python benchmarks/roofline.py [--size tiny|large] [--grids 8 16 32]
-      [--batch 8 32] [--steps 25] [--repeats 3] [--dtype float32|bfloat16|mixed] [--json out.json]
+      [--batch 8 32] [--steps 25] [--repeats 3] [--dtype float32|bfloat16|mixed]
+      [--remat-policy full|minimal] [--json out.json]
 
 ``--dtype mixed`` keeps activations float32 and runs every matmul on
 bfloat16 operands with float32 accumulation (``matmul_dtype="bfloat16"``).
@@ -73,22 +74,25 @@ def _flops(compiled) -> float:
 
 
 def network(size: vs_diffusers.Size, dtype: str, *, scan_layers: bool = False,
-            remat: bool = False) -> transformer.VQDiffusionTransformer:
+            remat: bool = False, remat_policy: str = "full"
+            ) -> transformer.VQDiffusionTransformer:
   return transformer.VQDiffusionTransformer(transformer.TransformerConfig(
       codebook_size=size.codebook, spatial_size=(size.grid, size.grid),
       num_layers=size.layers, embed_dim=size.dim, num_heads=size.heads,
       condition_dim=size.text_dim, condition_length=size.text_length,
       num_timesteps=TIMESTEPS, conditioning="text", learnable_null_text=True,
       dtype=_dtypes(dtype)[0], matmul_dtype=_dtypes(dtype)[1], scan_layers=scan_layers,
-      remat=remat))
+      remat=remat, remat_policy=remat_policy))
 
 
-def train_row(size, batch: int, dtype: str, peak: float, repeats: int) -> dict:
+def train_row(size, batch: int, dtype: str, peak: float, repeats: int,
+              remat_policy: str = "full") -> dict:
   """Model FLOPs, seconds and MFU of the whole train step."""
   step, state, data, _ = vs_diffusers.train_program(network(size, dtype), size, batch)
   flops = _flops(step.lower(state, data, jax.random.key(2)).compile())
   step, state, data, _ = vs_diffusers.train_program(
-      network(size, dtype, scan_layers=True, remat=True), size, batch)
+      network(size, dtype, scan_layers=True, remat=True, remat_policy=remat_policy), size,
+      batch)
   seconds = _seconds(vs_diffusers.blocking_steps(step, state, data), repeats)
   return {"work": "train", "grid": size.grid, "batch": batch, "flops": flops,
           "seconds": seconds, "mfu": flops / seconds / peak}
@@ -110,9 +114,10 @@ def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: i
           "seconds": seconds, "mfu": flops / seconds / peak}
 
 
-def train_breakdown(size, batch: int, dtype: str, repeats: int) -> dict[str, float]:
+def train_breakdown(size, batch: int, dtype: str, repeats: int,
+                    remat_policy: str = "full") -> dict[str, float]:
   """Seconds of the train step cut short, and of the whole step."""
-  module = network(size, dtype, scan_layers=True, remat=True)
+  module = network(size, dtype, scan_layers=True, remat=True, remat_policy=remat_policy)
   params = _init(module)
   schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
   rng = np.random.default_rng(0)
@@ -192,6 +197,8 @@ def _parse():
   parser.add_argument("--dtype", choices=DTYPES,
                       help="compute dtype, or mixed (float32 activations, bfloat16 matmuls); "
                       "default float32 on CPU, bfloat16 elsewhere")
+  parser.add_argument("--remat-policy", choices=sorted(transformer.REMAT_POLICIES),
+                      default="full", help="what the timed train step's blocks recompute")
   parser.add_argument("--json", help="also write the results to this JSON file")
   args = parser.parse_args()
   if args.repeats < 1:
@@ -212,7 +219,8 @@ def main():
   base = vs_diffusers.SIZES[args.size]
   peak = matmul_peak(args.dtype, args.repeats)
   print(f"# roofline on {jax.default_backend()} ({harness.device_name()}), size {args.size} "
-        f"({base.layers} layers, dim {base.dim}, K = {base.codebook}), {args.dtype}")
+        f"({base.layers} layers, dim {base.dim}, K = {base.codebook}), {args.dtype}, "
+        f"remat {args.remat_policy}")
   print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
   print("| work | tokens | batch | GFLOP / step | ms / step | GFLOP/s | MFU |")
   print("|---|---|---:|---:|---:|---:|---:|")
@@ -220,7 +228,7 @@ def main():
   for grid in args.grids:
     size = dataclasses.replace(base, grid=grid)
     for batch in args.batch:
-      for row in (train_row(size, batch, args.dtype, peak, args.repeats),
+      for row in (train_row(size, batch, args.dtype, peak, args.repeats, args.remat_policy),
                   sample_row(size, batch, args.steps, args.dtype, peak, args.repeats)):
         rows.append(row)
         print(f"| {row['work']} | {grid}x{grid} | {batch} | {row['flops'] / 1e9:.1f} | "
@@ -228,7 +236,7 @@ def main():
               f"{row['mfu']:.1%} |", flush=True)
   size = dataclasses.replace(base, grid=args.grids[0])
   batch = args.batch[-1]
-  train = train_breakdown(size, batch, args.dtype, args.repeats)
+  train = train_breakdown(size, batch, args.dtype, args.repeats, args.remat_policy)
   whole = train["+ AdamW, EMA (whole step)"]
   _share_table(f"train step, {size.grid}x{size.grid} tokens, batch {batch}: cumulative",
                train, whole)

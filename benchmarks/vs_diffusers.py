@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/vs_diffusers.py [--sizes tiny large] [--train-batch 8 32]
       [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--precision bfloat16]
+      [--remat-policy full|minimal]
       [--json out.json]
 
 For each size the script builds one diffusers ``Transformer2DModel`` (discrete
@@ -60,7 +61,7 @@ from tests import torch_reference
 from vqdiffusion_jax.convert import denoiser as convert_denoiser
 from vqdiffusion_jax.diffusion import discrete, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
-from vqdiffusion_jax.models.transformer import VQDiffusionTransformer
+from vqdiffusion_jax.models.transformer import REMAT_POLICIES, VQDiffusionTransformer
 from vqdiffusion_jax.train import denoiser_stage, denoiser_step
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
@@ -293,7 +294,8 @@ def run_size(size_name: str, args) -> list[dict]:
                                 remat=args.remat)
   print(f"| {size_name} | same weights | max abs log p gap "
         f"{max_log_prob_gap(model, null, module, params, size):.1e} | | | |", flush=True)
-  module = module.clone(config=dataclasses.replace(module.config, matmul_dtype=args.precision))
+  module = module.clone(config=dataclasses.replace(
+      module.config, matmul_dtype=args.precision, remat_policy=args.remat_policy))
   rows = []
   for batch in args.train_batch:
     rows.append(_pair("train", size_name, f"batch {batch}", batch,
@@ -320,6 +322,9 @@ def _parse():
                       help="our blocks as a Python loop rather than nn.scan")
   parser.add_argument("--no-remat", dest="remat", action="store_false",
                       help="keep activations instead of rematerialising each block")
+  parser.add_argument("--remat-policy", choices=sorted(REMAT_POLICIES), default="full",
+                      help="what a rematerialised block recomputes (minimal: all but the "
+                           "weight products)")
   parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                       help="both sides' matmul dtype (theirs through torch.autocast)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -337,7 +342,7 @@ def main():
         f"({harness.device_name()}), torch threads {torch.get_num_threads()}")
   print(f"medians of {args.repeats} interleaved runs; guidance {GUIDANCE:g}, truncation "
         f"{TRUNCATION}; matmuls in {args.precision}; ours: scan {args.scan_layers}, "
-        f"remat {args.remat}\n")
+        f"remat {args.remat} ({args.remat_policy})\n")
   print("| size | work | setting | ours / s | diffusers / s | ours / diffusers |")
   print("|---|---|---|---:|---:|---:|")
   rows = [row for name in args.sizes for row in run_size(name, args)]

@@ -13,6 +13,7 @@ The schema every trainer reads:
               ema_decay
   train:      global_batch, num_steps, log_every, checkpoint_every,
               keep_checkpoints, sample_every, eval_every, dtype, remat,
+              remat_policy ("full" | "minimal": keep the weight matmuls),
               scan_layers, matmul_dtype ("float32" | "bfloat16" | "auto":
               bfloat16 where this machine has bfloat16 matrix units)
   checkpoint: resume_from, init_from
@@ -67,7 +68,7 @@ def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: 
       "global_batch": global_batch, "num_steps": num_steps, "log_every": log_every,
       "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
       "sample_every": sample_every, "eval_every": eval_every, "dtype": dtype, "remat": remat,
-      "scan_layers": False, "matmul_dtype": "float32",
+      "remat_policy": "full", "scan_layers": False, "matmul_dtype": "float32",
   })
 
 

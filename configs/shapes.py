@@ -8,8 +8,8 @@ encoder over the caption vocabulary (no CLIP weights needed), and a 4-layer
 denoiser with pooled-text AdaLN modulation besides its cross-attention; then
 samples with each configured sampler, scores them with the attribute oracle
 and writes WORKDIR/report/report.md. Decoded images and token-cache records
-stay in memory (``data.in_memory``). The denoiser's matmuls run in bfloat16
-with float32 accumulation; the tokenizer's do where the machine has bfloat16
+stay in memory (``data.in_memory``). The denoiser's and tokenizer's matmuls
+run in bfloat16 with float32 accumulation where the machine has bfloat16
 units (``matmul_dtype="auto"``: GPUs, TPUs, CPUs with AMX or AVX512-BF16).
 ``:runlocal`` shrinks it further (2 steps per stage, for tests).
 Override fields on the command line, e.g. ``--config.train.num_steps=500``;
@@ -57,11 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = common.train(32, 4000, dtype="float32", log_every=50, checkpoint_every=500,
                               sample_every=0, eval_every=0)
   # Scanned, rematerialised blocks: the train step runs 1.5x faster on XLA:CPU
-  # (benchmarks/denoiser_step_layouts.py). bfloat16 matmuls with float32 accumulation
-  # and activations: another 1.4x on CPUs with AMX. On an AVX2-only CPU they are 7%
-  # slower in this job, yet on the same tokens they trained a better denoiser there than
-  # float32 did (all-attributes 0.80 against 0.64, one run each), so they stay on.
-  config.train.update(scan_layers=True, remat=True, matmul_dtype="bfloat16")
+  # (benchmarks/denoiser_step_layouts.py); the "minimal" policy keeps the weight products
+  # (3-9% faster on an AVX2-only EPYC). bfloat16 matmuls where the machine has bfloat16
+  # units: 1.4x faster on CPUs with AMX, 20% slower on AVX2-only ones; over two seeds each
+  # on the same tokens neither dtype trained the better denoiser (0.64-0.81 all-attributes).
+  config.train.update(scan_layers=True, remat=True, remat_policy="minimal",
+                      matmul_dtype="auto")
   config.checkpoint = common.checkpoint()
   config.eval = common.evaluation(
       ("vqdiffusion/25/1", "vqdiffusion/25/2", "fewer_tokens/16/2", "purity/32/1.5",

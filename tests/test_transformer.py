@@ -118,9 +118,10 @@ def test_remat_and_scan_match_plain(tiny, options):
   np.testing.assert_allclose(out, logits, atol=1e-5)
 
 
-def test_scan_remat_gradients_match_plain(tiny):
+@pytest.mark.parametrize("policy", sorted(transformer.REMAT_POLICIES))
+def test_scan_remat_gradients_match_plain(tiny, policy):
   _, params, inputs, _ = tiny
-  config = dataclasses.replace(TINY, scan_layers=True, remat=True)
+  config = dataclasses.replace(TINY, scan_layers=True, remat=True, remat_policy=policy)
 
   def grad(cfg, p):
     module = transformer.VQDiffusionTransformer(cfg)
@@ -130,8 +131,35 @@ def test_scan_remat_gradients_match_plain(tiny):
   plain = grad(TINY, params)
   scanned = transformer.unstack_layers(grad(config, transformer.stack_layers(params, 2)))
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), scanned, plain))
-  print(f"scan + remat gradients: max abs diff {max(diffs):.2e}")
+  print(f"scan + remat ({policy}) gradients: max abs diff {max(diffs):.2e}")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), scanned, plain)
+
+
+def _dot_generals(fn, *args) -> tuple[int, int]:
+  """(all, batched) dot_general ops in the StableHLO of ``jit(fn)``."""
+  dots = [line for line in jax.jit(fn).lower(*args).as_text().splitlines()
+          if "dot_general" in line]
+  return len(dots), sum("batching_dims" in line for line in dots)
+
+
+def test_minimal_remat_recomputes_only_the_attention_products():
+  def counts(**options):
+    module = transformer.VQDiffusionTransformer(
+        dataclasses.replace(TINY, scan_layers=True, **options))
+    inputs = transformer.dummy_inputs(module.config)
+    params = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    loss = lambda p: jnp.sum(module.apply({"params": p}, *inputs))
+    return _dot_generals(loss, params), _dot_generals(jax.grad(loss), params)
+
+  (_, forward_batched), (plain, _) = counts()
+  _, (full, _) = counts(remat=True)
+  _, (minimal, minimal_batched) = counts(remat=True, remat_policy="minimal")
+  print(f"backward dot_generals: plain {plain}, full remat {full}, minimal remat {minimal}")
+  assert forward_batched > 0
+  assert minimal - plain == forward_batched  # q k^T and p v of each attention, again
+  assert full - plain > forward_batched  # the weight products too
+  with pytest.raises(ValueError, match="remat_policy"):
+    dataclasses.replace(TINY, remat_policy="dots")
 
 
 def test_pooled_text_modulates_by_the_mean_caption(tiny):

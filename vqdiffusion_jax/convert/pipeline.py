@@ -28,7 +28,7 @@ from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
 # Config fields chosen at load time, not properties of the weights.
-RUNTIME_FIELDS = ("dtype", "remat", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "scan_layers")
 
 
 def _config_dict(config: Any) -> dict:

@@ -27,7 +27,8 @@ VQ-Diffusion's classifier-free guidance (``null_text``).
 Blocks run as a Python loop (parameters ``block_{i}``) or, with
 ``scan_layers``, under ``nn.scan`` (parameters ``blocks`` with a leading
 ``layers`` axis); ``stack_layers`` / ``unstack_layers`` convert between the
-two. ``remat`` recomputes each block in the backward pass.
+two. ``remat`` recomputes each block in the backward pass, all of it
+(``remat_policy="full"``) or all but its weight matmuls (``"minimal"``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ from vqdiffusion_jax.models import attention, axes, precision
 LN_EPS = 1e-5
 CONDITIONINGS = ("text", "class", "none")
 MLP_TYPES = ("fc", "conv")
+# What a rematerialised block keeps from its forward pass; None keeps nothing.
+REMAT_POLICIES = {
+    "full": None,
+    # Products with a weight (no batch dimensions) are kept; attention scores,
+    # norms and activations are recomputed.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +87,8 @@ class TransformerConfig:
       head on bfloat16-rounded operands with float32 products and activations
       (``precision.mixed_dot_general``).
     remat: recompute each block in the backward pass.
+    remat_policy: with ``remat``, what is recomputed: "full" (everything) or
+      "minimal" (all but the products with a weight, which are kept).
     scan_layers: run the blocks under ``nn.scan`` over stacked parameters.
   """
 
@@ -100,10 +110,13 @@ class TransformerConfig:
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "full"
   scan_layers: bool = False
 
   def __post_init__(self):
     precision.dot_general_for(self.matmul_dtype)  # validates the name
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} not in {tuple(REMAT_POLICIES)}")
     if self.conditioning not in CONDITIONINGS:
       raise ValueError(f"conditioning {self.conditioning!r} not in {CONDITIONINGS}")
     if self.mlp_type not in MLP_TYPES:
@@ -392,14 +405,15 @@ class VQDiffusionTransformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.token_embed = TokenEmbedding(cfg)
+    policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.scan_layers:
-      block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+      block = nn.remat(Block, prevent_cse=False, policy=policy) if cfg.remat else Block
       self.blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, scanned=True)
     else:
-      block = nn.remat(Block) if cfg.remat else Block
+      block = nn.remat(Block, policy=policy) if cfg.remat else Block
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.head_norm = _layer_norm(True, "head_norm", jnp.float32)
     self.head = nn.Dense(

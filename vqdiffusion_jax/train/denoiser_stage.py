@@ -75,6 +75,7 @@ def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> Trans
       learnable_null_text=bool(model.learnable_null_text),
       pooled_text=bool(model.get("pooled_text", False)),  # absent from older saved configs
       dtype=jnp.dtype(config.train.dtype), remat=bool(config.train.remat),
+      remat_policy=str(config.train.get("remat_policy", "full")),
       scan_layers=bool(config.train.scan_layers),
       matmul_dtype=matmul_dtype(config))
 
