@@ -39,7 +39,7 @@ LAYOUTS = {"loop": (False, False, "full"), "scan": (True, False, "full"),
 VOCAB = 32
 
 
-def build_step(config, scan_layers: bool, remat: bool, batch: int, remat_policy: str = "full"):
+def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch: int):
   """(jitted step, state, batch) for one layout."""
   text = config.text
   tokenizer = loop.Tokenizer(loop.tokenizer_module(config), {}, int(config.data.image_size))
@@ -81,8 +81,7 @@ def main() -> None:
     with config.unlocked():
       config.train.matmul_dtype = matmul_dtype
     for layout in args.layouts:
-      scan_layers, remat, policy = LAYOUTS[layout]
-      step, state, data = build_step(config, scan_layers, remat, args.batch, policy)
+      step, state, data = build_step(config, *LAYOUTS[layout], args.batch)
       jax.block_until_ready(step(state, data, key))  # compile
       runs[f"{layout}, {matmul_dtype}"] = (step, state, data)
   seconds = {name: [] for name in runs}
