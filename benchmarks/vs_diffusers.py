@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/vs_diffusers.py [--sizes tiny large] [--train-batch 8 32]
       [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--precision bfloat16]
-      [--remat-policy full|minimal]
+      [--their-precision float32] [--remat-policy full|minimal]
       [--json out.json]
 
 For each size the script builds one diffusers ``Transformer2DModel`` (discrete
@@ -30,6 +30,8 @@ interleaved (ours, theirs, ours, theirs, ...), after one untimed warm-up run:
 float32 activations and softmax), theirs under ``torch.autocast("cpu",
 torch.bfloat16)``; the loss and the sampler's log-space updates stay float32
 on both sides. The log-probability gap is always that of the float32 networks.
+``--their-precision`` sets diffusers' side apart from ours, to compare each
+side at its fastest (autocast slows diffusers down on CPUs without AMX).
 
 Neither side decodes tokens or encodes text. Each row gives medians and the
 ratio ours / theirs in samples (train) or images (sample) per second, so a
@@ -300,12 +302,14 @@ def run_size(size_name: str, args) -> list[dict]:
   for batch in args.train_batch:
     rows.append(_pair("train", size_name, f"batch {batch}", batch,
                       our_train(module, params, size, batch),
-                      their_train(model, null, size, batch, args.precision), args.repeats))
+                      their_train(model, null, size, batch, args.their_precision),
+                      args.repeats))
   for steps in args.steps:
     for batch in args.sample_batch:
       rows.append(_pair("sample", size_name, f"{steps} steps, batch {batch}", batch,
                         our_sample(module, params, size, batch, steps),
-                        their_sample(model, null, size, batch, steps, args.precision),
+                        their_sample(model, null, size, batch, steps,
+                                     args.their_precision),
                         args.repeats))
   return rows
 
@@ -327,8 +331,11 @@ def _parse():
                            "weight products)")
   parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                       help="both sides' matmul dtype (theirs through torch.autocast)")
+  parser.add_argument("--their-precision", choices=("float32", "bfloat16"),
+                      help="diffusers' matmul dtype when it differs from --precision")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
+  args.their_precision = args.their_precision or args.precision
   if args.repeats < 1:
     parser.error("--repeats must be at least 1")
   if any(not 1 <= s <= TIMESTEPS for s in args.steps):
@@ -341,8 +348,8 @@ def main():
   print(f"# vqdiffusion-jax vs diffusers {torch.__version__} on {jax.default_backend()} "
         f"({harness.device_name()}), torch threads {torch.get_num_threads()}")
   print(f"medians of {args.repeats} interleaved runs; guidance {GUIDANCE:g}, truncation "
-        f"{TRUNCATION}; matmuls in {args.precision}; ours: scan {args.scan_layers}, "
-        f"remat {args.remat} ({args.remat_policy})\n")
+        f"{TRUNCATION}; matmuls: ours {args.precision}, theirs {args.their_precision}; "
+        f"ours: scan {args.scan_layers}, remat {args.remat} ({args.remat_policy})\n")
   print("| size | work | setting | ours / s | diffusers / s | ours / diffusers |")
   print("|---|---|---|---:|---:|---:|")
   rows = [row for name in args.sizes for row in run_size(name, args)]
@@ -350,7 +357,8 @@ def main():
                                  for r in rows))
   if args.json:
     with open(args.json, "w") as file:
-      json.dump({"device": harness.device_name(), "precision": args.precision, "rows": rows},
+      json.dump({"device": harness.device_name(), "precision": args.precision,
+                 "their_precision": args.their_precision, "rows": rows},
                 file, indent=1)
 
 
