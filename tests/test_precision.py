@@ -233,6 +233,7 @@ def test_the_trainers_resolve_auto_for_this_machine():
   config = shapes_config.get_config("runlocal")
   with config.unlocked():
     config.train.matmul_dtype = config.tokenizer.train.matmul_dtype = "auto"
+    config.tokenizer.model.patch_size = 4  # runlocal's tokenizer is convolutional
   here = precision.resolve_matmul_dtype("auto")
   assert denoiser_stage.matmul_dtype(config) == here
   assert loop.tokenizer_module(config).matmul_dtype == here
