@@ -31,7 +31,7 @@ float32 activations and softmax), theirs under ``torch.autocast("cpu",
 torch.bfloat16)``; the loss and the sampler's log-space updates stay float32
 on both sides. The log-probability gap is always that of the float32 networks.
 ``--their-precision`` sets diffusers' side apart from ours, to compare each
-side at its fastest (autocast slows diffusers down on CPUs without AMX).
+side at its fastest (autocast slowed diffusers down on every CPU measured so far).
 
 Neither side decodes tokens or encodes text. Each row gives medians and the
 ratio ours / theirs in samples (train) or images (sample) per second, so a
@@ -72,6 +72,7 @@ TIMESTEPS = 100
 AUX_WEIGHT = 5e-4
 GUIDANCE = 5.0
 TRUNCATION = 0.86
+PRECISIONS = ("float32", "bfloat16")  # matmul dtypes either side can run
 SAMPLE_KEY = jax.random.key(2)
 
 
@@ -329,9 +330,9 @@ def _parse():
   parser.add_argument("--remat-policy", choices=sorted(REMAT_POLICIES), default="full",
                       help="what a rematerialised block recomputes (minimal: all but the "
                            "weight products)")
-  parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+  parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                       help="both sides' matmul dtype (theirs through torch.autocast)")
-  parser.add_argument("--their-precision", choices=("float32", "bfloat16"),
+  parser.add_argument("--their-precision", choices=PRECISIONS,
                       help="diffusers' matmul dtype when it differs from --precision")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
