@@ -34,6 +34,31 @@ def test_truncate_keeps_the_top_class_even_at_rate_zero():
   np.testing.assert_array_equal(out.argmax(-1), np.asarray(log_p).argmax(-1))
 
 
+def _truncate_by_sorting(log_p: np.ndarray, rate: float) -> np.ndarray:
+  """The official rule, one position at a time: rank, accumulate, cut, keep ties."""
+  out = np.full_like(log_p, -70.0)
+  for index in np.ndindex(log_p.shape[:-1]):
+    row = log_p[index]
+    ranked = np.sort(row)[::-1]
+    mass_above = np.cumsum(np.exp(ranked.astype(np.float64)))[:-1]
+    threshold = ranked[np.sum(mass_above < rate)]
+    out[index] = np.where(row >= threshold, row, -70.0)
+  return out
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 0.86, 1.0, 1.5])
+def test_truncate_by_bisection_keeps_the_classes_sorting_keeps_ties_included(rate):
+  rng = np.random.default_rng(4)
+  # Few distinct logits per row, so many classes tie, some at the cut.
+  logits = rng.integers(0, 6, size=(4, 40, 33)).astype(np.float32) * 0.7
+  logits[0, :, :] = 0.0  # all tied
+  log_p = np.asarray(discrete.x0_log_probs(jnp.asarray(logits)))
+  ours = np.asarray(jax.jit(guidance.truncate)(jnp.asarray(log_p), rate))
+  np.testing.assert_array_equal(ours, _truncate_by_sorting(log_p, rate))
+  if 0.0 < rate <= 0.86:
+    assert 1 < (ours > -70).sum(-1).min() < log_p.shape[-1]
+
+
 @pytest.mark.parametrize("scale", [0.0, 1.0, 3.0, 5.5])
 def test_guide_matches_the_diffusers_combination(scale):
   cond, uncond = _x0_log_probs(2), _x0_log_probs(3)

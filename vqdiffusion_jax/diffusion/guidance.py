@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from vqdiffusion_jax.diffusion.discrete import LOG_PROB_MIN
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+  """int32 keys in the order of the float32 values ``x`` (an increasing map)."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
 def truncate(log_probs: jax.Array, rate: float | jax.Array) -> jax.Array:
@@ -20,6 +27,11 @@ def truncate(log_probs: jax.Array, rate: float | jax.Array) -> jax.Array:
   log-probability -70, without renormalising, as in the official sampler.
   Classes tied with the last survivor survive too.
 
+  The official code sorts every position's classes. Here the last survivor
+  is found by bisection instead, over the 2^32 float32 values in their
+  order: 32 masked sums per position, several times faster than a sort on
+  CPUs and exactly the same classes.
+
   Args:
     log_probs: (..., C) log-probabilities.
     rate: truncation rate r (0.86 in the paper).
@@ -27,11 +39,21 @@ def truncate(log_probs: jax.Array, rate: float | jax.Array) -> jax.Array:
   Returns:
     (..., C) truncated log-probabilities.
   """
-  ranked = -jnp.sort(-log_probs, axis=-1)
-  mass_above = jnp.cumsum(jnp.exp(ranked), axis=-1)[..., :-1]
-  num_kept = 1 + jnp.sum(mass_above < rate, axis=-1, keepdims=True)
-  threshold = jnp.take_along_axis(ranked, num_kept - 1, axis=-1)
-  return jnp.where(log_probs >= threshold, log_probs, LOG_PROB_MIN)
+  probs = jnp.exp(log_probs)
+  keys = _ordered_keys(log_probs)
+  top = jnp.max(keys, axis=-1)
+
+  def narrow(_, bounds):
+    # Invariant: the mass above ``low`` is at least ``rate``, above ``high`` below it.
+    low, high = bounds
+    mid = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2), no overflow
+    above = jnp.sum(jnp.where(keys > mid[..., None], probs, 0.0), axis=-1)
+    enough = above >= rate
+    return jnp.where(enough, mid, low), jnp.where(enough, high, mid)
+
+  low, _ = lax.fori_loop(0, 32, narrow, (jnp.min(keys, axis=-1) - 1, top))
+  keep = (keys > low[..., None]) | (keys == top[..., None])
+  return jnp.where(keep, log_probs, LOG_PROB_MIN)
 
 
 def guide(log_p_cond: jax.Array, log_p_uncond: jax.Array,
