@@ -207,3 +207,19 @@ def test_q_sample_is_deterministic_per_key_and_keeps_dtype():
   b = discrete.q_sample(s, jax.random.key(0), x0, jnp.array([3, 6, 9]))
   np.testing.assert_array_equal(a, b)
   assert a.dtype == jnp.int32 and a.shape == x0.shape
+
+
+def test_sample_categorical_draws_each_class_at_its_probability():
+  probs = np.array([0.5, 0.0, 0.2, 0.25, 0.05, 0.0], np.float32)
+  num_draws = 200_000
+  log_probs = jnp.broadcast_to(jnp.log(jnp.asarray(probs)) + 3.0, (num_draws // 100, 100, 6))
+  draws = np.asarray(jax.jit(discrete.sample_categorical)(jax.random.key(0), log_probs))
+  assert draws.shape == (num_draws // 100, 100)
+  frequencies = np.bincount(draws.ravel(), minlength=6) / num_draws
+  assert frequencies[probs == 0].sum() == 0
+  # Five binomial standard deviations.
+  np.testing.assert_allclose(frequencies, probs, atol=5 * np.sqrt(0.25 / num_draws))
+  other = np.asarray(discrete.sample_categorical(jax.random.key(1), log_probs))
+  assert (other != draws).any()
+  np.testing.assert_array_equal(
+      np.asarray(discrete.sample_categorical(jax.random.key(0), log_probs)), draws)
