@@ -24,7 +24,8 @@ The schema every trainer reads:
               and adversarial weights, disc_start, lpips paths), optim, train
               (global_batch, num_steps, matmul_dtype as in train)
   text:       kind ("trainable" | "clip"), clip_path, width, num_layers,
-              num_heads, max_vocab (trainable)
+              num_heads, max_vocab, position_encoding ("learned" | "rotary")
+              (trainable)
   denoiser:   model (TransformerConfig sizes; K, grid, T, text sizes derive
               from the tokenizer, text and diffusion sections)
   eval:       samplers (specs ``name[/steps[/guidance[/truncation]]]``),
@@ -127,7 +128,7 @@ def text(kind: str = "clip", clip_path: str = "", width: int = 512,
   """Text conditioning: a frozen CLIP text tower, or a small trained encoder."""
   return ml_collections.ConfigDict({
       "kind": kind, "clip_path": clip_path, "width": width, "length": length,
-      "num_layers": 2, "num_heads": 4, "max_vocab": 1024,
+      "num_layers": 2, "num_heads": 4, "max_vocab": 1024, "position_encoding": "learned",
   })
 
 

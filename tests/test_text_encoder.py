@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import assert_logically_partitioned
-from vqdiffusion_jax.models import text_encoder
+from vqdiffusion_jax.models import attention, text_encoder
 from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer
 
 CAPTIONS = ["A red bird.", "a blue bird", "Red, red BIRD!", "a small_bird"]
@@ -90,3 +90,39 @@ def test_padding_does_not_reach_real_positions(encoder_and_params):
   changed[0, 3] = tokenizer.vocab.index("blue")
   later_changed = np.asarray(apply({"params": params}, changed))
   assert np.abs(later_changed[0, 0] - reference[0, 0]).max() > 1e-3
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+  rng = np.random.default_rng(5)
+  query, key = (jnp.asarray(rng.normal(size=(1, 12, 2, 8)), jnp.float32) for _ in range(2))
+  same = jnp.broadcast_to(query[:, :1], query.shape)  # one query vector at every position
+  scores = jnp.einsum("bqhd,bkhd->bhqk", attention.rotary(same),
+                      attention.rotary(jnp.broadcast_to(key[:, :1], key.shape)))[0, 0]
+  scores = np.asarray(scores)
+  for offset in range(-5, 6):
+    diagonal = np.diagonal(scores, offset)
+    np.testing.assert_allclose(diagonal, diagonal[0], rtol=1e-5, atol=1e-5)
+  assert np.ptp(np.diagonal(scores, 0)) < 1e-4 < abs(scores[0, 0] - scores[0, 3])
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(attention.rotary(query)), axis=-1),
+                             np.linalg.norm(np.asarray(query), axis=-1), rtol=1e-5)
+  np.testing.assert_array_equal(attention.rotary(query)[:, 0], query[:, 0])
+
+
+def test_rotary_text_encoder_has_no_position_table_and_reads_relative_positions():
+  module = TextEncoder(vocab_size=20, width=32, num_layers=2, num_heads=4, max_length=LENGTH,
+                       position_encoding="rotary")
+  ids = np.full((2, LENGTH), text_encoder.PAD_ID, np.int32)
+  phrase = [text_encoder.BOS_ID, 7, 8, 9, text_encoder.EOS_ID]
+  ids[0, :5] = phrase
+  ids[1, 3:8] = phrase  # the same words three positions later, padding before them
+  mask = ids != text_encoder.PAD_ID
+  params = jax.jit(module.init)(jax.random.key(0), ids, mask)["params"]
+  assert "position_embedding" not in params
+  out = np.asarray(jax.jit(module.apply)({"params": params}, ids, mask))
+  np.testing.assert_allclose(out[1, 3:8], out[0, :5], rtol=1e-4, atol=1e-5)
+  learned = module.clone(position_encoding="learned")
+  learned_params = learned.init(jax.random.key(0), ids, mask)["params"]
+  shifted = np.asarray(learned.apply({"params": learned_params}, ids, mask))
+  assert np.abs(shifted[1, 3:8] - shifted[0, :5]).max() > 1e-3
+  with pytest.raises(ValueError, match="position_encoding"):
+    module.clone(position_encoding="sinusoidal").init(jax.random.key(0), ids)

@@ -37,3 +37,23 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
   return jnp.swapaxes(dot_general(weights, v, _MIX).astype(value.dtype), 1, 2)
+
+
+def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (RoFormer) of ``(B, L, H, Dh)`` projections.
+
+  Channel ``i`` of the first half and ``i`` of the second half of each head
+  are rotated together by ``position * base^(-2i / Dh)``, so the product of a
+  rotated query at position m and a rotated key at n depends on m - n only.
+  Computed in float32, returned in ``x``'s dtype.
+  """
+  length, head_dim = x.shape[1], x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"rotary positions need an even head size, not {head_dim}")
+  half = head_dim // 2
+  frequencies = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * frequencies  # (L, Dh / 2)
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # (L, 1, Dh / 2)
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)

@@ -75,11 +75,13 @@ class MultiHeadAttention(nn.Module):
 
   Parameters: ``query`` / ``key`` / ``value`` kernels ``(D, H, Dh)`` with
   biases ``(H, Dh)``, ``out`` kernel ``(H, Dh, D)`` with bias ``(D,)``.
+  ``rotary`` rotates queries and keys by their positions (``attention.rotary``).
   """
 
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   matmul_dtype: str = "float32"
+  rotary: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -96,6 +98,8 @@ class MultiHeadAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     q, k, v = (self._project_in(x, head_dim, name) for name in ("query", "key", "value"))
+    if self.rotary:
+      q, k = attention.rotary(q), attention.rotary(k)
     dot_general = precision.dot_general_for(self.matmul_dtype)
     heads = attention.dot_product_attention(q, k, v, mask, dot_general)
     return nn.DenseGeneral(
@@ -144,12 +148,13 @@ class EncoderLayer(nn.Module):
   activation: str = "quick_gelu"
   dtype: jnp.dtype = jnp.float32
   matmul_dtype: str = "float32"
+  rotary: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Args: x ``(B, L, D)``; mask as for ``MultiHeadAttention``. Returns ``(B, L, D)``."""
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm1")(x)
-    x = x + MultiHeadAttention(self.num_heads, self.dtype, self.matmul_dtype,
+    x = x + MultiHeadAttention(self.num_heads, self.dtype, self.matmul_dtype, self.rotary,
                                name="attention")(normed, mask)
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(x)
     x = x + FeedForward(self.intermediate_size, self.activation, self.dtype, self.matmul_dtype,

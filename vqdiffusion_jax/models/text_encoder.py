@@ -28,6 +28,7 @@ PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 _FORMAT = "vqdiffusion_jax.WordTokenizer"
+POSITION_ENCODINGS = ("learned", "rotary")
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -118,8 +119,12 @@ class WordTokenizer:
 class TextEncoder(nn.Module):
   """Bidirectional pre-LN transformer encoder with a padding mask.
 
-  Token + learned position embeddings, ``num_layers`` layers whose real
+  Token embeddings plus positions, ``num_layers`` layers whose real
   positions never attend to padding, a final LayerNorm in float32.
+  Positions are learned embeddings added to the tokens
+  (``position_encoding="learned"``), or rotations of every layer's queries
+  and keys (``"rotary"``), which make attention depend on relative positions
+  only: a word finds the words of its own phrase wherever the phrase starts.
   """
 
   vocab_size: int
@@ -131,6 +136,7 @@ class TextEncoder(nn.Module):
   layer_norm_eps: float = 1e-5
   activation: str = "gelu"
   normalize: bool = False
+  position_encoding: str = "learned"
   dtype: jnp.dtype = jnp.float32
   matmul_dtype: str = "float32"
 
@@ -151,21 +157,27 @@ class TextEncoder(nn.Module):
     if length > self.max_length:
       raise ValueError(f"{length} tokens but the encoder has {self.max_length} positions")
     mask = ids != PAD_ID if mask is None else mask
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ValueError(f"unknown position_encoding {self.position_encoding!r}; "
+                       f"known: {POSITION_ENCODINGS}")
     x = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
         name="token_embedding",
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)))(ids)
-    positions = self.param(
-        "position_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.01), (axes.POSITION, axes.EMBED)),
-        (self.max_length, self.width), jnp.float32)
-    x = x + positions[:length].astype(self.dtype)
+    rotary = self.position_encoding == "rotary"
+    if not rotary:
+      positions = self.param(
+          "position_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(0.01),
+                                       (axes.POSITION, axes.EMBED)),
+          (self.max_length, self.width), jnp.float32)
+      x = x + positions[:length].astype(self.dtype)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     attend = mask[:, None, None, :]
     for i in range(self.num_layers):
       x = EncoderLayer(self.num_heads, self.width * self.mlp_ratio, self.layer_norm_eps,
-                       self.activation, self.dtype, self.matmul_dtype,
+                       self.activation, self.dtype, self.matmul_dtype, rotary,
                        name=f"layer_{i}")(x, attend)
     x = layer_norm(self.layer_norm_eps, jnp.float32, "final_norm")(x)
     return l2_normalize(x) if self.normalize else x

@@ -85,8 +85,9 @@ def trained_text_encoder(config: Any, vocab_size: int) -> TextEncoder:
   text = config.text
   return TextEncoder(vocab_size=vocab_size, width=int(text.width),
                      num_layers=int(text.num_layers), num_heads=int(text.num_heads),
-                     max_length=int(text.length), dtype=jnp.dtype(config.train.dtype),
-                     matmul_dtype=matmul_dtype(config))
+                     max_length=int(text.length),
+                     position_encoding=str(text.get("position_encoding", "learned")),
+                     dtype=jnp.dtype(config.train.dtype), matmul_dtype=matmul_dtype(config))
 
 
 def text_setup(config: Any, directory: str, cache, tokenizer):
