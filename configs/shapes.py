@@ -5,13 +5,13 @@
 Sized to train usefully in minutes on a 2-core CPU: an 8x8-token patch VQ
 tokenizer (f = 4, K = 512, L2 reconstruction loss), a small trained text
 encoder with rotary positions over the caption vocabulary (no CLIP weights
-needed), and a 4-layer
-denoiser with pooled-text AdaLN modulation besides its cross-attention; then
-samples with each configured sampler, scores them with the attribute oracle
-and writes WORKDIR/report/report.md. Decoded images and token-cache records
-stay in memory (``data.in_memory``). The denoiser's and tokenizer's matmuls
-run in bfloat16 with float32 accumulation where the machine has bfloat16
-units (``matmul_dtype="auto"``: GPUs, TPUs, CPUs with AMX or AVX512-BF16).
+needed), and a 4-layer denoiser with pooled-text AdaLN modulation besides its
+cross-attention; then samples with each configured sampler, scores them
+with the attribute oracle and writes WORKDIR/report/report.md. Decoded images
+and token-cache records stay in memory (``data.in_memory``). The denoiser's
+and tokenizer's matmuls run in bfloat16 with float32 accumulation where the
+machine has bfloat16 units (``matmul_dtype="auto"``: GPUs, TPUs, CPUs with
+AMX or AVX512-BF16).
 ``:runlocal`` shrinks it further (2 steps per stage, for tests).
 Override fields on the command line, e.g. ``--config.train.num_steps=500``;
 unknown fields are errors.
