@@ -123,6 +123,8 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   assert process.returncode == 0, output[-2000:]
   saved = _steps(tmp_path / "denoiser")
   assert saved and 0 < saved[-1] < 400, saved
+  assert f"stopped at step {saved[-1]} of 400" in output, output[-2000:]
+  assert not (tmp_path / "report").exists()
   resumed = subprocess.run(command[:-2] + ["--config.train.num_steps=" + str(saved[-1] + 2)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -5,13 +5,15 @@
 
 Parses flags, initialises multi-host JAX when asked (or when the environment
 shows several processes), and runs ``train.loop.train_and_evaluate``.
-Re-running the same command resumes where the run stopped.
+SIGTERM saves the running stage's checkpoint and ends the run there (no
+later stage, no report). Re-running the same command resumes where the run
+stopped.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqdiffusion_jax.train import loop
+from vqdiffusion_jax.train import loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -26,7 +28,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   mesh_lib.multihost_initialize(force=_MULTIHOST.value)
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except runner.StopRequestedError as stop:
+    logging.warning("%s", stop)
+    print(f"stopped: {stop}")
+    return
   logging.info("run finished: %s", summary)
   print(f"done: {summary}")
 

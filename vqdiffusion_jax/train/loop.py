@@ -58,6 +58,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   Returns:
     ``{"tokenizer": ..., "token_cache": ..., "denoiser": ..., "report": ...}``
     paths and the denoiser's final step.
+
+  Raises:
+    runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
+      checkpoint saved); the later stages and the report did not run.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())

@@ -35,6 +35,15 @@ class Stage:
   on_sample: Callable[[int, Any, dict, metrics_lib.MetricWriter], None] | None = None
 
 
+class StopRequestedError(Exception):
+  """A stage stopped early on SIGTERM or preemption, its checkpoint saved."""
+
+  def __init__(self, directory: str, step: int, num_steps: int):
+    super().__init__(f"{directory} stopped at step {step} of {num_steps}, checkpoint saved; "
+                     "re-run the same command to resume")
+    self.directory, self.step, self.num_steps = directory, step, num_steps
+
+
 def run_stage(config: Any, stage: Stage) -> Any:
   """The shared, resumable step loop of every trainer.
 
@@ -61,6 +70,7 @@ def run_stage(config: Any, stage: Stage) -> Any:
   progress = metrics_lib.Progress(stage.num_steps, step)
   rng = jax.random.key(int(config.seed))
   config_json = config.to_dict()
+  preempted = False
   with ckpt_lib.PreemptionWatcher() as watcher:
     while step < stage.num_steps:
       batch = next(iterator)
@@ -83,6 +93,8 @@ def run_stage(config: Any, stage: Stage) -> Any:
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+  if preempted:
+    raise StopRequestedError(stage.directory, step, stage.num_steps)
   return state
 
 
