@@ -6,7 +6,8 @@ has reached its step count is restored, not retrained, and the token cache is
 built once (atomically). Every stage trains with a jitted step whose state is
 sharded over the config's mesh, reads batches from a checkpointable grain
 iterator whose position is saved with the state, writes metrics from process
-0, stops on NaN/Inf naming the step, and saves and exits cleanly on SIGTERM.
+0, stops on NaN/Inf naming the step, and on SIGTERM saves and ends the run
+(``runner.StopRequestedError``; no later stage runs).
 """
 
 from __future__ import annotations

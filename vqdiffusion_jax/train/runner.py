@@ -53,7 +53,11 @@ def run_stage(config: Any, stage: Stage) -> Any:
   uninterrupted run would have seen.
 
   Returns:
-    The final state (or the state at a preemption).
+    The final state.
+
+  Raises:
+    StopRequestedError: on SIGTERM or preemption, after the checkpoint of the
+      step reached is saved.
   """
   train = config.train
   checkpointer = ckpt_lib.Checkpointer.for_workdir(
