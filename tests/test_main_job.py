@@ -120,7 +120,7 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   time.sleep(1.0)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=240)
-  assert process.returncode == 0, output[-2000:]
+  assert process.returncode == 143, output[-2000:]  # 128 + SIGTERM: the run did not finish
   saved = _steps(tmp_path / "denoiser")
   assert saved and 0 < saved[-1] < 400, saved
   assert f"stopped at step {saved[-1]} of 400" in output, output[-2000:]

@@ -6,8 +6,10 @@
 Parses flags, initialises multi-host JAX when asked (or when the environment
 shows several processes), and runs ``train.loop.train_and_evaluate``.
 SIGTERM saves the running stage's checkpoint and ends the run there (no
-later stage, no report). Re-running the same command resumes where the run
-stopped.
+later stage, no report) with exit status 143 (128 + SIGTERM, the shell's
+convention), so that `main && next-step` does not go on and a scheduler that
+restarts failed jobs restarts it. Re-running the same command resumes where
+the run stopped.
 """
 
 from absl import app, flags, logging
@@ -23,6 +25,8 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None,
                                "Call jax.distributed.initialize() (default: detect).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+STOPPED_EXIT_STATUS = 143
+
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -33,7 +37,7 @@ def main(argv: list[str]) -> None:
   except runner.StopRequestedError as stop:
     logging.warning("%s", stop)
     print(f"stopped: {stop}")
-    return
+    raise SystemExit(STOPPED_EXIT_STATUS) from None
   logging.info("run finished: %s", summary)
   print(f"done: {summary}")
 
