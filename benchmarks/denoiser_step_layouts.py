@@ -9,7 +9,10 @@ one full train step (text encoder, forward, loss, backward, AdamW, EMA) with
 the blocks as a Python loop, under ``nn.scan``, under ``nn.scan`` with
 rematerialisation, and with the "minimal" remat policy (the weight products
 kept, the rest recomputed), for each matmul dtype asked for. Timings are interleaved
-(A B C A B C ...); the table gives medians and the speed-up over the first row.
+(A B C A B C ...); the table gives medians, the speed-up over the first row,
+and per step the minor page faults and system CPU time (``getrusage``): XLA:CPU
+maps its temporary buffer afresh on every call, and the kernel zeroes each
+page on first touch.
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
 consumer of it, transposed copies included, so an unrolled stack recomputes
@@ -18,6 +21,7 @@ that chain many times; a scanned body bounds it to one block.
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import time
 
@@ -85,20 +89,28 @@ def main() -> None:
       jax.block_until_ready(step(state, data, key))  # compile
       runs[f"{layout}, {matmul_dtype}"] = (step, state, data)
   seconds = {name: [] for name in runs}
+  faults = {name: [] for name in runs}
+  system = {name: [] for name in runs}
   for _ in range(args.repeats):
     for name, (step, state, data) in runs.items():
-      start = time.perf_counter()
+      before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       for _ in range(args.steps):
         out = step(state, data, key)
       jax.block_until_ready(out)
       seconds[name].append((time.perf_counter() - start) / args.steps)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      faults[name].append((after.ru_minflt - before.ru_minflt) / args.steps)
+      system[name].append((after.ru_stime - before.ru_stime) / args.steps)
   base = statistics.median(next(iter(seconds.values())))
   print(f"denoiser train step, batch {args.batch}, {jax.devices()[0].platform}")
-  print("| layout, matmuls | ms / step (median) | samples/s | speed-up |")
-  print("|---|---|---|---|")
+  print("| layout, matmuls | ms / step (median) | samples/s | speed-up | page faults / step "
+        "| system CPU ms / step |")
+  print("|---|---|---|---|---|---|")
   for name, times in seconds.items():
     median = statistics.median(times)
-    print(f"| {name} | {1000 * median:.1f} | {args.batch / median:.1f} | {base / median:.2f}x |")
+    fault_count, system_ms = statistics.median(faults[name]), 1000 * statistics.median(system[name])
+    print(f"| {name} | {1000 * median:.1f} | {args.batch / median:.1f} | {base / median:.2f}x "
+          f"| {fault_count:.0f} | {system_ms:.0f} |")
 
 
 if __name__ == "__main__":
