@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/vs_diffusers.py [--sizes tiny large] [--train-batch 8 32]
       [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--precision bfloat16]
       [--their-precision float32] [--remat-policy full|minimal]
-      [--json out.json]
+      [--steps-per-call 1] [--json out.json]
 
 For each size the script builds one diffusers ``Transformer2DModel`` (discrete
 input: ``num_vector_embeds`` = K + 1, AdaLN, approximate GEGLU) and its
@@ -18,6 +18,9 @@ interleaved (ours, theirs, ours, theirs, ...), after one untimed warm-up run:
           theirs is eager PyTorch with the official loss on diffusers'
           ``q_posterior`` (tests/torch_reference.py), one t per batch because
           diffusers' AdaLayerNorm takes a scalar timestep.
+          ``--steps-per-call K`` times K steps per call on each side: ours
+          one jitted ``lax.scan`` over K batches (``runner.scan_steps``, as
+          the trainer's ``train.steps_per_call``), theirs K loop iterations.
   sample  tokens from all-[MASK] for a batch of B prompts with guidance scale
           5 and truncation 0.86: S network calls, each on 2B rows (prompt and
           null text). Ours is ``samplers.sample`` compiled as one program
@@ -64,7 +67,7 @@ from vqdiffusion_jax.convert import denoiser as convert_denoiser
 from vqdiffusion_jax.diffusion import discrete, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.transformer import REMAT_POLICIES, VQDiffusionTransformer
-from vqdiffusion_jax.train import denoiser_stage, denoiser_step
+from vqdiffusion_jax.train import denoiser_stage, denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -128,10 +131,11 @@ def _run_config(batch: int) -> ml_collections.ConfigDict:
                                     "train": common.train(batch, 1000)})
 
 
-def train_program(module, size: Size, batch: int):
+def train_program(module, size: Size, batch: int, steps_per_call: int = 1):
   """``(jitted step, state, batch, state shardings)``: our train step on a fixed random batch.
 
-  The state is freshly initialised; the step donates it.
+  The state is freshly initialised; the step donates it. With ``steps_per_call``
+  above 1 the step scans over that many copies of the batch in one call.
   """
   run = _run_config(batch)
   diffusion = common.diffusion(TIMESTEPS, aux_weight=AUX_WEIGHT)
@@ -143,14 +147,18 @@ def train_program(module, size: Size, batch: int):
       jax.random.key(0), denoiser_stage.make_init_fn(module, module.config), optimizer, mesh,
       mesh_config.rules)
   schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
-  train_step = jax.jit(denoiser_step.make_train_step(module, schedule, run, diffusion, optimizer),
-                       donate_argnums=0)
+  train_step = denoiser_step.make_train_step(module, schedule, run, diffusion, optimizer)
+  if steps_per_call > 1:
+    train_step = runner.scan_steps(train_step)
+  train_step = jax.jit(train_step, donate_argnums=0)
   rng = np.random.default_rng(1)
   data = {"tokens": jnp.asarray(rng.integers(0, size.codebook, (batch, size.num_tokens)),
                                 jnp.int32),
           "text": jnp.asarray(rng.normal(size=(batch, size.text_length, size.text_dim)),
                               jnp.float32),
           "drop_text": jnp.asarray(rng.random(batch) < 0.1)}
+  if steps_per_call > 1:
+    data = jax.tree.map(lambda x: jnp.stack([x] * steps_per_call), data)
   return train_step, state, data, shardings
 
 
@@ -166,9 +174,9 @@ def blocking_steps(train_step, state, data):
   return step
 
 
-def our_train(module, params, size: Size, batch: int):
+def our_train(module, params, size: Size, batch: int, steps_per_call: int = 1):
   """A blocking ``step()`` that trains ours from ``params`` on a fixed random batch."""
-  train_step, state, data, shardings = train_program(module, size, batch)
+  train_step, state, data, shardings = train_program(module, size, batch, steps_per_call)
   fresh = lambda: jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)  # noqa: E731
   state = state.replace(params=fresh(), ema_params=fresh())  # the step donates its state
   return blocking_steps(train_step, state, data)
@@ -188,8 +196,9 @@ def _autocast(precision: str):
   return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
-def their_train(model, null, size: Size, batch: int, precision: str = "float32"):
-  """A blocking ``step()`` of the same optimiser step in eager PyTorch."""
+def their_train(model, null, size: Size, batch: int, precision: str = "float32",
+                steps_per_call: int = 1):
+  """A blocking ``step()`` of the same optimiser step(s) in eager PyTorch."""
   scheduler = VQDiffusionScheduler(num_vec_classes=size.codebook + 1,
                                    num_train_timesteps=TIMESTEPS)
   model.train()
@@ -203,7 +212,7 @@ def their_train(model, null, size: Size, batch: int, precision: str = "float32")
   drop = torch.rand(batch, generator=generator) < 0.1
   pt = torch.full((batch,), 1.0 / TIMESTEPS)
 
-  def step():
+  def one_step():
     t = int(torch.randint(TIMESTEPS, (1,), generator=generator))
     x_t = _torch_q_sample(scheduler, x0, t, size.codebook, generator)
     condition = torch.where(drop[:, None, None], null.embeddings[None], text)
@@ -216,6 +225,10 @@ def their_train(model, null, size: Size, batch: int, precision: str = "float32")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, optim.clip_norm)
     optimizer.step()
+
+  def step():
+    for _ in range(steps_per_call):
+      one_step()
 
   return step
 
@@ -300,10 +313,12 @@ def run_size(size_name: str, args) -> list[dict]:
   module = module.clone(config=dataclasses.replace(
       module.config, matmul_dtype=args.precision, remat_policy=args.remat_policy))
   rows = []
+  per_call = args.steps_per_call
   for batch in args.train_batch:
-    rows.append(_pair("train", size_name, f"batch {batch}", batch,
-                      our_train(module, params, size, batch),
-                      their_train(model, null, size, batch, args.their_precision),
+    setting = f"batch {batch}" + (f", {per_call} steps per call" if per_call > 1 else "")
+    rows.append(_pair("train", size_name, setting, batch * per_call,
+                      our_train(module, params, size, batch, per_call),
+                      their_train(model, null, size, batch, args.their_precision, per_call),
                       args.repeats))
   for steps in args.steps:
     for batch in args.sample_batch:
@@ -334,11 +349,13 @@ def _parse():
                       help="both sides' matmul dtype (theirs through torch.autocast)")
   parser.add_argument("--their-precision", choices=PRECISIONS,
                       help="diffusers' matmul dtype when it differs from --precision")
+  parser.add_argument("--steps-per-call", type=int, default=1,
+                      help="train steps per timed call (ours: one lax.scan over them)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
   args.their_precision = args.their_precision or args.precision
-  if args.repeats < 1:
-    parser.error("--repeats must be at least 1")
+  if args.repeats < 1 or args.steps_per_call < 1:
+    parser.error("--repeats and --steps-per-call must be at least 1")
   if any(not 1 <= s <= TIMESTEPS for s in args.steps):
     parser.error(f"--steps must lie in [1, {TIMESTEPS}]")
   return args

@@ -70,6 +70,7 @@ def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: 
       "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
       "sample_every": sample_every, "eval_every": eval_every, "dtype": dtype, "remat": remat,
       "remat_policy": "full", "scan_layers": False, "matmul_dtype": "float32",
+      "steps_per_call": 1,  # train steps per jitted call (one lax.scan); runner.py
   })
 
 
@@ -119,7 +120,8 @@ def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=28
       },
       "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "warmup_steps": 0,
                 "clip_norm": 0.0, "decay": "constant", "min_lr_ratio": 0.0},
-      "train": {"global_batch": 64, "num_steps": 200000, "matmul_dtype": "float32"},
+      "train": {"global_batch": 64, "num_steps": 200000, "matmul_dtype": "float32",
+                "steps_per_call": 1},
   })
 
 

@@ -87,6 +87,66 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
 
 
+def test_several_steps_per_call_train_what_one_step_per_call_does(tmp_path):
+  runs = {}
+  for per_call in (1, 3):
+    config = _config("shapes", num_steps=5, log_every=2, checkpoint_every=4,
+                     steps_per_call=per_call)
+    with config.unlocked():
+      config.tokenizer.train.update(num_steps=5, steps_per_call=per_call)
+      config.eval.samplers = ()
+    loop.train_and_evaluate(config, str(tmp_path / str(per_call)))
+    runs[per_call] = tmp_path / str(per_call)
+  for stage in ("tokenizer", "denoiser"):
+    one, many = (_metrics(runs[k] / stage) for k in (1, 3))
+    assert [m["step"] for m in many] == [2, 4, 5] == [m["step"] for m in one]
+    for got, want in zip(many, one, strict=True):
+      np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)],
+                                 rtol=1e-5, err_msg=f"{stage} step {want['step']}")
+    assert _steps(runs[3] / stage) == _steps(runs[1] / stage) == [4, 5]
+    want_state, want_data = _saved(runs[1] / stage, 5)
+    got_state, got_data = _saved(runs[3] / stage, 5)
+    assert got_data["iterator"] == want_data["iterator"]
+    # The scanned program sums in another order (params differ by ~1e-5); a skipped or
+    # repeated step would move them by up to the learning rate, 1e-3.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 got_state, want_state)
+
+
+@pytest.mark.parametrize("step, per_call, sample_every, want", [
+    (0, 10, 0, 5),      # ends at the first log step (every 5)
+    (6, 10, 0, 2),      # ends at the checkpoint step (every 8) before the log at 10
+    (10, 3, 0, 3),      # no periodic step within the next 3
+    (0, 1, 0, 1),
+    (0, 10, 1, 1),      # samples every step
+    (16, 10, 0, 3),     # ends at the last step, 19
+])
+def test_calls_end_at_every_periodic_step(step, per_call, sample_every, want):
+  train = _config("shapes", log_every=5, checkpoint_every=8, sample_every=sample_every).train
+  stage = runner.Stage(directory="d", num_steps=19, abstract_state=None, init_state=None,
+                       step_fn=None, batches=None, step_of=None, steps_fn=lambda *a: None,
+                       steps_per_call=per_call, on_sample=lambda *a: None)
+  assert runner.steps_this_call(step, stage, train) == want
+
+
+def test_bad_steps_per_call_is_an_error():
+  train = _config("shapes").train
+  make = lambda per_call, steps_fn: runner.Stage(  # noqa: E731
+      directory="d", num_steps=20, abstract_state=None, init_state=None, step_fn=None,
+      batches=None, step_of=None, steps_fn=steps_fn, steps_per_call=per_call)
+  with pytest.raises(ValueError, match="at least 1"):
+    runner.steps_this_call(0, make(0, lambda *a: None), train)
+  with pytest.raises(ValueError, match="needs a steps_fn"):
+    runner.steps_this_call(0, make(4, None), train)
+
+
+def test_stacked_batches_drop_strings_and_keep_order():
+  batches = [{"tokens": np.full((2, 3), i), "captions": np.array(["a", "b"])} for i in range(4)]
+  stacked = runner.stack_batches(batches)
+  assert list(stacked) == ["tokens"] and stacked["tokens"].shape == (4, 2, 3)
+  np.testing.assert_array_equal(stacked["tokens"][:, 0, 0], [0, 1, 2, 3])
+
+
 def _saved(stage_dir, step):
   step_dir = pathlib.Path(stage_dir, "checkpoints", str(step))
   state = ocp.StandardCheckpointer().restore(str(step_dir / "state"))

@@ -195,10 +195,14 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
     frozen = jax.device_put(frozen, frozen_shardings)
   train_step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer,
                                              text_encoder_fn=text_encoder_fn)
-  jitted = denoiser_step.jit_train_step(train_step, mesh, shardings, batch_sharding,
-                                        frozen_shardings=frozen_shardings)
-  step_fn = ((lambda s, b, r: jitted(s, runner.to_global(b, batch_sharding), r)) if frozen is None
-             else (lambda s, b, r: jitted(s, runner.to_global(b, batch_sharding), r, frozen)))
+  step_fn = _global_step_fn(
+      denoiser_step.jit_train_step(train_step, mesh, shardings, batch_sharding,
+                                   frozen_shardings=frozen_shardings), batch_sharding, frozen)
+  stacked_sharding = mesh_lib.stacked_batch_sharding(mesh)
+  steps_fn = _global_step_fn(
+      denoiser_step.jit_train_step(runner.scan_steps(train_step), mesh, shardings,
+                                   stacked_sharding, frozen_shardings=frozen_shardings),
+      stacked_sharding, frozen)
 
   def batches():
     return token_cache.token_batches(
@@ -214,8 +218,15 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
       directory=directory, num_steps=num_steps, abstract_state=setup.abstract_state,
       init_state=init_state, step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
       init_from=(lambda: _load_init_params(init_from, model)) if init_from else None,
-      resume_from=config.checkpoint.resume_from, on_sample=write_samples))
+      resume_from=config.checkpoint.resume_from, on_sample=write_samples, steps_fn=steps_fn,
+      steps_per_call=int(config.train.get("steps_per_call", 1))))
   return int(np.asarray(jax.device_get(final.step)))
+
+
+def _global_step_fn(jitted, sharding, frozen):
+  """``(state, host batch, rng) -> jitted(...)`` with the batch made global (and frozen params)."""
+  extra = () if frozen is None else (frozen,)
+  return lambda s, b, r: jitted(s, runner.to_global(b, sharding), r, *extra)
 
 
 def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer, seed: int,

@@ -32,7 +32,7 @@ from vqdiffusion_jax.train import report as report_lib
 from vqdiffusion_jax.train import state as state_lib
 from vqdiffusion_jax.train import tokenizer_step
 from vqdiffusion_jax.train.denoiser_stage import run_denoiser
-from vqdiffusion_jax.train.runner import Stage, run_stage, to_global
+from vqdiffusion_jax.train.runner import Stage, run_stage, scan_steps, to_global
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +197,13 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
   state_shardings = shardings
   batch_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  stacked_sharding = mesh_lib.stacked_batch_sharding(mesh)
+
+  def jit_step(fn, sharding):
+    jitted = jax.jit(fn, in_shardings=(state_shardings, sharding, replicated, replicated),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return lambda s, b, r: jitted(s, to_global(b, sharding), r, lpips_params)
+
   tokenizer_batch = int(config.tokenizer.train.global_batch)
 
   def batches():
@@ -219,7 +224,9 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
   final = run_stage(config, Stage(
       directory=directory, num_steps=int(config.tokenizer.train.num_steps),
       abstract_state=abstract, init_state=init_state, batches=batches,
-      step_fn=lambda s, b, r: jitted(s, to_global(b, batch_sharding), r, lpips_params),
+      step_fn=jit_step(step, batch_sharding),
+      steps_fn=jit_step(scan_steps(step), stacked_sharding),
+      steps_per_call=int(config.tokenizer.train.get("steps_per_call", 1)),
       step_of=lambda s: s.generator.step, on_sample=write_reconstructions))
   variables = {"params": final.generator.params, **final.generator.extra}
   return Tokenizer(module.clone(matmul_dtype="float32"), jax.device_get(variables), size)

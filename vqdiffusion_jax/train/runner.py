@@ -1,9 +1,16 @@
-"""The shared, resumable step loop that every trainer runs."""
+"""The shared, resumable step loop that every trainer runs.
+
+A stage may run several steps per call (``Stage.steps_per_call``): the loop
+stacks that many batches and calls one jitted ``lax.scan`` over them
+(``scan_steps``), which saves the per-call dispatch and XLA:CPU's per-call
+temporary buffer. Calls end at every log, sample and checkpoint step, so those
+see the same steps as with one step per call.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,6 +18,28 @@ import numpy as np
 
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import metrics as metrics_lib
+
+
+def stack_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Numeric batch arrays stacked along a new leading (step) axis."""
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]
+          if np.asarray(batches[0][k]).dtype.kind in "biuf"}
+
+
+def scan_steps(step: Callable[..., tuple[Any, dict]]) -> Callable[..., tuple[Any, dict]]:
+  """``step(state, batch, rng, *rest)`` -> the same over stacked batches in one program.
+
+  The returned function runs ``step`` once per leading index of ``batches``
+  (``lax.scan``) and returns the final state and the last step's metrics.
+  Steps draw their randomness from ``fold_in(rng, step)``, so k steps in one
+  call compute what k calls do.
+  """
+
+  def steps(state, batches, rng, *rest):
+    state, metrics = jax.lax.scan(lambda s, b: step(s, b, rng, *rest), state, batches)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+
+  return steps
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -33,6 +62,8 @@ class Stage:
   init_from: Callable[[], Any] | None = None
   resume_from: str = ""
   on_sample: Callable[[int, Any, dict, metrics_lib.MetricWriter], None] | None = None
+  steps_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]] | None = None  # stacked batches
+  steps_per_call: int = 1
 
 
 class StopRequestedError(Exception):
@@ -77,9 +108,12 @@ def run_stage(config: Any, stage: Stage) -> Any:
   preempted = False
   with ckpt_lib.PreemptionWatcher() as watcher:
     while step < stage.num_steps:
-      batch = next(iterator)
-      state, metrics = stage.step_fn(state, batch, rng)
-      step += 1
+      batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
+      if len(batches) == 1:
+        state, metrics = stage.step_fn(state, batches[0], rng)
+      else:
+        state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
+      step, batch = step + len(batches), batches[-1]
       if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
         stage.on_sample(step, state, batch, writer)
       if step % int(train.log_every) == 0 or step == stage.num_steps:
@@ -100,6 +134,20 @@ def run_stage(config: Any, stage: Stage) -> Any:
   if preempted:
     raise StopRequestedError(stage.directory, step, stage.num_steps)
   return state
+
+
+def steps_this_call(step: int, stage: Stage, train: Any) -> int:
+  """Steps the next call runs: ``stage.steps_per_call``, ending at the next periodic step."""
+  if stage.steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be at least 1, got {stage.steps_per_call}")
+  if stage.steps_per_call > 1 and stage.steps_fn is None:
+    raise ValueError(f"{stage.directory}: steps_per_call > 1 needs a steps_fn")
+  stops = [stage.num_steps]
+  sample_every = train.get("sample_every", 0) if stage.on_sample is not None else 0
+  for every in (train.log_every, train.checkpoint_every, sample_every):
+    if int(every) > 0:
+      stops.append((step // int(every) + 1) * int(every))
+  return max(1, min(stage.steps_per_call, min(stops) - step))
 
 
 def _due(step: int, every: int, last: int) -> bool:
