@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
       [--layouts loop scan scan+remat scan+minimal-remat] [--matmul-dtypes float32 bfloat16]
+      [--steps-per-call 1 10]
 
 Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
 a 24 x 128 trained text encoder, pooled text) with random weights and times
@@ -12,7 +13,8 @@ kept, the rest recomputed), for each matmul dtype asked for. Timings are interle
 (A B C A B C ...); the table gives medians, the speed-up over the first row,
 and per step the minor page faults and system CPU time (``getrusage``): XLA:CPU
 maps its temporary buffer afresh on every call, and the kernel zeroes each
-page on first touch.
+page on first touch. ``--steps-per-call`` also times several steps in one
+call (``runner.scan_steps`` over stacked batches, as ``train.steps_per_call``).
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
 consumer of it, transposed copies included, so an unrolled stack recomputes
@@ -33,7 +35,7 @@ from configs import shapes as shapes_config
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
-from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop
+from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -43,8 +45,9 @@ LAYOUTS = {"loop": (False, False, "full"), "scan": (True, False, "full"),
 VOCAB = 32
 
 
-def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch: int):
-  """(jitted step, state, batch) for one layout."""
+def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch: int,
+               steps_per_call: int = 1):
+  """(jitted step, state, batch) for one layout; stacked batches for several steps per call."""
   text = config.text
   tokenizer = loop.Tokenizer(loop.tokenizer_module(config), {}, int(config.data.image_size))
   denoiser = dataclasses.replace(
@@ -64,19 +67,23 @@ def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch:
                                              (batch, denoiser.num_tokens)), jnp.int32),
           "text_ids": jnp.asarray(rng.integers(4, VOCAB, (batch, text.length)), jnp.int32),
           "drop_text": jnp.zeros((batch,), bool)}
-  step = jax.jit(denoiser_step.make_train_step(model, schedule, config, config.diffusion,
-                                               optimizer))
-  return step, state, data
+  step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer)
+  if steps_per_call > 1:
+    step = runner.scan_steps(step)
+    data = jax.tree.map(lambda x: jnp.stack([x] * steps_per_call), data)
+  return jax.jit(step), state, data
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+  parser.add_argument("--steps", type=int, default=5,
+                      help="steps per timed repeat (rounded up to whole calls)")
   parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
   parser.add_argument("--matmul-dtypes", nargs="+", choices=precision.MATMUL_DTYPES,
                       default=["float32"])
+  parser.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
   args = parser.parse_args()
   key = jax.random.key(1)
   runs = {}
@@ -85,22 +92,26 @@ def main() -> None:
     with config.unlocked():
       config.train.matmul_dtype = matmul_dtype
     for layout in args.layouts:
-      step, state, data = build_step(config, *LAYOUTS[layout], args.batch)
-      jax.block_until_ready(step(state, data, key))  # compile
-      runs[f"{layout}, {matmul_dtype}"] = (step, state, data)
+      for per_call in args.steps_per_call:
+        step, state, data = build_step(config, *LAYOUTS[layout], args.batch, per_call)
+        jax.block_until_ready(step(state, data, key))  # compile
+        name = f"{layout}, {matmul_dtype}" + (f", {per_call} per call" if per_call > 1 else "")
+        runs[name] = (step, state, data, per_call)
   seconds = {name: [] for name in runs}
   faults = {name: [] for name in runs}
   system = {name: [] for name in runs}
   for _ in range(args.repeats):
-    for name, (step, state, data) in runs.items():
+    for name, (step, state, data, per_call) in runs.items():
+      calls = -(-args.steps // per_call)
       before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-      for _ in range(args.steps):
+      for _ in range(calls):
         out = step(state, data, key)
       jax.block_until_ready(out)
-      seconds[name].append((time.perf_counter() - start) / args.steps)
+      steps = calls * per_call
+      seconds[name].append((time.perf_counter() - start) / steps)
       after = resource.getrusage(resource.RUSAGE_SELF)
-      faults[name].append((after.ru_minflt - before.ru_minflt) / args.steps)
-      system[name].append((after.ru_stime - before.ru_stime) / args.steps)
+      faults[name].append((after.ru_minflt - before.ru_minflt) / steps)
+      system[name].append((after.ru_stime - before.ru_stime) / steps)
   base = statistics.median(next(iter(seconds.values())))
   print(f"denoiser train step, batch {args.batch}, {jax.devices()[0].platform}")
   print("| layout, matmuls | ms / step (median) | samples/s | speed-up | page faults / step "
