@@ -20,10 +20,15 @@ from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import metrics as metrics_lib
 
 
+def _is_numeric(value) -> bool:
+  """Whether a batch entry goes to the device (captions and other strings stay on the host)."""
+  return np.asarray(value).dtype.kind in "biuf"
+
+
 def stack_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Numeric batch arrays stacked along a new leading (step) axis."""
   return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]
-          if np.asarray(batches[0][k]).dtype.kind in "biuf"}
+          if _is_numeric(batches[0][k])}
 
 
 def scan_steps(step: Callable[..., tuple[Any, dict]]) -> Callable[..., tuple[Any, dict]]:
@@ -45,7 +50,7 @@ def scan_steps(step: Callable[..., tuple[Any, dict]]) -> Callable[..., tuple[Any
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """Host-local numeric batch arrays -> global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+          for k, v in batch.items() if _is_numeric(v)}
 
 
 @dataclasses.dataclass
