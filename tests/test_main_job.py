@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import loop, runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +72,10 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "run_stage", crash_after_two)
   with pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, str(resumed))
+  # The save of step 2 was in flight; the stage waited for it before raising.
+  checkpoints = resumed / "denoiser" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]
+  assert (checkpoints / "2" / ckpt_lib.COMMIT_MARKER).exists()
   monkeypatch.setattr(runner, "run_stage", real_run_stage)
   assert loop.train_and_evaluate(config, str(resumed))["denoiser_step"] == 4
 

@@ -9,6 +9,7 @@ see the same steps as with one step per call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,10 +96,25 @@ def run_stage(config: Any, stage: Stage) -> Any:
     StopRequestedError: on SIGTERM or preemption, after the checkpoint of the
       step reached is saved.
   """
-  train = config.train
   checkpointer = ckpt_lib.Checkpointer.for_workdir(
-      stage.directory, save_interval_steps=int(train.checkpoint_every),
-      keep=max(2, int(train.keep_checkpoints)))
+      stage.directory, save_interval_steps=int(config.train.checkpoint_every),
+      keep=max(2, int(config.train.keep_checkpoints)))
+  # Closing waits for the save in flight, so an exception (a crash in the step,
+  # a NaN loss, Ctrl-C in a notebook) still commits the last checkpoint
+  # started, and a re-run in the same process never races its writer.
+  with (checkpointer, ckpt_lib.PreemptionWatcher() as watcher,
+        contextlib.closing(metrics_lib.MetricWriter(stage.directory)) as writer):
+    state, step, preempted = _train(config, stage, checkpointer, watcher, writer)
+  if preempted:
+    raise StopRequestedError(stage.directory, step, stage.num_steps)
+  return state
+
+
+def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
+           watcher: ckpt_lib.PreemptionWatcher,
+           writer: metrics_lib.MetricWriter) -> tuple[Any, int, bool]:
+  """Resumes and runs ``stage``; returns the state, its step and whether it was preempted."""
+  train = config.train
   state, data_state, origin = ckpt_lib.resume(
       checkpointer, stage.abstract_state, init_from=stage.init_from,
       init_state=stage.init_state, resume_from=stage.resume_from)
@@ -106,39 +122,30 @@ def run_stage(config: Any, stage: Stage) -> Any:
   if data_state.get("iterator"):
     iterator.set_state(data_state["iterator"])
   step = int(jax.device_get(stage.step_of(state)))
-  writer = metrics_lib.MetricWriter(stage.directory)
   progress = metrics_lib.Progress(stage.num_steps, step)
   rng = jax.random.key(int(config.seed))
   config_json = config.to_dict()
   preempted = False
-  with ckpt_lib.PreemptionWatcher() as watcher:
-    while step < stage.num_steps:
-      batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
-      if len(batches) == 1:
-        state, metrics = stage.step_fn(state, batches[0], rng)
-      else:
-        state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
-      step, batch = step + len(batches), batches[-1]
-      if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
-        stage.on_sample(step, state, batch, writer)
-      if step % int(train.log_every) == 0 or step == stage.num_steps:
-        scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-        metrics_lib.check_finite(step, scalars)
-        writer.write_scalars(step, scalars)
-        progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
-      data_state = {"iterator": iterator.get_state(), "origin": origin}
-      preempted = watcher.should_stop(step)
-      checkpointer.save(step, state, data_state=data_state, config=config_json,
-                        force=preempted or step == stage.num_steps)
-      if preempted:
-        break
+  while step < stage.num_steps and not preempted:
+    batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
+    if len(batches) == 1:
+      state, metrics = stage.step_fn(state, batches[0], rng)
+    else:
+      state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
+    step, batch = step + len(batches), batches[-1]
+    if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
+      stage.on_sample(step, state, batch, writer)
+    if step % int(train.log_every) == 0 or step == stage.num_steps:
+      scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+      metrics_lib.check_finite(step, scalars)
+      writer.write_scalars(step, scalars)
+      progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
+    data_state = {"iterator": iterator.get_state(), "origin": origin}
+    preempted = watcher.should_stop(step)
+    checkpointer.save(step, state, data_state=data_state, config=config_json,
+                      force=preempted or step == stage.num_steps)
   progress.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  if preempted:
-    raise StopRequestedError(stage.directory, step, stage.num_steps)
-  return state
+  return state, step, preempted
 
 
 def steps_this_call(step: int, stage: Stage, train: Any) -> int:
