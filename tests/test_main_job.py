@@ -134,7 +134,7 @@ def test_calls_end_at_every_periodic_step(step, per_call, sample_every, want):
   assert runner.steps_this_call(step, stage, train) == want
 
 
-def test_bad_steps_per_call_is_an_error():
+def test_bad_steps_per_call_or_log_every_is_an_error():
   train = _config("shapes").train
   make = lambda per_call, steps_fn: runner.Stage(  # noqa: E731
       directory="d", num_steps=20, abstract_state=None, init_state=None, step_fn=None,
@@ -143,6 +143,8 @@ def test_bad_steps_per_call_is_an_error():
     runner.steps_this_call(0, make(0, lambda *a: None), train)
   with pytest.raises(ValueError, match="needs a steps_fn"):
     runner.steps_this_call(0, make(4, None), train)
+  with pytest.raises(ValueError, match="log_every must be at least 1"):
+    runner.steps_this_call(0, make(4, lambda *a: None), _config("shapes", log_every=0).train)
 
 
 def test_stacked_batches_drop_strings_and_keep_order():

@@ -122,29 +122,28 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
   if data_state.get("iterator"):
     iterator.set_state(data_state["iterator"])
   step = int(jax.device_get(stage.step_of(state)))
-  progress = metrics_lib.Progress(stage.num_steps, step)
   rng = jax.random.key(int(config.seed))
   config_json = config.to_dict()
   preempted = False
-  while step < stage.num_steps and not preempted:
-    batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
-    if len(batches) == 1:
-      state, metrics = stage.step_fn(state, batches[0], rng)
-    else:
-      state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
-    step, batch = step + len(batches), batches[-1]
-    if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
-      stage.on_sample(step, state, batch, writer)
-    if step % int(train.log_every) == 0 or step == stage.num_steps:
-      scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-      metrics_lib.check_finite(step, scalars)
-      writer.write_scalars(step, scalars)
-      progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
-    data_state = {"iterator": iterator.get_state(), "origin": origin}
-    preempted = watcher.should_stop(step)
-    checkpointer.save(step, state, data_state=data_state, config=config_json,
-                      force=preempted or step == stage.num_steps)
-  progress.close()
+  with contextlib.closing(metrics_lib.Progress(stage.num_steps, step)) as progress:
+    while step < stage.num_steps and not preempted:
+      batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
+      if len(batches) == 1:
+        state, metrics = stage.step_fn(state, batches[0], rng)
+      else:
+        state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
+      step, batch = step + len(batches), batches[-1]
+      if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
+        stage.on_sample(step, state, batch, writer)
+      if _due(step, train.log_every, stage.num_steps):
+        scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+        metrics_lib.check_finite(step, scalars)
+        writer.write_scalars(step, scalars)
+        progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
+      data_state = {"iterator": iterator.get_state(), "origin": origin}
+      preempted = watcher.should_stop(step)
+      checkpointer.save(step, state, data_state=data_state, config=config_json,
+                        force=preempted or step == stage.num_steps)
   return state, step, preempted
 
 
@@ -152,6 +151,8 @@ def steps_this_call(step: int, stage: Stage, train: Any) -> int:
   """Steps the next call runs: ``stage.steps_per_call``, ending at the next periodic step."""
   if stage.steps_per_call < 1:
     raise ValueError(f"steps_per_call must be at least 1, got {stage.steps_per_call}")
+  if int(train.log_every) < 1:
+    raise ValueError(f"train.log_every must be at least 1, got {train.log_every}")
   if stage.steps_per_call > 1 and stage.steps_fn is None:
     raise ValueError(f"{stage.directory}: steps_per_call > 1 needs a steps_fn")
   stops = [stage.num_steps]
