@@ -2,7 +2,8 @@
 
   PYTHONPATH=. python benchmarks/roofline.py [--size tiny|large] [--grids 8 16 32]
       [--batch 8 32] [--steps 25] [--repeats 3] [--dtype float32|bfloat16|mixed]
-      [--remat-policy full|minimal] [--json out.json]
+      [--remat-policy full|minimal] [--attention auto|materialised|per_head]
+      [--no-breakdown] [--json out.json]
 
 ``--dtype mixed`` keeps activations float32 and runs every matmul on
 bfloat16 operands with float32 accumulation (``matmul_dtype="bfloat16"``).
@@ -14,7 +15,7 @@ bfloat16 operands with float32 accumulation (``matmul_dtype="bfloat16"``).
    benchmarks/vs_diffusers.py): the train step's model FLOPs from XLA's cost
    analysis of the unrolled, non-rematerialised program (XLA counts a loop
    body once, and recomputation is not model work), over the time of the
-   step as we run it (scanned, rematerialised blocks), against the peak.
+   step as we run it (scanned, rematerialised blocks; ``--attention``), against the peak.
    Likewise the guided sampler: S times the FLOPs of its one-step program.
 3. Where the time goes, at the first grid and the last batch: the train step
    cut short and timed as separate programs (forward; + loss; + backward),
@@ -38,7 +39,7 @@ import numpy as np
 from benchmarks import harness, vs_diffusers
 from vqdiffusion_jax.diffusion import discrete
 from vqdiffusion_jax.diffusion import schedule as schedules
-from vqdiffusion_jax.models import transformer
+from vqdiffusion_jax.models import attention, transformer
 from vqdiffusion_jax.train import denoiser_stage
 
 TIMESTEPS = vs_diffusers.TIMESTEPS
@@ -74,7 +75,7 @@ def _flops(compiled) -> float:
 
 
 def network(size: vs_diffusers.Size, dtype: str, *, scan_layers: bool = False,
-            remat: bool = False, remat_policy: str = "full"
+            remat: bool = False, remat_policy: str = "full", attention: str = "auto"
             ) -> transformer.VQDiffusionTransformer:
   return transformer.VQDiffusionTransformer(transformer.TransformerConfig(
       codebook_size=size.codebook, spatial_size=(size.grid, size.grid),
@@ -82,17 +83,22 @@ def network(size: vs_diffusers.Size, dtype: str, *, scan_layers: bool = False,
       condition_dim=size.text_dim, condition_length=size.text_length,
       num_timesteps=TIMESTEPS, conditioning="text", learnable_null_text=True,
       dtype=_dtypes(dtype)[0], matmul_dtype=_dtypes(dtype)[1], scan_layers=scan_layers,
-      remat=remat, remat_policy=remat_policy))
+      remat=remat, remat_policy=remat_policy, attention=attention))
+
+
+# FLOPs are counted on all heads at once: XLA counts the per-head loop's body once.
+_COUNTED = "materialised"
 
 
 def train_row(size, batch: int, dtype: str, peak: float, repeats: int,
-              remat_policy: str = "full") -> dict:
+              remat_policy: str = "full", attention: str = "auto") -> dict:
   """Model FLOPs, seconds and MFU of the whole train step."""
-  step, state, data, _ = vs_diffusers.train_program(network(size, dtype), size, batch)
+  step, state, data, _ = vs_diffusers.train_program(network(size, dtype, attention=_COUNTED),
+                                                    size, batch)
   flops = _flops(step.lower(state, data, jax.random.key(2)).compile())
   step, state, data, _ = vs_diffusers.train_program(
-      network(size, dtype, scan_layers=True, remat=True, remat_policy=remat_policy), size,
-      batch)
+      network(size, dtype, scan_layers=True, remat=True, remat_policy=remat_policy,
+              attention=attention), size, batch)
   seconds = _seconds(vs_diffusers.blocking_steps(step, state, data), repeats)
   return {"work": "train", "grid": size.grid, "batch": batch, "flops": flops,
           "seconds": seconds, "mfu": flops / seconds / peak}
@@ -103,11 +109,13 @@ def _init(module):
   return nn.unbox(jax.jit(init)(jax.random.key(0))["params"])
 
 
-def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: int) -> dict:
+def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: int,
+               attention: str = "auto") -> dict:
   """Model FLOPs (S x one step), seconds and MFU of the guided sampler."""
-  module = network(size, dtype)
+  module = network(size, dtype, attention=attention)
   params = _init(module)
-  one_step, _ = vs_diffusers.guided_sampler(module, params, size, batch, 1)
+  one_step, _ = vs_diffusers.guided_sampler(network(size, dtype, attention=_COUNTED), params,
+                                            size, batch, 1)
   flops = steps * _flops(one_step)
   seconds = _seconds(vs_diffusers.our_sample(module, params, size, batch, steps), repeats)
   return {"work": f"sample {steps} steps", "grid": size.grid, "batch": batch, "flops": flops,
@@ -199,6 +207,10 @@ def _parse():
                       "default float32 on CPU, bfloat16 elsewhere")
   parser.add_argument("--remat-policy", choices=sorted(transformer.REMAT_POLICIES),
                       default="full", help="what the timed train step's blocks recompute")
+  parser.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default="auto",
+                      help="the denoiser's attention (auto: per head on CPU from 32x32 tokens)")
+  parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                      help="skip where the time goes (the rows only)")
   parser.add_argument("--json", help="also write the results to this JSON file")
   args = parser.parse_args()
   if args.repeats < 1:
@@ -220,7 +232,7 @@ def main():
   peak = matmul_peak(args.dtype, args.repeats)
   print(f"# roofline on {jax.default_backend()} ({harness.device_name()}), size {args.size} "
         f"({base.layers} layers, dim {base.dim}, K = {base.codebook}), {args.dtype}, "
-        f"remat {args.remat_policy}")
+        f"remat {args.remat_policy}, attention {args.attention}")
   print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
   print("| work | tokens | batch | GFLOP / step | ms / step | GFLOP/s | MFU |")
   print("|---|---|---:|---:|---:|---:|---:|")
@@ -228,12 +240,23 @@ def main():
   for grid in args.grids:
     size = dataclasses.replace(base, grid=grid)
     for batch in args.batch:
-      for row in (train_row(size, batch, args.dtype, peak, args.repeats, args.remat_policy),
-                  sample_row(size, batch, args.steps, args.dtype, peak, args.repeats)):
+      for row in (train_row(size, batch, args.dtype, peak, args.repeats, args.remat_policy,
+                            args.attention),
+                  sample_row(size, batch, args.steps, args.dtype, peak, args.repeats,
+                             args.attention)):
         rows.append(row)
         print(f"| {row['work']} | {grid}x{grid} | {batch} | {row['flops'] / 1e9:.1f} | "
               f"{1000 * row['seconds']:.1f} | {row['flops'] / row['seconds'] / 1e9:.1f} | "
               f"{row['mfu']:.1%} |", flush=True)
+  breakdown = _breakdown(args, base) if args.breakdown else {}
+  if args.json:
+    with open(args.json, "w") as file:
+      json.dump({"device": harness.device_name(), "peak_flops": peak, "rows": rows,
+                 **breakdown}, file, indent=1)
+
+
+def _breakdown(args, base) -> dict:
+  """Where the time goes, at the first grid and the last batch: printed and returned."""
   size = dataclasses.replace(base, grid=args.grids[0])
   batch = args.batch[-1]
   train = train_breakdown(size, batch, args.dtype, args.repeats, args.remat_policy)
@@ -246,11 +269,7 @@ def main():
   sampler = sampler_breakdown(size, batch, args.steps, args.dtype, args.repeats)
   _share_table(f"guided sampler, {args.steps} steps, batch {batch}", sampler,
                sampler["whole sampler"])
-  if args.json:
-    with open(args.json, "w") as file:
-      json.dump({"device": harness.device_name(), "peak_flops": peak, "rows": rows,
-                 "train_breakdown": train, "block_parts": parts, "sampler": sampler},
-                file, indent=1)
+  return {"train_breakdown": train, "block_parts": parts, "sampler": sampler}
 
 
 if __name__ == "__main__":

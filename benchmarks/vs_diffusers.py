@@ -66,6 +66,7 @@ from tests import torch_reference
 from vqdiffusion_jax.convert import denoiser as convert_denoiser
 from vqdiffusion_jax.diffusion import discrete, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models import attention
 from vqdiffusion_jax.models.transformer import REMAT_POLICIES, VQDiffusionTransformer
 from vqdiffusion_jax.train import denoiser_stage, denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -311,7 +312,8 @@ def run_size(size_name: str, args) -> list[dict]:
   print(f"| {size_name} | same weights | max abs log p gap "
         f"{max_log_prob_gap(model, null, module, params, size):.1e} | | | |", flush=True)
   module = module.clone(config=dataclasses.replace(
-      module.config, matmul_dtype=args.precision, remat_policy=args.remat_policy))
+      module.config, matmul_dtype=args.precision, remat_policy=args.remat_policy,
+      attention=args.attention))
   rows = []
   per_call = args.steps_per_call
   for batch in args.train_batch:
@@ -351,6 +353,8 @@ def _parse():
                       help="diffusers' matmul dtype when it differs from --precision")
   parser.add_argument("--steps-per-call", type=int, default=1,
                       help="train steps per timed call (ours: one lax.scan over them)")
+  parser.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default="auto",
+                      help="our attention (auto: per head on CPU from 32x32 tokens)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
   args.their_precision = args.their_precision or args.precision
@@ -367,7 +371,8 @@ def main():
         f"({harness.device_name()}), torch threads {torch.get_num_threads()}")
   print(f"medians of {args.repeats} interleaved runs; guidance {GUIDANCE:g}, truncation "
         f"{TRUNCATION}; matmuls: ours {args.precision}, theirs {args.their_precision}; "
-        f"ours: scan {args.scan_layers}, remat {args.remat} ({args.remat_policy})\n")
+        f"ours: scan {args.scan_layers}, remat {args.remat} ({args.remat_policy}), "
+        f"attention {args.attention}\n")
   print("| size | work | setting | ours / s | diffusers / s | ours / diffusers |")
   print("|---|---|---|---:|---:|---:|")
   rows = [row for name in args.sizes for row in run_size(name, args)]

@@ -138,7 +138,9 @@ def denoiser(num_layers: int = 19, embed_dim: int = 1024,
              num_heads: int = 16) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "model": {"num_layers": num_layers, "embed_dim": embed_dim, "num_heads": num_heads,
-                "mlp_ratio": 4, "learnable_null_text": True, "pooled_text": False},
+                "mlp_ratio": 4, "learnable_null_text": True, "pooled_text": False,
+                # attention.IMPLEMENTATIONS; "auto": one head at a time for long sequences on CPU
+                "attention": "auto"},
   })
 
 

@@ -4,7 +4,13 @@ The projections come as ``(B, L, H, Dh)``. Written as one einsum over that
 layout, XLA:CPU runs both attention matmuls about three times slower than
 with the heads moved before the lengths, so the heads are moved explicitly:
 ``(B, H, L, Dh)`` for the two batched matmuls and the softmax, then back.
+
+Long sequences on CPU go one head at a time (``per_head_attention``): the
+whole ``(B, H, Lq, Lk)`` score tensor of 32 x 32 tokens does not fit in any
+cache, and its softmax passes run at memory speed; one head's scores do.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +19,21 @@ from jax import lax
 # (B, H, Lq, Dh) x (B, H, Lk, Dh) -> (B, H, Lq, Lk), and the weights times the values.
 _SCORES = (((3,), (3,)), ((0, 1), (0, 1)))
 _MIX = (((3,), (2,)), ((0, 1), (0, 1)))
+# One head, kept as a batch of one (so remat policies see batched products, as above):
+# (1, Lq, Dh) x (1, Lk, Dh) -> (1, Lq, Lk); (1, Lq, Lk) x (1, Lk, Dh) -> (1, Lq, Dh);
+# (1, Lq, Lk) x (1, Lq, Dh) -> (1, Lk, Dh), the transposed weights times a query-side array.
+_HEAD_SCORES = (((2,), (2,)), ((0,), (0,)))
+_HEAD_MIX = (((2,), (1,)), ((0,), (0,)))
+_HEAD_MIX_T = (((1,), (1,)), ((0,), (0,)))
+
+IMPLEMENTATIONS = ("auto", "materialised", "per_head")
+# "auto" goes per head on CPU from this many scores per head (Lq x Lk) up.
+PER_HEAD_MIN_SCORES = 512 * 512
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: jax.Array | None = None,
-                          dot_general=lax.dot_general) -> jax.Array:
+                          dot_general=lax.dot_general, implementation: str = "auto") -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v per head, the scores and softmax in float32.
 
   Args:
@@ -26,10 +42,23 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     mask: boolean, broadcastable to ``(B, H, Lq, Lk)``; True where a query may
       attend to a key. None attends everywhere.
     dot_general: the two matmuls' ``lax.dot_general`` (see ``precision``).
+    implementation: "materialised" (all heads' scores at once), "per_head"
+      (``per_head_attention``; no mask) or "auto": per head on CPU, without a
+      mask, from ``PER_HEAD_MIN_SCORES`` scores per head up.
 
   Returns:
     ``(B, Lq, H, Dh)`` in the dtype of ``value``.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+  if implementation == "auto":
+    long = query.shape[1] * key.shape[1] >= PER_HEAD_MIN_SCORES
+    on_cpu = jax.default_backend() == "cpu"
+    implementation = "per_head" if long and on_cpu and mask is None else "materialised"
+  if implementation == "per_head":
+    if mask is not None:
+      raise ValueError("per_head attention takes no mask")
+    return per_head_attention(query, key, value, dot_general)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   scores = dot_general(q, k, _SCORES, preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32) * query.shape[-1] ** -0.5
@@ -37,6 +66,76 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
   return jnp.swapaxes(dot_general(weights, v, _MIX).astype(value.dtype), 1, 2)
+
+
+def _by_head(x: jax.Array) -> jax.Array:
+  """(B, L, H, Dh) -> (B * H, 1, L, Dh): one head per row of a ``lax.map``."""
+  b, length, h, d = x.shape
+  return jnp.swapaxes(x, 1, 2).reshape(b * h, 1, length, d)
+
+
+def _from_heads(x: jax.Array, batch: int, heads: int) -> jax.Array:
+  return jnp.swapaxes(x.reshape(batch, heads, *x.shape[2:]), 1, 2)
+
+
+def _head_scores(q, k, dot_general):
+  scores = dot_general(q, k, _HEAD_SCORES, preferred_element_type=jnp.float32)
+  return scores.astype(jnp.float32) * q.shape[-1] ** -0.5
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def per_head_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                       dot_general=lax.dot_general) -> jax.Array:
+  """``dot_product_attention`` one (batch row, head) at a time, without a mask.
+
+  A ``lax.map`` over the B x H heads keeps one head's ``(Lq, Lk)`` scores in
+  cache. The backward pass recomputes each head's scores from the saved
+  log-sum-exp of its rows rather than keeping them: memory O(B H L) beyond
+  the inputs and output, not O(B H Lq Lk). Same arguments and result as
+  ``dot_product_attention``.
+  """
+  return _per_head_forward(query, key, value, dot_general)[0]
+
+
+def _per_head_forward(query, key, value, dot_general):
+  def one_head(head):
+    q, k, v = head
+    scores = _head_scores(q, k, dot_general)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    out = dot_general((exp / total).astype(v.dtype), v, _HEAD_MIX).astype(v.dtype)
+    return out, top + jnp.log(total)
+
+  out, log_total = lax.map(one_head, (_by_head(query), _by_head(key), _by_head(value)))
+  out = _from_heads(out, query.shape[0], query.shape[2])
+  return out, (query, key, value, out, log_total)
+
+
+def _per_head_backward(dot_general, residuals, cotangent):
+  query, key, value, out, log_total = residuals
+
+  def one_head(head):
+    q, k, v, o, g, lse = head
+    weights = jnp.exp(_head_scores(q, k, dot_general) - lse)
+    d_value = dot_general(weights.astype(g.dtype), g, _HEAD_MIX_T).astype(v.dtype)
+    d_weights = dot_general(g, v, _HEAD_SCORES, preferred_element_type=jnp.float32)
+    # Softmax backward: w * (dw - sum(w * dw)), and sum(w * dw) = sum(g * o) per row.
+    row = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (weights * (d_weights.astype(jnp.float32) - row) * q.shape[-1] ** -0.5)
+    d_scores = d_scores.astype(q.dtype)
+    d_query = dot_general(d_scores, k, _HEAD_MIX).astype(q.dtype)
+    d_key = dot_general(d_scores, q, _HEAD_MIX_T).astype(k.dtype)
+    return d_query, d_key, d_value
+
+  heads = tuple(_by_head(x) for x in (query, key, value, out, cotangent)) + (log_total,)
+  batch, num_heads = query.shape[0], query.shape[2]
+  return tuple(_from_heads(x, batch, num_heads) for x in lax.map(one_head, heads))
+
+
+per_head_attention.defvjp(
+    lambda query, key, value, dot_general: _per_head_forward(query, key, value, dot_general),
+    _per_head_backward)
 
 
 def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:

@@ -90,6 +90,9 @@ class TransformerConfig:
     remat_policy: with ``remat``, what is recomputed: "full" (everything) or
       "minimal" (all but the products with a weight, which are kept).
     scan_layers: run the blocks under ``nn.scan`` over stacked parameters.
+    attention: how attention runs (``attention.IMPLEMENTATIONS``): "auto"
+      goes one head at a time on CPU for long sequences (32 x 32 tokens),
+      all heads at once otherwise.
   """
 
   codebook_size: int
@@ -112,9 +115,12 @@ class TransformerConfig:
   remat: bool = False
   remat_policy: str = "full"
   scan_layers: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     precision.dot_general_for(self.matmul_dtype)  # validates the name
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention {self.attention!r} not in {attention.IMPLEMENTATIONS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {tuple(REMAT_POLICIES)}")
     if self.conditioning not in CONDITIONINGS:
@@ -249,6 +255,7 @@ class Attention(nn.Module):
   context_axis: str = axes.EMBED
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
+  implementation: str = "auto"
 
   def _project(self, x, name, in_axis):
     return nn.DenseGeneral(
@@ -265,7 +272,8 @@ class Attention(nn.Module):
     value = nn.with_logical_constraint(self._project(context, "value", self.context_axis),
                                        act_axes)
     dot_general = precision.dot_general_for(self.matmul_dtype)
-    mixed = attention.dot_product_attention(query, key, value, dot_general=dot_general)
+    mixed = attention.dot_product_attention(query, key, value, dot_general=dot_general,
+                                            implementation=self.implementation)
     return nn.DenseGeneral(
         x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
         dot_general=dot_general,
@@ -335,7 +343,7 @@ class Block(nn.Module):
     cfg = self.config
     dtype, matmul_dtype = cfg.dtype, cfg.matmul_dtype
     self_attn = Attention(cfg.num_heads, cfg.head_dim, dtype=dtype, matmul_dtype=matmul_dtype,
-                          name="self_attn")
+                          implementation=cfg.attention, name="self_attn")
     pooled = None
     if cfg.pooled_text:
       pooled = nn.Dense(
@@ -353,7 +361,7 @@ class Block(nn.Module):
                             name="cross_attn_norm")(
           h, t, pooled)
       cross_attn = Attention(cfg.num_heads, cfg.head_dim, axes.COND_EMBED, dtype,
-                             matmul_dtype, name="cross_attn")
+                             matmul_dtype, cfg.attention, name="cross_attn")
       h = h + cross_attn(normed, condition.astype(dtype))
     if cfg.conditioning == "class":
       normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, matmul_dtype,

@@ -77,7 +77,7 @@ def denoiser_config(config: Any, tokenizer, condition: tuple[int, int]) -> Trans
       dtype=jnp.dtype(config.train.dtype), remat=bool(config.train.remat),
       remat_policy=str(config.train.get("remat_policy", "full")),
       scan_layers=bool(config.train.scan_layers),
-      matmul_dtype=matmul_dtype(config))
+      matmul_dtype=matmul_dtype(config), attention=str(model.get("attention", "auto")))
 
 
 def trained_text_encoder(config: Any, vocab_size: int) -> TextEncoder:
