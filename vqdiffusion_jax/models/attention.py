@@ -60,8 +60,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       raise ValueError("per_head attention takes no mask")
     return per_head_attention(query, key, value, dot_general)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  scores = dot_general(q, k, _SCORES, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * query.shape[-1] ** -0.5
+  scores = _scaled_scores(q, k, _SCORES, dot_general)
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
@@ -78,8 +77,9 @@ def _from_heads(x: jax.Array, batch: int, heads: int) -> jax.Array:
   return jnp.swapaxes(x.reshape(batch, heads, *x.shape[2:]), 1, 2)
 
 
-def _head_scores(q, k, dot_general):
-  scores = dot_general(q, k, _HEAD_SCORES, preferred_element_type=jnp.float32)
+def _scaled_scores(q, k, dimension_numbers, dot_general):
+  """q k^T / sqrt(Dh) in float32, whatever the operands' dtype."""
+  scores = dot_general(q, k, dimension_numbers, preferred_element_type=jnp.float32)
   return scores.astype(jnp.float32) * q.shape[-1] ** -0.5
 
 
@@ -100,7 +100,7 @@ def per_head_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 def _per_head_forward(query, key, value, dot_general):
   def one_head(head):
     q, k, v = head
-    scores = _head_scores(q, k, dot_general)
+    scores = _scaled_scores(q, k, _HEAD_SCORES, dot_general)
     top = jnp.max(scores, axis=-1, keepdims=True)
     exp = jnp.exp(scores - top)
     total = jnp.sum(exp, axis=-1, keepdims=True)
@@ -117,7 +117,7 @@ def _per_head_backward(dot_general, residuals, cotangent):
 
   def one_head(head):
     q, k, v, o, g, lse = head
-    weights = jnp.exp(_head_scores(q, k, dot_general) - lse)
+    weights = jnp.exp(_scaled_scores(q, k, _HEAD_SCORES, dot_general) - lse)
     d_value = dot_general(weights.astype(g.dtype), g, _HEAD_MIX_T).astype(v.dtype)
     d_weights = dot_general(g, v, _HEAD_SCORES, preferred_element_type=jnp.float32)
     # Softmax backward: w * (dw - sum(w * dw)), and sum(w * dw) = sum(g * o) per row.
@@ -133,9 +133,7 @@ def _per_head_backward(dot_general, residuals, cotangent):
   return tuple(_from_heads(x, batch, num_heads) for x in lax.map(one_head, heads))
 
 
-per_head_attention.defvjp(
-    lambda query, key, value, dot_general: _per_head_forward(query, key, value, dot_general),
-    _per_head_backward)
+per_head_attention.defvjp(_per_head_forward, _per_head_backward)
 
 
 def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
