@@ -1,4 +1,4 @@
-"""The attention core: per-head attention against dense math and the materialised path."""
+"""The attention core: per-head and fused attention against dense math and the materialised path."""
 
 import dataclasses
 
@@ -31,16 +31,17 @@ def _dense(query, key, value):
   return out
 
 
-@pytest.mark.parametrize("implementation", ["materialised", "per_head"])
+@pytest.mark.parametrize("implementation", ["materialised", "per_head", "fused"])
 def test_attention_is_the_dense_softmax_product(implementation):
   query, key, value = _qkv()
   got = attention.dot_product_attention(query, key, value, implementation=implementation)
   np.testing.assert_allclose(got, _dense(query, key, value), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["per_head", "fused"])
 @pytest.mark.parametrize("dot_general, tolerance", [
     (jax.lax.dot_general, 1e-5), (precision.mixed_dot_general, 2e-2)])
-def test_per_head_gradients_match_the_materialised_path(dot_general, tolerance):
+def test_gradients_match_the_materialised_path(implementation, dot_general, tolerance):
   query, key, value = _qkv(queries=16, keys=16)
   weights = np.random.default_rng(1).normal(size=query.shape).astype(np.float32)
 
@@ -51,9 +52,39 @@ def test_per_head_gradients_match_the_materialised_path(dot_general, tolerance):
       return jnp.sum(jnp.sin(out) * weights)
     return jax.grad(fn, argnums=(0, 1, 2))(query, key, value)
 
-  for got, want in zip(loss("per_head"), loss("materialised"), strict=True):
+  for got, want in zip(loss(implementation), loss("materialised"), strict=True):
     scale = float(np.max(np.abs(want)))
     np.testing.assert_allclose(got, want, atol=tolerance * scale, rtol=0)
+
+
+def test_fused_attention_takes_a_mask_and_bfloat16_operands():
+  query, key, value = _qkv(queries=7, keys=7)
+  mask = np.tril(np.ones((7, 7), bool))
+  want = attention.dot_product_attention(query, key, value, mask, implementation="materialised")
+  got = attention.dot_product_attention(query, key, value, mask, implementation="fused")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  mixed = attention.fused_attention(query, key, value, mask, precision.mixed_dot_general)
+  rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (query, key, value)]
+  assert mixed.dtype == jnp.float32
+  np.testing.assert_allclose(mixed, attention.dot_product_attention(
+      *rounded, mask, implementation="materialised"), atol=2e-2)
+  assert "bf16" in str(jax.make_jaxpr(
+      lambda q: attention.fused_attention(q, key, value, None, precision.mixed_dot_general))(
+          query))
+
+
+def test_auto_and_fused_backend_choices():
+  long = int(np.sqrt(attention.PER_HEAD_MIN_SCORES))
+  choose = attention.choose_implementation
+  assert choose("gpu", 8, 8, masked=True) == "fused"
+  assert choose("cpu", long, long, masked=False) == "per_head"
+  assert choose("cpu", long, long, masked=True) == "materialised"
+  assert choose("cpu", long // 2, long, masked=False) == "materialised"
+  assert choose("tpu", long, long, masked=False) == "materialised"
+  assert attention.fused_backend("gpu", jnp.bfloat16) == "cudnn"
+  assert attention.fused_backend("gpu", jnp.float16) == "cudnn"
+  assert attention.fused_backend("gpu", jnp.float32) == "xla"
+  assert attention.fused_backend("cpu", jnp.bfloat16) == "xla"
 
 
 def _has_loop(implementation, queries, mask=None):

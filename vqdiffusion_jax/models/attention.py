@@ -8,6 +8,9 @@ with the heads moved before the lengths, so the heads are moved explicitly:
 Long sequences on CPU go one head at a time (``per_head_attention``): the
 whole ``(B, H, Lq, Lk)`` score tensor of 32 x 32 tokens does not fit in any
 cache, and its softmax passes run at memory speed; one head's scores do.
+On GPUs attention goes through ``jax.nn.dot_product_attention``
+(``fused_attention``): cuDNN's fused kernel where it takes the operands,
+XLA's own lowering otherwise.
 """
 
 import functools
@@ -15,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from vqdiffusion_jax.models import precision
 
 # (B, H, Lq, Dh) x (B, H, Lk, Dh) -> (B, H, Lq, Lk), and the weights times the values.
 _SCORES = (((3,), (3,)), ((0, 1), (0, 1)))
@@ -26,7 +31,7 @@ _HEAD_SCORES = (((2,), (2,)), ((0,), (0,)))
 _HEAD_MIX = (((2,), (1,)), ((0,), (0,)))
 _HEAD_MIX_T = (((1,), (1,)), ((0,), (0,)))
 
-IMPLEMENTATIONS = ("auto", "materialised", "per_head")
+IMPLEMENTATIONS = ("auto", "materialised", "per_head", "fused")
 # "auto" goes per head on CPU from this many scores per head (Lq x Lk) up.
 PER_HEAD_MIN_SCORES = 512 * 512
 
@@ -43,8 +48,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       attend to a key. None attends everywhere.
     dot_general: the two matmuls' ``lax.dot_general`` (see ``precision``).
     implementation: "materialised" (all heads' scores at once), "per_head"
-      (``per_head_attention``; no mask) or "auto": per head on CPU, without a
-      mask, from ``PER_HEAD_MIN_SCORES`` scores per head up.
+      (``per_head_attention``; no mask), "fused" (``fused_attention``) or
+      "auto" (``choose_implementation``).
 
   Returns:
     ``(B, Lq, H, Dh)`` in the dtype of ``value``.
@@ -52,9 +57,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
   if implementation == "auto":
-    long = query.shape[1] * key.shape[1] >= PER_HEAD_MIN_SCORES
-    on_cpu = jax.default_backend() == "cpu"
-    implementation = "per_head" if long and on_cpu and mask is None else "materialised"
+    implementation = choose_implementation(jax.default_backend(), query.shape[1], key.shape[1],
+                                           masked=mask is not None)
+  if implementation == "fused":
+    return fused_attention(query, key, value, mask, dot_general)
   if implementation == "per_head":
     if mask is not None:
       raise ValueError("per_head attention takes no mask")
@@ -65,6 +71,48 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
   return jnp.swapaxes(dot_general(weights, v, _MIX).astype(value.dtype), 1, 2)
+
+
+def choose_implementation(platform: str, query_length: int, key_length: int, *,
+                          masked: bool) -> str:
+  """What "auto" runs: "fused" on GPU; "per_head" on CPU for long unmasked sequences.
+
+  Per head from ``PER_HEAD_MIN_SCORES`` scores per head up; "materialised"
+  everywhere else, TPUs included (XLA fuses the all-heads program well there).
+  """
+  if platform in ("gpu", "cuda", "rocm"):
+    return "fused"
+  if platform == "cpu" and not masked and query_length * key_length >= PER_HEAD_MIN_SCORES:
+    return "per_head"
+  return "materialised"
+
+
+def fused_backend(platform: str, dtype) -> str:
+  """``jax.nn.dot_product_attention``'s implementation: cuDNN for 16-bit operands on GPU."""
+  sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if platform in ("gpu", "cuda") and sixteen_bit else "xla"
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    mask: jax.Array | None = None, dot_general=lax.dot_general) -> jax.Array:
+  """``dot_product_attention`` by ``jax.nn.dot_product_attention``.
+
+  With ``precision.mixed_dot_general`` the operands go in as bfloat16 (float32
+  scores and softmax either way), which lets cuDNN's fused kernel take them on
+  GPU. Where cuDNN refuses the shapes or the installed version, XLA's lowering
+  runs instead. Same arguments and result as ``dot_product_attention``.
+  """
+  dtype = jnp.bfloat16 if dot_general is precision.mixed_dot_general else query.dtype
+  q, k, v = (x.astype(dtype) for x in (query, key, value))
+  backend = fused_backend(jax.default_backend(), dtype)
+  if backend == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn").astype(
+          value.dtype)
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla").astype(
+      value.dtype)
 
 
 def _by_head(x: jax.Array) -> jax.Array:

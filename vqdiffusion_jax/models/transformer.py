@@ -91,8 +91,9 @@ class TransformerConfig:
       "minimal" (all but the products with a weight, which are kept).
     scan_layers: run the blocks under ``nn.scan`` over stacked parameters.
     attention: how attention runs (``attention.IMPLEMENTATIONS``): "auto"
-      goes one head at a time on CPU for long sequences (32 x 32 tokens),
-      all heads at once otherwise.
+      goes through ``jax.nn.dot_product_attention`` on GPU (cuDNN), one head
+      at a time on CPU for long sequences (32 x 32 tokens), all heads at once
+      otherwise.
   """
 
   codebook_size: int
