@@ -49,6 +49,7 @@ def test_the_main_job_writes_its_report(tiny_workdir):
   assert "tokenizer PSNR" in text and "guidance gain" in text
   assert f"- machine: {len(jax.devices())} x {jax.devices()[0].device_kind}" in text
   assert "matmuls: tokenizer float32, denoiser float32" in text  # runlocal: float32
+  assert text.count("% of the loop's time") == 2  # the tokenizer's and the denoiser's pace
 
 
 def test_accuracy_by_object_count_groups_captions():

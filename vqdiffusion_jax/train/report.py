@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from vqdiffusion_jax import evaluate
 from vqdiffusion_jax.pipeline import Pipeline
@@ -25,25 +26,38 @@ REPORT_DIR = "report"
 TARGETS = {"oracle_all": 0.8, "oracle_attribute": 0.9, "psnr": 28.0}
 
 
-def _last_metrics(stage_dir: str) -> dict:
+def _metric_lines(stage_dir: str) -> list[dict]:
   try:
     with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-      lines = f.read().splitlines()
+      return [json.loads(line) for line in f.read().splitlines()]
   except FileNotFoundError:
-    return {}
-  return json.loads(lines[-1]) if lines else {}
+    return []
+
+
+def _pace(lines: list[dict]) -> str:
+  """The stage's median steps per second and input share over its logged intervals."""
+  rates = [m["steps_per_second"] for m in lines if "steps_per_second" in m]
+  shares = [m["input_fraction"] for m in lines if "input_fraction" in m]
+  if not rates:
+    return ""
+  return (f", {np.median(rates):.2f} steps/s, input batches {100 * np.median(shares):.1f}% "
+          "of the loop's time")
 
 
 def run_summary(summary: dict) -> dict:
   """The figures of the training stages shown at the top of the report."""
-  tokenizer, denoiser = _last_metrics(summary["tokenizer"]), _last_metrics(summary["denoiser"])
+  tokenizer_lines = _metric_lines(summary["tokenizer"])
+  denoiser_lines = _metric_lines(summary["denoiser"])
   out = {}
-  if tokenizer:
-    out["tokenizer"] = (f"{tokenizer['step']} steps, final reconstruction loss "
-                        f"{tokenizer['nll']:.4f}, batch PSNR {tokenizer['psnr']:.2f} dB, "
-                        f"codebook perplexity {tokenizer['perplexity']:.1f}")
-  if denoiser:
-    out["denoiser"] = f"{denoiser['step']} steps, final loss {denoiser['loss']:.4f}"
+  if tokenizer_lines:
+    last = tokenizer_lines[-1]
+    out["tokenizer"] = (f"{last['step']} steps, final reconstruction loss "
+                        f"{last['nll']:.4f}, batch PSNR {last['psnr']:.2f} dB, "
+                        f"codebook perplexity {last['perplexity']:.1f}{_pace(tokenizer_lines)}")
+  if denoiser_lines:
+    last = denoiser_lines[-1]
+    out["denoiser"] = (f"{last['step']} steps, final loss {last['loss']:.4f}"
+                       f"{_pace(denoiser_lines)}")
   return out
 
 

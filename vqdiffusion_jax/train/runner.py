@@ -5,12 +5,17 @@ stacks that many batches and calls one jitted ``lax.scan`` over them
 (``scan_steps``), which saves the per-call dispatch and XLA:CPU's per-call
 temporary buffer. Calls end at every log, sample and checkpoint step, so those
 see the same steps as with one step per call.
+
+Every log line also carries the loop's pace over the interval since the last
+one (``TIMING_SCALARS``): steps per second, and the fraction of the wall time
+the host spent producing input batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +24,9 @@ import numpy as np
 
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import metrics as metrics_lib
+
+# Scalars of the loop's pace, logged beside the step's own metrics; they differ run to run.
+TIMING_SCALARS = ("steps_per_second", "input_fraction")
 
 
 def _is_numeric(value) -> bool:
@@ -125,9 +133,11 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
   rng = jax.random.key(int(config.seed))
   config_json = config.to_dict()
   preempted = False
+  pace = Pace(step)
   with contextlib.closing(metrics_lib.Progress(stage.num_steps, step)) as progress:
     while step < stage.num_steps and not preempted:
-      batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
+      with pace.reading():
+        batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
       if len(batches) == 1:
         state, metrics = stage.step_fn(state, batches[0], rng)
       else:
@@ -138,13 +148,39 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
       if _due(step, train.log_every, stage.num_steps):
         scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
         metrics_lib.check_finite(step, scalars)
-        writer.write_scalars(step, scalars)
+        writer.write_scalars(step, {**scalars, **pace.lap(step)})
         progress.update(step, {k: scalars[k] for k in ("loss",) if k in scalars})
       data_state = {"iterator": iterator.get_state(), "origin": origin}
       preempted = watcher.should_stop(step)
       checkpointer.save(step, state, data_state=data_state, config=config_json,
                         force=preempted or step == stage.num_steps)
   return state, step, preempted
+
+
+class Pace:
+  """The loop's steps per second and input share of the wall time, lap by lap."""
+
+  def __init__(self, step: int, clock: Callable[[], float] = time.perf_counter):
+    """Starts the first lap at ``step``; ``clock`` gives seconds."""
+    self._clock = clock
+    self._step, self._start, self._input = step, clock(), 0.0
+
+  @contextlib.contextmanager
+  def reading(self):
+    """Counts the time inside the block as input time."""
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._input += self._clock() - start
+
+  def lap(self, step: int) -> dict[str, float]:
+    """``TIMING_SCALARS`` since the last lap (or the start), and a new lap from ``step``."""
+    now = self._clock()
+    wall = max(now - self._start, 1e-9)
+    out = {"steps_per_second": (step - self._step) / wall, "input_fraction": self._input / wall}
+    self._step, self._start, self._input = step, now, 0.0
+    return out
 
 
 def steps_this_call(step: int, stage: Stage, train: Any) -> int:
