@@ -80,7 +80,8 @@ def data(name: str, image_size: int, *, data_dir: str = "", text_length: int = 7
       "name": name, "data_dir": data_dir, "image_size": image_size,
       "train_split": "train", "eval_split": "test", "caption_dropout": caption_dropout,
       "text_length": text_length, "random_flip": False, "random_crop": False,
-      "cache_dir": "", "shuffle_buffer": 0, "num_workers": 0,
+      "cache_dir": "", "shuffle_buffer": 0,
+      "num_workers": 0,  # grain reader threads per host that prefetch batches (0: none)
       "in_memory": False,  # keep decoded records (images, token-cache entries) after first read
       "num_train": 0, "num_test": 0,  # shapes only: split sizes (0: the builder's default)
   })

@@ -168,6 +168,18 @@ def test_center_and_random_crop_of_non_square_images(height, width, axis):
   assert len(dominant) >= 2
 
 
+def test_an_image_already_at_size_is_returned_as_it_is_after_the_same_draw():
+  image = make_source(1, height=8, width=8)[0]["image"]
+  rgba = np.concatenate([image, np.full((8, 8, 1), 255, np.uint8)], axis=-1)
+  by_pil = pipeline.resize_and_crop(rgba, 8)  # the general path: RGBA -> RGB, no resize
+  rng, reference = np.random.default_rng(3), np.random.default_rng(3)
+  same = pipeline.resize_and_crop(image, 8, rng)
+  assert same is image
+  np.testing.assert_array_equal(by_pil, image)
+  reference.random()
+  assert rng.random() == reference.random()
+
+
 def test_flip_and_crop_are_deterministic_and_flip_swaps_sides():
   source = [{"image": stripes(16, 24, [RED, BLUE]), "captions": ["red left of blue"]}] * 32
   kw = {"image_size": 8, "batch_size": 32, "random_flip": True, "random_crop": True}

@@ -167,8 +167,12 @@ def resize_and_crop(image: np.ndarray, image_size: int,
       is drawn from it (one uniform draw).
 
   Returns:
-    uint8 (S, S, 3).
+    uint8 (S, S, 3); ``image`` itself when it is that already.
   """
+  if image.shape == (image_size, image_size, 3) and image.dtype == np.uint8:
+    if rng is not None:
+      rng.random()  # the crop's draw, so that later draws from ``rng`` stay the same
+    return image
   pil = _as_rgb(image)
   w, h = pil.size
   scale = image_size / min(w, h)

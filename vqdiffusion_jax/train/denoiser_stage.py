@@ -209,7 +209,7 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
         cache, batch_size=_per_host(config), seed=int(config.seed),
         process_index=jax.process_index(), process_count=jax.process_count(),
         tokenize=tokenize, caption_dropout=float(config.data.caption_dropout),
-        text_features=False)
+        text_features=False, num_threads=int(config.data.get("num_workers", 0)))
 
   init_from = config.checkpoint.init_from
   write_samples = sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,

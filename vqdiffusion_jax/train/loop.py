@@ -211,7 +211,8 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
         source, image_size=size, seed=int(config.seed), caption_dropout=0.0,
         batch_size=pipeline.per_host_batch(tokenizer_batch, jax.process_count()),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        random_flip=bool(config.data.random_flip), random_crop=bool(config.data.random_crop))
+        random_flip=bool(config.data.random_flip), random_crop=bool(config.data.random_crop),
+        num_threads=int(config.data.get("num_workers", 0)))
 
   reconstruct = jax.jit(lambda v, x: module.apply(v, x)[0])
 
