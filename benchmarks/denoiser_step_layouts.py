@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
       [--layouts loop scan scan+remat scan+minimal-remat] [--matmul-dtypes float32 bfloat16]
-      [--steps-per-call 1 10]
+      [--steps-per-call 1 10] [--narrow-weight-grads cotangent-first operand-first]
 
 Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
 a 24 x 128 trained text encoder, pooled text) with random weights and times
@@ -15,6 +15,9 @@ and per step the minor page faults and system CPU time (``getrusage``): XLA:CPU
 maps its temporary buffer afresh on every call, and the kernel zeroes each
 page on first touch. ``--steps-per-call`` also times several steps in one
 call (``runner.scan_steps`` over stacked batches, as ``train.steps_per_call``).
+``--narrow-weight-grads`` times the bfloat16 weight cotangents of narrowing
+matmuls (the MLP's second layer) in both orders of ``precision._rhs_cotangent``:
+XLA:CPU copies the first operand into a transposed layout.
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
 consumer of it, transposed copies included, so an unrolled stack recomputes
@@ -23,6 +26,7 @@ that chain many times; a scanned body bounds it to one block.
 
 import argparse
 import dataclasses
+import itertools
 import resource
 import statistics
 import time
@@ -43,6 +47,8 @@ from vqdiffusion_jax.train import state as state_lib
 LAYOUTS = {"loop": (False, False, "full"), "scan": (True, False, "full"),
            "scan+remat": (True, True, "full"), "scan+minimal-remat": (True, True, "minimal")}
 VOCAB = 32
+# --narrow-weight-grads: precision.NARROW_WEIGHT_COTANGENT_FIRST for each name.
+NARROW_WEIGHT_GRADS = {"cotangent-first": True, "operand-first": False}
 
 
 def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch: int,
@@ -84,6 +90,8 @@ def main() -> None:
   parser.add_argument("--matmul-dtypes", nargs="+", choices=precision.MATMUL_DTYPES,
                       default=["float32"])
   parser.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
+  parser.add_argument("--narrow-weight-grads", nargs="+", choices=list(NARROW_WEIGHT_GRADS),
+                      default=["cotangent-first"])
   args = parser.parse_args()
   key = jax.random.key(1)
   runs = {}
@@ -91,12 +99,14 @@ def main() -> None:
     config = shapes_config.get_config()
     with config.unlocked():
       config.train.matmul_dtype = matmul_dtype
-    for layout in args.layouts:
-      for per_call in args.steps_per_call:
-        step, state, data = build_step(config, *LAYOUTS[layout], args.batch, per_call)
-        jax.block_until_ready(step(state, data, key))  # compile
-        name = f"{layout}, {matmul_dtype}" + (f", {per_call} per call" if per_call > 1 else "")
-        runs[name] = (step, state, data, per_call)
+    for layout, per_call, order in itertools.product(args.layouts, args.steps_per_call,
+                                                     args.narrow_weight_grads):
+      precision.NARROW_WEIGHT_COTANGENT_FIRST = NARROW_WEIGHT_GRADS[order]
+      step, state, data = build_step(config, *LAYOUTS[layout], args.batch, per_call)
+      jax.block_until_ready(step(state, data, key))  # compile
+      name = (f"{layout}, {matmul_dtype}" + (f", {per_call} per call" if per_call > 1 else "")
+              + (f", {order}" if len(args.narrow_weight_grads) > 1 else ""))
+      runs[name] = (step, state, data, per_call)
   seconds = {name: [] for name in runs}
   faults = {name: [] for name in runs}
   system = {name: [] for name in runs}

@@ -28,6 +28,9 @@ CASES = [
     ((2, 3, 5, 6), (2, 3, 6, 4), (((3,), (2,)), ((0, 1), (0, 1)))),
     ((2, 5, 3, 4), (2, 6, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
     ((5, 2, 4, 3), (3, 4, 2, 7), (((3, 2), (0, 1)), ((1,), (2,)))),
+    # Narrowing weights (an MLP's second layer, out from heads): the cotangent goes first.
+    ((4, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),
+    ((4, 5, 3, 2), (3, 2, 4), (((2, 3), (0, 1)), ((), ()))),
 ]
 
 
@@ -36,8 +39,11 @@ def _bf16_values(rng, shape):
   return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
 
 
+@pytest.mark.parametrize("cotangent_first", [True, False])
 @pytest.mark.parametrize("lhs_shape,rhs_shape,dims", CASES)
-def test_product_and_cotangents_are_float32_math_on_bfloat16_values(lhs_shape, rhs_shape, dims):
+def test_product_and_cotangents_are_float32_math_on_bfloat16_values(lhs_shape, rhs_shape, dims,
+                                                                    cotangent_first, monkeypatch):
+  monkeypatch.setattr(precision, "NARROW_WEIGHT_COTANGENT_FIRST", cotangent_first)
   rng = np.random.default_rng(0)
   lhs, rhs = _bf16_values(rng, lhs_shape), _bf16_values(rng, rhs_shape)
   exact = lambda a, b: lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)  # noqa: E731
@@ -49,6 +55,19 @@ def test_product_and_cotangents_are_float32_math_on_bfloat16_values(lhs_shape, r
   for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
     assert got_grad.dtype == jnp.float32 and got_grad.shape == want_grad.shape
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("width,narrow", [(8, 2), (2, 8)])
+def test_weight_cotangent_transposes_the_narrower_operand(width, narrow):
+  x = jnp.ones((3, 5, width), jnp.float32)
+  w = jnp.ones((width, narrow), jnp.float32)
+  dims = (((2,), (0,)), ((), ()))
+  grad = jax.grad(lambda w: jnp.sum(precision.mixed_dot_general(x, w, dims)))
+  dots = [eqn for eqn in jax.make_jaxpr(grad)(w).eqns if eqn.primitive.name == "dot_general"]
+  (first, second), _ = dots[-1].params["dimension_numbers"]
+  assert first[0] == second[0] == 0  # contracted over the leading (token) axes
+  assert dots[-1].invars[0].aval.shape[-1] == min(width, narrow)  # XLA:CPU transposes this one
+  np.testing.assert_allclose(grad(w), np.full((width, narrow), 15.0))
 
 
 def test_operands_and_cotangent_are_rounded_to_bfloat16():

@@ -25,6 +25,10 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 # are no faster than float32 ones (slower on AVX2-only machines).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
+# Weight cotangents of narrowing matmuls with the product's cotangent first (below);
+# read at trace time, and benchmarks/denoiser_step_layouts.py flips it to time the other order.
+NARROW_WEIGHT_COTANGENT_FIRST = True
+
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -55,19 +59,49 @@ def _lhs_cotangent(cotangent, lhs_ndim: int, rhs, dimension_numbers) -> jax.Arra
 def _rhs_cotangent(cotangent, lhs, rhs_ndim: int, dimension_numbers) -> jax.Array:
   """The right operand's cotangent: the left operand times the product's cotangent.
 
-  The left operand goes first: XLA:CPU then contracts over its leading axes
-  with its bfloat16 kernels, where the other order falls back to float32.
+  Both operands are contracted over their leading (free) axes. XLA:CPU copies
+  the first of the two into a transposed layout, so the smaller one goes
+  first: the left operand for a weight as wide as its input, the cotangent
+  for a weight that narrows (an MLP's second layer, whose 4x wider input
+  would otherwise be transposed every step: the shapes denoiser's step is
+  10-13% faster). The product comes out in the chosen order and is
+  transposed to the right operand's layout.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   lhs_free = _free_axes(lhs.ndim, lhs_contract, lhs_batch)
   rhs_free = _free_axes(rhs_ndim, rhs_contract, rhs_batch)
   first = len(lhs_batch)
   batch = tuple(range(first))
-  product = _product(lhs, cotangent, ((tuple(lhs_free), tuple(range(first, first + len(lhs_free)))),
+  cotangent_free = tuple(range(first, first + len(lhs_free)))
+  cotangent_rest = tuple(range(first + len(lhs_free), cotangent.ndim))
+  # The right contracting axes, each standing for the left contracting axis it was paired with.
+  contract_as = [rhs_contract[i] for i in np.argsort(lhs_contract)]
+  lhs_width = np.prod([lhs.shape[axis] for axis in lhs_contract], dtype=int)
+  cotangent_width = np.prod([cotangent.shape[axis] for axis in cotangent_rest], dtype=int)
+  # With batch axes only the left-first order has a bfloat16 kernel on XLA:CPU.
+  if NARROW_WEIGHT_COTANGENT_FIRST and not lhs_batch and cotangent_width < lhs_width:
+    return _narrow_weight_cotangent(cotangent, lhs, lhs_free, lhs_contract, rhs_free,
+                                    contract_as)
+  product = _product(lhs, cotangent, ((tuple(lhs_free), cotangent_free),
                                       (tuple(lhs_batch), batch)))
-  # Its axes: batch, the left contracting axes in their own order (each standing
-  # for the right contracting axis it was paired with), then the right free axes.
-  produced_as = list(rhs_batch) + [rhs_contract[i] for i in np.argsort(lhs_contract)] + rhs_free
+  produced_as = list(rhs_batch) + contract_as + rhs_free
+  return jnp.transpose(product, tuple(np.argsort(produced_as)))
+
+
+def _narrow_weight_cotangent(cotangent, lhs, lhs_free, lhs_contract, rhs_free,
+                             contract_as) -> jax.Array:
+  """``_rhs_cotangent`` without batch axes, the cotangent first, as one 2-D product.
+
+  XLA:CPU runs this order on its bfloat16 kernels only as a plain matrix
+  product; with several contracted axes it falls back to one that has none.
+  """
+  rows = int(np.prod([lhs.shape[axis] for axis in lhs_free], dtype=int))
+  lhs_2d = jnp.transpose(lhs, tuple(lhs_free) + tuple(lhs_contract)).reshape(rows, -1)
+  cotangent_2d = cotangent.reshape(rows, -1)
+  product = _product(cotangent_2d, lhs_2d, (((0,), (0,)), ((), ())))
+  product = product.reshape(cotangent.shape[len(lhs_free):]
+                            + tuple(lhs.shape[axis] for axis in lhs_contract))
+  produced_as = rhs_free + contract_as
   return jnp.transpose(product, tuple(np.argsort(produced_as)))
 
 
