@@ -31,6 +31,7 @@ CASES = [
     # Narrowing weights (an MLP's second layer, out from heads): the cotangent goes first.
     ((4, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),
     ((4, 5, 3, 2), (3, 2, 4), (((2, 3), (0, 1)), ((), ()))),
+    ((4, 3, 5, 2), (2, 3, 4), (((3, 1), (0, 1)), ((), ()))),
 ]
 
 

@@ -96,11 +96,13 @@ def _narrow_weight_cotangent(cotangent, lhs, lhs_free, lhs_contract, rhs_free,
   product; with several contracted axes it falls back to one that has none.
   """
   rows = int(np.prod([lhs.shape[axis] for axis in lhs_free], dtype=int))
-  lhs_2d = jnp.transpose(lhs, tuple(lhs_free) + tuple(lhs_contract)).reshape(rows, -1)
+  # The left contracting axes in their own order, as ``contract_as`` counts them.
+  contract = sorted(lhs_contract)
+  lhs_2d = jnp.transpose(lhs, tuple(lhs_free) + tuple(contract)).reshape(rows, -1)
   cotangent_2d = cotangent.reshape(rows, -1)
   product = _product(cotangent_2d, lhs_2d, (((0,), (0,)), ((), ())))
   product = product.reshape(cotangent.shape[len(lhs_free):]
-                            + tuple(lhs.shape[axis] for axis in lhs_contract))
+                            + tuple(lhs.shape[axis] for axis in contract))
   produced_as = rhs_free + contract_as
   return jnp.transpose(product, tuple(np.argsort(produced_as)))
 
