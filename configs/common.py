@@ -95,6 +95,15 @@ def diffusion(num_timesteps: int = 100, aux_weight: float = 5e-4) -> ml_collecti
   })
 
 
+def time_budget(minutes: float = 0.0) -> ml_collections.ConfigDict:
+  """The main job's wall-clock budget; above 0 the denoiser's step count fits it (budget.py).
+
+  ``reserve_steps`` step-times are kept for checkpoints, evaluation and the
+  report, and ``margin`` of the time left for the machine's drift.
+  """
+  return ml_collections.ConfigDict({"minutes": minutes, "reserve_steps": 700, "margin": 0.1})
+
+
 def checkpoint(resume_from: str = "", init_from: str = "") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"resume_from": resume_from, "init_from": init_from})
 
@@ -161,6 +170,8 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data = data("shapes", 32, text_length=24)
     config.data.num_train, config.data.num_test = 64, 16
     config.mesh = mesh()
+    if "time_budget" in config:
+      config.time_budget.minutes = 0.0
     config.tokenizer = tokenizer(block_out_channels=(32, 64, 64), num_embeddings=64,
                                  embed_dim=16, latent_channels=32, attention_levels=())
     config.tokenizer.model.norm_num_groups = 8

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,7 +28,7 @@ from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer, split_words
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
-from vqdiffusion_jax.train import denoiser_step, runner
+from vqdiffusion_jax.train import budget, denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -164,16 +166,54 @@ def denoiser_setup(config: Any, directory: str, mesh, tokenizer, cache=None) -> 
       shardings=state_lib.state_shardings(rng, init_fn, optimizer, mesh, rules, **kwargs))
 
 
-def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -> int:
-  """Trains the denoiser on the token cache; returns the final step."""
+def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer,
+                 time_left: Callable[[], float] | None = None) -> int:
+  """Trains the denoiser on the token cache; returns the final step.
+
+  With ``time_left`` (seconds left of the run's budget) and a
+  ``config.time_budget``, the step count comes from ``budget.plan_steps``.
+  """
   cache = token_cache.TokenCacheSource(cache_dir)
   if config.data.get("in_memory"):
     cache = pipeline.MemoizedSource(cache)
+  if time_left is not None and budget.enabled(config):
+    plan = budget.plan_steps(
+        config, directory, time_left,
+        lambda: seconds_per_step(denoiser_trainer(config, directory, mesh, tokenizer, cache)))
+    if plan is not None:
+      config = budget.with_num_steps(config, plan["num_steps"])
+  trainer = denoiser_trainer(config, directory, mesh, tokenizer, cache)
+  init_from = config.checkpoint.init_from
+  write_samples = sample_writer(trainer.setup.model, trainer.setup.schedule,
+                                trainer.setup.tokenize, trainer.setup.text_encoder_fn,
+                                trainer.frozen, tokenizer, int(config.seed))
+  final = runner.run_stage(config, runner.Stage(
+      directory=directory, num_steps=int(config.train.num_steps),
+      abstract_state=trainer.setup.abstract_state, init_state=trainer.init_state,
+      step_fn=trainer.step_fn, batches=trainer.batches, step_of=lambda s: s.step,
+      init_from=(lambda: _load_init_params(init_from, trainer.setup.model)) if init_from else None,
+      resume_from=config.checkpoint.resume_from, on_sample=write_samples,
+      steps_fn=trainer.steps_fn, steps_per_call=trainer.steps_per_call))
+  return int(np.asarray(jax.device_get(final.step)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserTrainer:
+  """What the step loop runs: state builder, jitted steps, batches."""
+
+  setup: DenoiserSetup
+  frozen: Any
+  init_state: Callable[..., Any]
+  step_fn: Callable[..., Any]
+  steps_fn: Callable[..., Any]
+  batches: Callable[[], Any]
+  steps_per_call: int
+
+
+def denoiser_trainer(config: Any, directory: str, mesh, tokenizer, cache) -> DenoiserTrainer:
+  """Builds the denoiser's state, jitted train steps and batch iterator for ``config``."""
   setup = denoiser_setup(config, directory, mesh, tokenizer, cache)
-  model, tokenize, text_encoder_fn, frozen = (setup.model, setup.tokenize,
-                                              setup.text_encoder_fn, setup.frozen)
-  schedule, optimizer, shardings = setup.schedule, setup.optimizer, setup.shardings
-  num_steps = int(config.train.num_steps)
+  model, optimizer, shardings = setup.model, setup.optimizer, setup.shardings
 
   def init_state(params=None):
     state, _ = state_lib.create_state(jax.random.key(int(config.seed)), setup.init_fn,
@@ -189,12 +229,12 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
                              params))
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  frozen_shardings = None
+  frozen, frozen_shardings = setup.frozen, None
   if frozen is not None:
     frozen_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen)
     frozen = jax.device_put(frozen, frozen_shardings)
-  train_step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer,
-                                             text_encoder_fn=text_encoder_fn)
+  train_step = denoiser_step.make_train_step(model, setup.schedule, config, config.diffusion,
+                                             optimizer, text_encoder_fn=setup.text_encoder_fn)
   step_fn = _global_step_fn(
       denoiser_step.jit_train_step(train_step, mesh, shardings, batch_sharding,
                                    frozen_shardings=frozen_shardings), batch_sharding, frozen)
@@ -208,19 +248,33 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer) -
     return token_cache.token_batches(
         cache, batch_size=_per_host(config), seed=int(config.seed),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        tokenize=tokenize, caption_dropout=float(config.data.caption_dropout),
+        tokenize=setup.tokenize, caption_dropout=float(config.data.caption_dropout),
         text_features=False, num_threads=int(config.data.get("num_workers", 0)))
 
-  init_from = config.checkpoint.init_from
-  write_samples = sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
-                                int(config.seed))
-  final = runner.run_stage(config, runner.Stage(
-      directory=directory, num_steps=num_steps, abstract_state=setup.abstract_state,
-      init_state=init_state, step_fn=step_fn, batches=batches, step_of=lambda s: s.step,
-      init_from=(lambda: _load_init_params(init_from, model)) if init_from else None,
-      resume_from=config.checkpoint.resume_from, on_sample=write_samples, steps_fn=steps_fn,
-      steps_per_call=int(config.train.get("steps_per_call", 1))))
-  return int(np.asarray(jax.device_get(final.step)))
+  return DenoiserTrainer(setup=setup, frozen=frozen, init_state=init_state, step_fn=step_fn,
+                         steps_fn=steps_fn, batches=batches,
+                         steps_per_call=int(config.train.get("steps_per_call", 1)))
+
+
+def seconds_per_step(trainer: DenoiserTrainer, calls: int = 4) -> float:
+  """The train step's wall time as the loop sees it (batches included), after a warm-up call.
+
+  The median over ``calls`` calls of ``trainer.steps_per_call`` steps each, on a
+  fresh state that is then dropped.
+  """
+  state, iterator = trainer.init_state(), trainer.batches()
+  rng = jax.random.key(0)
+  per_call = max(1, trainer.steps_per_call)
+  step = trainer.steps_fn if per_call > 1 else trainer.step_fn
+  times = []
+  for _ in range(calls + 1):
+    start = time.perf_counter()
+    batches = [next(iterator) for _ in range(per_call)]
+    batch = runner.stack_batches(batches) if per_call > 1 else batches[0]
+    state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - start) / per_call)
+  return float(np.median(times[1:]))
 
 
 def _global_step_fn(jitted, sharding, frozen):

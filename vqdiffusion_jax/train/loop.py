@@ -7,13 +7,16 @@ built once (atomically). Every stage trains with a jitted step whose state is
 sharded over the config's mesh, reads batches from a checkpointable grain
 iterator whose position is saved with the state, writes metrics from process
 0, stops on NaN/Inf naming the step, and on SIGTERM saves and ends the run
-(``runner.StopRequestedError``; no later stage runs).
+(``runner.StopRequestedError``; no later stage runs). With a
+``config.time_budget`` the denoiser trains as many steps as the time left
+holds (``budget.py``), counted from the call of ``train_and_evaluate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -26,11 +29,11 @@ from vqdiffusion_jax.models import discriminator as disc_lib
 from vqdiffusion_jax.models import lpips as lpips_lib
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
+from vqdiffusion_jax.train import budget, tokenizer_step
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import report as report_lib
 from vqdiffusion_jax.train import state as state_lib
-from vqdiffusion_jax.train import tokenizer_step
 from vqdiffusion_jax.train.denoiser_stage import run_denoiser
 from vqdiffusion_jax.train.runner import Stage, run_stage, scan_steps, to_global
 
@@ -64,13 +67,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages and the report did not run.
   """
+  deadline = None
+  if budget.enabled(config):
+    deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   source = train_source(config, workdir)
   tokenizer = run_tokenizer(config, os.path.join(workdir, "tokenizer"), mesh, source)
   cache_dir = build_cache(config, workdir, tokenizer, source)
-  denoiser_step = run_denoiser(config, os.path.join(workdir, "denoiser"), mesh, cache_dir,
-                               tokenizer)
+  denoiser_step = run_denoiser(
+      config, os.path.join(workdir, "denoiser"), mesh, cache_dir, tokenizer,
+      time_left=None if deadline is None else lambda: deadline - time.monotonic())
   summary = {"tokenizer": os.path.join(workdir, "tokenizer"), "token_cache": cache_dir,
              "denoiser": os.path.join(workdir, "denoiser"), "denoiser_step": denoiser_step}
   if config.get("eval") and config.eval.samplers:

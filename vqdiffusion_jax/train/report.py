@@ -19,7 +19,7 @@ import numpy as np
 
 from vqdiffusion_jax import evaluate
 from vqdiffusion_jax.pipeline import Pipeline
-from vqdiffusion_jax.train import denoiser_stage
+from vqdiffusion_jax.train import budget, denoiser_stage
 
 REPORT_DIR = "report"
 # The embedded default's targets: guided all-attribute and per-attribute oracle accuracy, PSNR.
@@ -44,6 +44,16 @@ def _pace(lines: list[dict]) -> str:
           "of the loop's time")
 
 
+def _planned(stage_dir: str) -> str:
+  """How the stage's step count was planned from the time budget, if it was."""
+  plan = budget.read_plan(stage_dir)
+  if plan is None:
+    return ""
+  return (f" (planned to fit the {plan['budget_minutes']:g}-minute budget: "
+          f"{plan['seconds_left']:.0f} s left at {1000 * plan['seconds_per_step']:.0f} ms "
+          "per step)")
+
+
 def run_summary(summary: dict) -> dict:
   """The figures of the training stages shown at the top of the report."""
   tokenizer_lines = _metric_lines(summary["tokenizer"])
@@ -56,8 +66,8 @@ def run_summary(summary: dict) -> dict:
                         f"codebook perplexity {last['perplexity']:.1f}{_pace(tokenizer_lines)}")
   if denoiser_lines:
     last = denoiser_lines[-1]
-    out["denoiser"] = (f"{last['step']} steps, final loss {last['loss']:.4f}"
-                       f"{_pace(denoiser_lines)}")
+    out["denoiser"] = (f"{last['step']} steps{_planned(summary['denoiser'])}, final loss "
+                       f"{last['loss']:.4f}{_pace(denoiser_lines)}")
   return out
 
 
