@@ -12,9 +12,10 @@ one still finishes in time.
 The plan is written to ``step_plan.json`` in the denoiser's directory before
 the first step; a resumed run reads it back, so its learning-rate schedule and
 data order are those of the first attempt. A stage that already has
-checkpoints but no plan keeps ``train.num_steps``. To train the same count on
-another machine (same schedule; not bit for bit across CPUs), pass ``--config.time_budget.minutes=0
---config.train.num_steps=N`` with N from the plan or the report.
+checkpoints but no plan keeps ``train.num_steps``. To train the same count
+and schedule on another machine (not bit for bit across CPUs), pass
+``--config.time_budget.minutes=0 --config.train.num_steps=N`` with N from the
+plan or the report.
 """
 
 from __future__ import annotations
