@@ -115,16 +115,24 @@ def test_several_steps_per_call_train_what_one_step_per_call_does(tmp_path):
     assert [m["step"] for m in many] == [2, 4, 5] == [m["step"] for m in one]
     for got, want in zip(many, one, strict=True):
       got, want = _untimed(got), _untimed(want)
+      # atol: a tokenizer metric near 2e-3 moved by 3e-8 (scan order) on an AMX Xeon.
       np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)],
-                                 rtol=1e-5, err_msg=f"{stage} step {want['step']}")
+                                 rtol=1e-5, atol=1e-7, err_msg=f"{stage} step {want['step']}")
     assert _steps(runs[3] / stage) == _steps(runs[1] / stage) == [4, 5]
     want_state, want_data = _saved(runs[1] / stage, 5)
     got_state, got_data = _saved(runs[3] / stage, 5)
     assert got_data["iterator"] == want_data["iterator"]
-    # The scanned program sums in another order (params differ by ~1e-5); a skipped or
-    # repeated step would move them by up to the learning rate, 1e-3.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                 got_state, want_state)
+    # The scanned program sums in another order (params differ by ~1e-5, and Adam may turn
+    # a near-zero gradient's sign, moving a rare element by up to the learning rate); a
+    # skipped or repeated step would move most elements by up to the learning rate, 1e-3.
+    jax.tree.map(_all_but_a_few_close, got_state, want_state)
+
+
+def _all_but_a_few_close(got, want, tol=1e-4, few=1e-3):
+  """At most a ``few`` fraction of elements differ by more than ``tol`` (relative and absolute)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  far = np.abs(got - want) > tol + tol * np.abs(want)
+  assert far.mean() <= few, f"{far.sum()} of {far.size} elements differ by more than {tol}"
 
 
 def test_pace_is_steps_and_input_share_per_lap():
