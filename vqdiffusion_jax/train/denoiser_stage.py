@@ -265,13 +265,11 @@ def seconds_per_step(trainer: DenoiserTrainer, calls: int = 4) -> float:
   state, iterator = trainer.init_state(), trainer.batches()
   rng = jax.random.key(0)
   per_call = max(1, trainer.steps_per_call)
-  step = trainer.steps_fn if per_call > 1 else trainer.step_fn
   times = []
   for _ in range(calls + 1):
     start = time.perf_counter()
     batches = [next(iterator) for _ in range(per_call)]
-    batch = runner.stack_batches(batches) if per_call > 1 else batches[0]
-    state, metrics = step(state, batch, rng)
+    state, metrics = runner.call_steps(trainer.step_fn, trainer.steps_fn, state, batches, rng)
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - start) / per_call)
   return float(np.median(times[1:]))

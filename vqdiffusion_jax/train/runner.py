@@ -56,6 +56,15 @@ def scan_steps(step: Callable[..., tuple[Any, dict]]) -> Callable[..., tuple[Any
   return steps
 
 
+def call_steps(step_fn: Callable[..., tuple[Any, dict]],
+               steps_fn: Callable[..., tuple[Any, dict]] | None, state: Any,
+               batches: Sequence[Mapping[str, np.ndarray]], rng: jax.Array) -> tuple[Any, dict]:
+  """One call over ``batches``: ``step_fn`` on a single batch, else ``steps_fn`` on them stacked."""
+  if len(batches) == 1:
+    return step_fn(state, batches[0], rng)
+  return steps_fn(state, stack_batches(batches), rng)
+
+
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """Host-local numeric batch arrays -> global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -138,10 +147,7 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
     while step < stage.num_steps and not preempted:
       with pace.reading():
         batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
-      if len(batches) == 1:
-        state, metrics = stage.step_fn(state, batches[0], rng)
-      else:
-        state, metrics = stage.steps_fn(state, stack_batches(batches), rng)
+      state, metrics = call_steps(stage.step_fn, stage.steps_fn, state, batches, rng)
       step, batch = step + len(batches), batches[-1]
       if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
         stage.on_sample(step, state, batch, writer)
