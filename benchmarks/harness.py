@@ -43,18 +43,19 @@ def interleaved(runs: Mapping[str, Callable[[], object]], repeats: int) -> dict[
 
 
 def sampler_program(model, schedule, num_tokens: int, config: samplers.SamplerConfig,
-                    batch: int) -> Callable:
+                    batch: int, max_batch: int | str | None = "auto") -> Callable:
   """The whole sampler as one jitted program: ``(params, condition, rng) -> (B, N) tokens``.
 
   ``model`` is a text-conditioned ``VQDiffusionTransformer``; with guidance
-  its learnable null text is batched with the condition.
+  its learnable null text is batched with the condition, and the network runs
+  over at most ``max_batch`` sequences per call (``samplers.network_batch``).
   """
   guidance = config.guidance_scale
 
   def run(params, condition, rng):
     logits = lambda x, t, c: model.apply({"params": params}, x, t, c)  # noqa: E731
     null = model.apply({"params": params}, batch, method="null_text") if guidance != 1 else None
-    log_x0 = samplers.conditioned_log_x0(logits, [condition], null, guidance)
+    log_x0 = samplers.conditioned_log_x0(logits, [condition], null, guidance, max_batch=max_batch)
     return samplers.sample(log_x0, schedule, rng, (batch, num_tokens), config)
 
   return jax.jit(run)

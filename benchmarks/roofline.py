@@ -114,8 +114,9 @@ def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: i
   """Model FLOPs (S x one step), seconds and MFU of the guided sampler."""
   module = network(size, dtype, attention=attention)
   params = _init(module)
+  # One network call per step: XLA would count a lax.map body once.
   one_step, _ = vs_diffusers.guided_sampler(network(size, dtype, attention=_COUNTED), params,
-                                            size, batch, 1)
+                                            size, batch, 1, max_batch=None)
   flops = steps * _flops(one_step)
   seconds = _seconds(vs_diffusers.our_sample(module, params, size, batch, steps), repeats)
   return {"work": f"sample {steps} steps", "grid": size.grid, "batch": batch, "flops": flops,

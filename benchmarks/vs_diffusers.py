@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/vs_diffusers.py [--sizes tiny large] [--train-batch 8 32]
       [--sample-batch 4 16] [--steps 10 25 100] [--repeats 3] [--precision bfloat16]
       [--their-precision float32] [--remat-policy full|minimal]
-      [--steps-per-call 1] [--json out.json]
+      [--steps-per-call 1] [--max-batch auto|none|N] [--json out.json]
 
 For each size the script builds one diffusers ``Transformer2DModel`` (discrete
 input: ``num_vector_embeds`` = K + 1, AdaLN, approximate GEGLU) and its
@@ -234,19 +234,21 @@ def their_train(model, null, size: Size, batch: int, precision: str = "float32",
   return step
 
 
-def guided_sampler(module, params, size: Size, batch: int, steps: int):
+def guided_sampler(module, params, size: Size, batch: int, steps: int,
+                   max_batch: int | str | None = "auto"):
   """``(compiled sampler, condition)``: our guided sampler over a random condition."""
   config = samplers.SamplerConfig(name="vqdiffusion", num_inference_steps=steps,
                                   guidance_scale=GUIDANCE, truncation_rate=TRUNCATION)
   schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
   condition = jax.random.normal(jax.random.key(1), (batch, size.text_length, size.text_dim))
-  program = harness.sampler_program(module, schedule, size.num_tokens, config, batch)
+  program = harness.sampler_program(module, schedule, size.num_tokens, config, batch, max_batch)
   return program.lower(params, condition, SAMPLE_KEY).compile(), condition
 
 
-def our_sample(module, params, size: Size, batch: int, steps: int):
+def our_sample(module, params, size: Size, batch: int, steps: int,
+               max_batch: int | str | None = "auto"):
   """A blocking ``run()`` of our guided sampler, compiled ahead of time."""
-  compiled, condition = guided_sampler(module, params, size, batch, steps)
+  compiled, condition = guided_sampler(module, params, size, batch, steps, max_batch)
   return lambda: jax.block_until_ready(compiled(params, condition, SAMPLE_KEY))
 
 
@@ -325,11 +327,20 @@ def run_size(size_name: str, args) -> list[dict]:
   for steps in args.steps:
     for batch in args.sample_batch:
       rows.append(_pair("sample", size_name, f"{steps} steps, batch {batch}", batch,
-                        our_sample(module, params, size, batch, steps),
+                        our_sample(module, params, size, batch, steps, args.max_batch),
                         their_sample(model, null, size, batch, steps,
                                      args.their_precision),
                         args.repeats))
   return rows
+
+
+def max_batch_arg(text: str) -> int | str | None:
+  """``--max-batch``: a positive number, "auto" or "none"."""
+  if text in ("auto", "none"):
+    return None if text == "none" else text
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive number, auto or none, got {text!r}")
+  return int(text)
 
 
 def _parse():
@@ -355,6 +366,9 @@ def _parse():
                       help="train steps per timed call (ours: one lax.scan over them)")
   parser.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default="auto",
                       help="our attention (auto: per head on CPU from 32x32 tokens)")
+  parser.add_argument("--max-batch", type=max_batch_arg, default="auto",
+                      help="our sequences per network call in sampling: a number, auto "
+                           "(2,048 tokens per call on CPU) or none (one call)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args()
   args.their_precision = args.their_precision or args.precision
@@ -372,7 +386,7 @@ def main():
   print(f"medians of {args.repeats} interleaved runs; guidance {GUIDANCE:g}, truncation "
         f"{TRUNCATION}; matmuls: ours {args.precision}, theirs {args.their_precision}; "
         f"ours: scan {args.scan_layers}, remat {args.remat} ({args.remat_policy}), "
-        f"attention {args.attention}\n")
+        f"attention {args.attention}, sampling calls of at most {args.max_batch} sequences\n")
   print("| size | work | setting | ours / s | diffusers / s | ours / diffusers |")
   print("|---|---|---|---:|---:|---:|")
   rows = [row for name in args.sizes for row in run_size(name, args)]

@@ -250,3 +250,54 @@ def test_mismatched_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="schedule has none"):
     samplers.sample(uniform, UNIFORM_SCHEDULE, jax.random.key(0), (B, N),
                     samplers.SamplerConfig("purity", 3))
+
+
+def _row_network(calls):
+  """Logits that differ per row: they depend on its tokens, its t and its condition."""
+  def logits_fn(x_t, t, cond):
+    calls.append(x_t.shape[0])
+    by_token = 2.0 * jax.nn.one_hot(x_t, K)
+    return by_token + 0.1 * t[:, None, None] + cond["scale"][:, None, None] * jnp.arange(K) / K
+  return logits_fn
+
+
+def test_network_calls_split_by_max_batch_give_the_one_call_result():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, K + 1, (7, N)))
+  t = jnp.asarray(rng.integers(0, 10, 7))
+  cond = {"scale": jnp.asarray(rng.normal(size=7), jnp.float32)}
+  whole = samplers.batched_calls(_row_network([]), None)(x, t, cond)
+  calls = []
+  split = jax.jit(samplers.batched_calls(_row_network(calls), 3))(x, t, cond)
+  assert calls == [3]  # one traced body: three calls of three rows, two padding rows dropped
+  np.testing.assert_allclose(split, whole, rtol=1e-6)
+
+
+def test_guided_passes_in_several_calls_match_one_call():
+  cond = jnp.array([[3, 2.0], [5, 1.0], [7, 0.5]])
+  null = jnp.array([[3, 0.5], [1, 1.0], [2, 2.0]])
+  calls = []
+  several = samplers.conditioned_log_x0(_conditional_network(calls), [cond], null, 3.0,
+                                        max_batch=2)
+  one = samplers.conditioned_log_x0(_conditional_network([]), [cond], null, 3.0, max_batch=None)
+  x, t = jnp.full((3, N), K), jnp.array([4, 4, 4])
+  np.testing.assert_allclose(several(x, t), one(x, t), rtol=1e-6)
+  assert calls == [2]  # six rows (conditional and null) in three calls of two
+
+
+@pytest.mark.parametrize("max_batch, tokens, platform, expected", [
+    ("auto", 256, "cpu", samplers.CPU_TOKENS_PER_CALL // 256),
+    ("auto", 4 * samplers.CPU_TOKENS_PER_CALL, "cpu", 1),
+    ("auto", 256, "gpu", None),
+    ("auto", 256, "tpu", None),
+    (None, 256, "cpu", None),
+    (5, 256, "gpu", 5),
+])
+def test_network_batch_resolves_auto_by_platform(max_batch, tokens, platform, expected):
+  assert samplers.network_batch(max_batch, tokens, platform) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, "many"])
+def test_bad_max_batch_is_a_clear_error(bad):
+  with pytest.raises(ValueError, match="max_batch"):
+    samplers.conditioned_log_x0(_conditional_network([]), [jnp.zeros((1, 2))], max_batch=bad)
