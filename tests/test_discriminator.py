@@ -16,6 +16,7 @@ from torch import nn as tnn
 
 from tests.helpers import assert_logically_partitioned
 from vqdiffusion_jax.convert import common
+from vqdiffusion_jax.convert import discriminator as disc_convert
 from vqdiffusion_jax.models import discriminator as disc
 
 BASE, LAYERS, GROUPS = 8, 3, 4
@@ -98,7 +99,7 @@ def test_eval_forward_matches_torch(norm):
   with torch.no_grad():
     expected = model(images).permute(0, 2, 3, 1).numpy()
   module = _ours(norm)
-  variables = disc.variables_from_torch(module, common.to_numpy(model.state_dict()))
+  variables = disc_convert.variables_from_torch(module, common.to_numpy(model.state_dict()))
   logits = jax.jit(module.apply)(variables, _to_nhwc(images))
   # weights_init makes small logits: the tolerance is relative to their scale.
   np.testing.assert_allclose(logits, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
@@ -113,7 +114,7 @@ def test_train_forward_and_running_stats_match_torch():
   with torch.no_grad():
     expected = model.train()(images).permute(0, 2, 3, 1).numpy()
   module = _ours("batch")
-  variables = disc.variables_from_torch(module, state)
+  variables = disc_convert.variables_from_torch(module, state)
   apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
   logits, updates = apply(variables, _to_nhwc(images))
   np.testing.assert_allclose(logits, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
@@ -166,10 +167,10 @@ def test_conversion_rejects_extra_and_missing_keys():
   module = _ours("batch")
   state = common.to_numpy(_torch_discriminator("batch").state_dict())
   with pytest.raises(common.ConversionError, match=r"main\.12\.weight"):
-    disc.variables_from_torch(module, {**state, "main.12.weight": np.zeros(3)})
+    disc_convert.variables_from_torch(module, {**state, "main.12.weight": np.zeros(3)})
   del state["main.6.running_var"]
   with pytest.raises(common.ConversionError, match=r"main\.6\.running_var"):
-    disc.variables_from_torch(module, state)
+    disc_convert.variables_from_torch(module, state)
 
 
 def test_conversion_with_prefix():
@@ -177,8 +178,9 @@ def test_conversion_with_prefix():
   state = common.to_numpy(model.state_dict())
   prefixed = {f"loss.discriminator.{k}": v for k, v in state.items()}
   prefixed["encoder.conv_in.weight"] = np.zeros(1)
-  plain = disc.variables_from_torch(_ours("batch"), state)
-  converted = disc.variables_from_torch(_ours("batch"), prefixed, prefix="loss.discriminator.")
+  plain = disc_convert.variables_from_torch(_ours("batch"), state)
+  converted = disc_convert.variables_from_torch(_ours("batch"), prefixed,
+                                                prefix="loss.discriminator.")
   jax.tree.map(np.testing.assert_array_equal, plain, converted)
 
 

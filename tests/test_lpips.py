@@ -15,6 +15,7 @@ import torch
 from torch import nn as tnn
 
 from tests.helpers import assert_logically_partitioned
+from vqdiffusion_jax.convert import lpips as lpips_convert
 from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import lpips
 
@@ -102,16 +103,16 @@ def distance_fn():
 
 def test_matches_torch_from_pth_and_safetensors(reference, distance_fn):
   folder = reference["folder"]
-  params = lpips.load_lpips(folder / "vgg.pth", folder / "heads.safetensors")
+  params = lpips_convert.load_lpips(folder / "vgg.pth", folder / "heads.safetensors")
   ours = np.asarray(distance_fn(params, reference["x"], reference["y"]))
   assert ours.shape == (2,)
   np.testing.assert_allclose(ours, reference["distances"], rtol=1e-4, atol=0)
-  other = lpips.load_lpips(folder / "vgg.safetensors", folder / "heads.pth")
+  other = lpips_convert.load_lpips(folder / "vgg.safetensors", folder / "heads.pth")
   jax.tree.map(np.testing.assert_array_equal, params, other)
 
 
 def test_is_a_distance(reference, distance_fn):
-  params = lpips.params_from_state_dicts(reference["vgg"], reference["heads"])
+  params = lpips_convert.params_from_state_dicts(reference["vgg"], reference["heads"])
   x, y = reference["x"], reference["y"]
   d_yx = np.asarray(distance_fn(params, y, x))
   np.testing.assert_allclose(d_yx, reference["distances"], rtol=1e-4, atol=0)
@@ -145,7 +146,7 @@ def test_unit_normalize_matches_lpips_and_has_a_finite_gradient_at_zero():
 
 
 def test_bfloat16_compute_stays_close(reference):
-  params = lpips.params_from_state_dicts(reference["vgg"], reference["heads"])
+  params = lpips_convert.params_from_state_dicts(reference["vgg"], reference["heads"])
   run = jax.jit(lambda p, x, y: lpips.LPIPS(dtype=jnp.bfloat16).apply({"params": p}, x, y))
   distances = run(params, reference["x"], reference["y"])
   assert distances.dtype == jnp.float32
@@ -156,7 +157,7 @@ def test_params_are_logically_partitioned_and_match_the_loader(reference):
   variables = jax.eval_shape(lpips.LPIPS().init, jax.random.key(0),
                              jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 3)))
   assert_logically_partitioned(variables["params"])
-  loaded = lpips.params_from_state_dicts(reference["vgg"], reference["heads"])
+  loaded = lpips_convert.params_from_state_dicts(reference["vgg"], reference["heads"])
   random = lpips.init_random(jax.random.key(0))
   shapes = lambda tree: jax.tree.map(lambda a: (a.shape, str(a.dtype)), tree)
   assert shapes(loaded) == shapes(random)
@@ -169,21 +170,21 @@ def test_missing_file_is_named(reference, missing):
   paths = {"vgg": folder / "vgg.pth", "heads": folder / "heads.pth"}
   paths[missing] = folder / f"no_{missing}.pth"
   with pytest.raises(FileNotFoundError, match=f"no_{missing}.pth") as error:
-    lpips.load_lpips(paths["vgg"], paths["heads"])
+    lpips_convert.load_lpips(paths["vgg"], paths["heads"])
   assert ("VGG16" if missing == "vgg" else "heads") in str(error.value)
 
 
 def test_extra_key_is_an_error(reference):
   heads = dict(reference["heads"], **{"lin5.model.1.weight": np.zeros((1, 8, 1, 1))})
   with pytest.raises(ConversionError, match="lin5.model.1.weight"):
-    lpips.params_from_state_dicts(reference["vgg"], heads)
+    lpips_convert.params_from_state_dicts(reference["vgg"], heads)
 
 
 def test_missing_key_is_an_error(reference):
   vgg = dict(reference["vgg"])
   vgg["features.99.weight"] = vgg.pop("features.28.weight")
   with pytest.raises(ConversionError, match=r"features\.28\.weight") as error:
-    lpips.params_from_state_dicts(vgg, reference["heads"])
+    lpips_convert.params_from_state_dicts(vgg, reference["heads"])
   assert "features.99.weight" in str(error.value)
 
 
@@ -192,4 +193,4 @@ def test_wrong_shape_is_an_error(reference, tmp_path):
   heads["lin2.model.1.weight"] = np.zeros((1, 128, 1, 1), np.float32)
   torch.save({k: torch.from_numpy(v) for k, v in heads.items()}, tmp_path / "heads.pth")
   with pytest.raises(ConversionError, match="lin2.model.1.weight"):
-    lpips.load_lpips(reference["folder"] / "vgg.pth", tmp_path / "heads.pth")
+    lpips_convert.load_lpips(reference["folder"] / "vgg.pth", tmp_path / "heads.pth")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.train import metrics
 
 
@@ -22,22 +23,23 @@ def test_scalars_go_to_json_lines_and_tensorboard(tmp_path):
 
 def test_image_grid_layout_and_png(tmp_path):
   images = np.stack([np.full((4, 5, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-  grid = metrics.make_grid(images, columns=2, pad=1)
+  grid = outputs.tile(images, columns=2, pad=1)
   assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3) and grid.dtype == np.uint8
   assert grid[1, 1, 0] == 0 and grid[1, 7, 0] == 128 and grid[6, 1, 0] == 255
   writer = metrics.MetricWriter(str(tmp_path))
   path = writer.write_images(7, "samples", images)
   writer.close()
-  assert np.array_equal(np.asarray(Image.open(path)), metrics.make_grid(images))
+  assert np.array_equal(np.asarray(Image.open(path)), outputs.tile(images))
   with pytest.raises(ValueError, match="B, H, W, C"):
-    metrics.make_grid(np.zeros((4, 4, 3)))
+    outputs.tile(np.zeros((4, 4, 3)))
 
 
 def test_progress_line_reports_rate_and_eta():
   stream = io.StringIO()
-  progress = metrics.Progress(total_steps=100, start_step=10, stream=stream)
-  progress._start_time -= 10.0  # ten seconds ago
+  clock = iter([0.0, 10.0])  # the update comes ten seconds after the start
+  progress = outputs.Progress(100, 10, name="denoiser", stream=stream, clock=lambda: next(clock))
   line = progress.update(30, {"loss": 0.5})
+  assert line.startswith("\rdenoiser [")
   assert "30/100" in line and "2.00 steps/s" in line and "ETA 00:35" in line
   assert "loss=0.5" in stream.getvalue()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from vqdiffusion_jax.data import pipeline, token_cache
+from vqdiffusion_jax.data import loader, token_cache
 
 L, D = 3, 4
 
@@ -65,12 +65,12 @@ def test_round_trip_equals_the_encoders(tmp_path, codebook_size, dtype):
   assert json.loads((out / token_cache.METADATA).read_text()) == metadata
   encode_text = fake_text_encoder()
   for i, record in enumerate(source):
-    image = pipeline.to_float(pipeline.resize_and_crop(record["image"], 8))
+    image = loader.to_float(loader.resize_and_crop(record["image"], 8))
     expected = fake_image_encoder(codebook_size)(image[None])[0].reshape(-1)
     item = cache[i]
     assert item["tokens"].dtype == dtype
     np.testing.assert_array_equal(item["tokens"], expected)
-    captions = pipeline.decode_captions(record["captions"])
+    captions = loader.decode_captions(record["captions"])
     assert item["captions"] == captions
     assert item["text_features"].dtype == np.float16
     assert item["text_features"].shape == (len(captions), L, D)
@@ -227,7 +227,7 @@ def test_token_batches_draw_the_same_captions_as_image_batches(tmp_path):
   source, out, _ = build(tmp_path, n=9)
   kw = {"batch_size": 3, "seed": 6, "caption_dropout": 0.4, "num_epochs": 3}
   tokens = list(token_cache.token_batches(out, **kw))
-  images = list(pipeline.image_batches(source, image_size=8, **kw))
+  images = list(loader.image_batches(source, image_size=8, **kw))
   assert len(tokens) == len(images) == 9
   encode = fake_image_encoder(1024)
   for t, i in zip(tokens, images, strict=True):
@@ -239,6 +239,6 @@ def test_token_batches_draw_the_same_captions_as_image_batches(tmp_path):
 def test_token_batches_from_a_memoized_cache_are_the_same(tmp_path):
   _, out, _ = build(tmp_path, n=8)
   kw = {"batch_size": 3, "seed": 1, "caption_dropout": 0.5, "num_epochs": 3}
-  memo = pipeline.MemoizedSource(token_cache.TokenCacheSource(out))
+  memo = loader.MemoizedSource(token_cache.TokenCacheSource(out))
   assert_batches_equal(list(token_cache.token_batches(memo, **kw)),
                        list(token_cache.token_batches(out, **kw)))

@@ -15,7 +15,7 @@ import torch
 from diffusers import VQModel
 
 from tests.helpers import assert_logically_partitioned
-from vqdiffusion_jax.convert import vqmodel
+from vqdiffusion_jax.convert import vqvae as vqvae_convert
 from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import quantizer
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
@@ -43,7 +43,7 @@ def reference(tmp_path_factory):
     codes = model.quantize.get_codebook_entry(indices, (2, 8, 8, 4))
     decoded = model.decode(codes, force_not_quantize=True).sample
     reconstruction = model(images).sample
-  module, params = vqmodel.load_vqmodel(path)
+  module, params = vqvae_convert.load_diffusers_vqvae(path)
   nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
   return {"model": model, "path": path, "images": nhwc(images), "tokens": tokens.numpy(),
           "decoded": nhwc(decoded), "reconstruction": nhwc(reconstruction),
@@ -113,8 +113,8 @@ def test_taming_layout_gives_the_same_model(reference):
   ddconfig = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
               "resolution": 16, "z_channels": 4, "in_channels": 3, "out_ch": 3,
               "double_z": False, "dropout": 0.0}
-  config = vqmodel.config_from_taming(ddconfig, n_embed=64, embed_dim=4, norm_num_groups=8)
-  module, params = vqmodel.from_taming({"state_dict": state_dict}, config)
+  config = vqvae_convert.config_from_taming(ddconfig, n_embed=64, embed_dim=4, norm_num_groups=8)
+  module, params = vqvae_convert.from_taming({"state_dict": state_dict}, config)
   assert module.config == reference["module"].config
   tokens = reference["encode"](params, reference["images"])
   np.testing.assert_array_equal(np.asarray(tokens), reference["tokens"])
@@ -127,7 +127,7 @@ def test_vq_diffusion_ema_codebook_buffers(reference):
   codebook = state_dict.pop("quantize.embedding.weight")
   state_dict.update({"quantize.embedding": codebook, "quantize.cluster_size": np.ones(64),
                      "quantize.embedding_avg": codebook})
-  _, params = vqmodel.from_taming(state_dict, reference["module"].config)
+  _, params = vqvae_convert.from_taming(state_dict, reference["module"].config)
   np.testing.assert_array_equal(params["quantize"]["codebook"], codebook)
 
 
@@ -137,7 +137,7 @@ def test_taming_extra_and_missing_keys_are_named(reference):
   state_dict["encoder.down.0.block.0.unexpected.weight"] = np.zeros(3, np.float32)
   with pytest.raises(ConversionError, match=r"(?s)encoder\.mid\.attn_1\.q\.bias.*"
                      r"encoder\.down\.0\.block\.0\.unexpected\.weight"):
-    vqmodel.from_taming(state_dict, reference["module"].config)
+    vqvae_convert.from_taming(state_dict, reference["module"].config)
 
 
 def test_deprecated_attention_names_in_a_bin_file(reference, tmp_path):
@@ -150,7 +150,7 @@ def test_deprecated_attention_names_in_a_bin_file(reference, tmp_path):
       key = key.replace(new, old)
     state_dict[key] = value
   torch.save(state_dict, tmp_path / "diffusion_pytorch_model.bin")
-  _, params = vqmodel.load_vqmodel(tmp_path)
+  _, params = vqvae_convert.load_diffusers_vqvae(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, reference["params"])
 
 
@@ -162,17 +162,17 @@ def test_diffusers_extra_and_missing_keys_are_named(reference, tmp_path):
   weights["decoder.extra.weight"] = np.zeros(2, np.float32)
   safetensors.numpy.save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
   with pytest.raises(ConversionError, match=r"(?s)decoder\.conv_out\.bias.*decoder\.extra"):
-    vqmodel.load_vqmodel(tmp_path)
+    vqvae_convert.load_diffusers_vqvae(tmp_path)
 
 
 def test_missing_directory_config_and_weights(reference, tmp_path):
   with pytest.raises(FileNotFoundError, match="directory not found"):
-    vqmodel.load_vqmodel(tmp_path / "absent")
+    vqvae_convert.load_diffusers_vqvae(tmp_path / "absent")
   with pytest.raises(FileNotFoundError, match="config.json"):
-    vqmodel.load_vqmodel(tmp_path)
+    vqvae_convert.load_diffusers_vqvae(tmp_path)
   shutil.copy(reference["path"] / "config.json", tmp_path / "config.json")
   with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
-    vqmodel.load_vqmodel(tmp_path)
+    vqvae_convert.load_diffusers_vqvae(tmp_path)
 
 
 def test_unsupported_config_is_named(reference):
@@ -180,7 +180,7 @@ def test_unsupported_config_is_named(reference):
   config.update({"norm_type": "spatial", "new_field": 1,
                  "up_block_types": ["AttnUpDecoderBlock2D", "UpBlock2D"]})
   with pytest.raises(ConversionError, match=r"(?s)new_field.*norm_type.*UpBlock2D"):
-    vqmodel.config_from_diffusers(config)
+    vqvae_convert.config_from_diffusers(config)
 
 
 def test_wrong_inputs_raise(reference):

@@ -35,12 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax.data import oracle, shapes
-from vqdiffusion_jax.data import pipeline as data_pipeline
+from vqdiffusion_jax import outputs
+from vqdiffusion_jax.data import loader, oracle, shapes
 from vqdiffusion_jax.evaluation import fid, image_metrics
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
-from vqdiffusion_jax.train import metrics as metrics_lib
-from vqdiffusion_jax.train.checkpoint import write_json_atomically
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
@@ -86,11 +84,11 @@ def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[s
     kwargs = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
     source = shapes.build(data_dir, size, **kwargs).as_data_source(split=data.eval_split)
   else:
-    source = data_pipeline.tfds_source(data.name, data.eval_split, data.data_dir)
+    source = loader.tfds_source(data.name, data.eval_split, data.data_dir)
   count = min(num_samples, len(source))
   records = [source[i] for i in range(count)]
-  captions = [data_pipeline.decode_captions(r.get("captions"))[0] for r in records]
-  images = np.stack([data_pipeline.resize_and_crop(r["image"], size) for r in records])
+  captions = [loader.decode_captions(r.get("captions"))[0] for r in records]
+  images = np.stack([loader.resize_and_crop(r["image"], size) for r in records])
   return captions, images
 
 
@@ -126,7 +124,7 @@ def sample_all(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, se
                batch_size: int) -> tuple[np.ndarray, float]:
   """(images (B, H, W, 3) float in [0, 1], seconds) for every caption, in batches."""
   images, start_time = [], time.perf_counter()
-  progress = metrics_lib.Progress(len(captions))
+  progress = outputs.Progress(len(captions), name=f"sampling {spec.label}", unit="images")
   for start in range(0, len(captions), batch_size):
     batch = list(captions[start:start + batch_size])
     images.extend(pipe(batch, seed=seed + start, output_type="np", **spec.options()))
@@ -238,17 +236,16 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
     path = os.path.join(out_dir, f"{spec.label}.json")
     cached = _read_json(path)
     if cached is None or cached.get("settings") != settings:
-      print(f"sampling {len(captions)} images with {spec.label}", flush=True)
       images, seconds = sample_all(pipe, captions, spec, seed=seed, batch_size=batch_size)
       cached = {"settings": settings, "spec": dataclasses.asdict(spec), "seconds": seconds,
                 "images_per_second": len(captions) / seconds,
                 **score_samples(images, captions, oracle_ok=oracle_ok, networks=networks)}
       make_grid(list(images[:grid_size]), columns=int(np.ceil(np.sqrt(grid_size)))).save(
           os.path.join(out_dir, f"{spec.label}.png"))
-      write_json_atomically(path, cached)
+      outputs.write_json_atomically(path, cached)
     report["samplers"][spec.label] = cached
   report["grid_captions"] = list(captions[:grid_size])
-  write_json_atomically(os.path.join(out_dir, REPORT_JSON), report)
+  outputs.write_json_atomically(os.path.join(out_dir, REPORT_JSON), report)
   with open(os.path.join(out_dir, REPORT_MD), "w") as f:
     f.write(markdown_report(report))
   return report

@@ -8,9 +8,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from vqdiffusion_jax.convert import checkpoints, converted
 from vqdiffusion_jax.convert import clip as clip_convert
-from vqdiffusion_jax.convert import converted
-from vqdiffusion_jax.convert import pipeline as convert_pipeline
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
@@ -69,9 +68,9 @@ def _from_workdir(cls, workdir: str, use_ema: bool, step: int | None):
 
 def _from_converted(cls, path: str, dtype: Any):
   kwargs = {} if dtype is None else {"dtype": dtype}
-  model, params = convert_pipeline.load_denoiser(path, **kwargs)
-  vqvae, vq_params = convert_pipeline.load_vqvae(path, **kwargs)
-  text_module, text_params, hf_tokenizer = convert_pipeline.load_text_encoder(path, **kwargs)
+  model, params = checkpoints.load_denoiser(path, **kwargs)
+  vqvae, vq_params = checkpoints.load_vqvae(path, **kwargs)
+  text_module, text_params, hf_tokenizer = checkpoints.load_text_encoder(path, **kwargs)
   cfg = model.config
   schedule = schedules.mask_and_replace(cfg.num_timesteps, cfg.codebook_size)
   tokenize, encode_clip = clip_convert.conditioning(text_module, hf_tokenizer)

@@ -28,10 +28,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
 from vqdiffusion_jax.models.paella import PaellaPredictor
-from vqdiffusion_jax.train import metrics
 
 ImageLike = Image.Image | np.ndarray
 
@@ -39,7 +39,7 @@ ImageLike = Image.Image | np.ndarray
 def make_grid(images: Sequence[ImageLike], columns: int | None = None, pad: int = 2) -> Image.Image:
   """One PIL image tiling ``images`` (PIL or HWC uint8 / [0, 1] float arrays)."""
   arrays = np.stack([_to_unit(np.asarray(image)) for image in images])
-  return Image.fromarray(metrics.make_grid(arrays * 2.0 - 1.0, columns=columns, pad=pad))
+  return Image.fromarray(outputs.tile(arrays * 2.0 - 1.0, columns=columns, pad=pad))
 
 
 def _to_unit(image: np.ndarray) -> np.ndarray:

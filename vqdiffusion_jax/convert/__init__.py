@@ -2,15 +2,9 @@
 
   python -m vqdiffusion_jax.convert SRC --out DIR
 
-``load_denoiser(path)`` accepts our converted directory, a diffusers
-pipeline or Transformer2DModel directory, or an official ``.pth``.
+``checkpoints`` reads any supported source (our converted directory, a
+diffusers pipeline or model directory, an official ``.pth``); the other
+modules hold one converter each (denoiser, VQ-VAE, CLIP text tower, LPIPS,
+discriminator), ``common`` the rename rules and the checked assembly, and
+``converted`` our own directory format.
 """
-
-from vqdiffusion_jax.convert.pipeline import (
-    convert,
-    load_denoiser,
-    load_text_encoder,
-    load_vqvae,
-)
-
-__all__ = ["convert", "load_denoiser", "load_text_encoder", "load_vqvae"]

@@ -10,7 +10,7 @@ microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
 import argparse
 import sys
 
-from vqdiffusion_jax.convert import pipeline
+from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.models import transformer
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
   try:
-    counts = pipeline.convert(args.src, args.out, preset=args.preset,
+    counts = checkpoints.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
                               overwrite=args.overwrite,
                               **({"learnable_null_text": False} if args.no_null_text else {}))

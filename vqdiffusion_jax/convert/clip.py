@@ -97,20 +97,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   Returns:
     ``{key: array}`` with floating tensors as float32.
   """
-  safetensors_file = os.path.join(path, "model.safetensors")
-  torch_file = os.path.join(path, "pytorch_model.bin")
-  if os.path.isfile(safetensors_file):
-    from safetensors.numpy import load_file
-
-    arrays = load_file(safetensors_file)
-    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
-            for k, v in arrays.items()}
-  if os.path.isfile(torch_file):
-    import torch
-
-    return common.to_numpy(torch.load(torch_file, map_location="cpu", weights_only=True))
-  raise FileNotFoundError(
-      f"no model.safetensors or pytorch_model.bin in the CLIP checkpoint directory {path}")
+  return common.read_weights_in(path, ("model.safetensors", "pytorch_model.bin"),
+                                "the CLIP checkpoint directory")
 
 
 def convert_weights(module: CLIPTextTransformer, state_dict: dict[str, np.ndarray], *,

@@ -10,7 +10,8 @@ a ``ConversionError`` that names the keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -51,6 +52,40 @@ def to_numpy(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
       value = value.float().numpy() if value.is_floating_point() else value.numpy()
     out[key] = np.array(value, copy=True)
   return out
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The arrays of one weights file, by its ending: ``.safetensors``, ``.npz``, else PyTorch.
+
+  A PyTorch file is read with ``weights_only=True``: tensors, no Python objects.
+  Floating arrays come back as float32 copies.
+  """
+  path = os.fspath(path)
+  if path.endswith(".npz"):
+    with np.load(path) as arrays:
+      loaded = {k: arrays[k] for k in arrays.files}
+  elif path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # optional: the [torch] extra
+    loaded = load_file(path)
+  else:
+    import torch  # optional: the [torch] extra
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+          for k, v in to_numpy(loaded).items()}
+
+
+def read_weights_in(directory: str | os.PathLike, names: Sequence[str],
+                    what: str) -> dict[str, np.ndarray]:
+  """``read_weights`` of the first of ``names`` present in ``directory``.
+
+  Raises:
+    FileNotFoundError: none is there; the message names ``what`` the directory is.
+  """
+  for name in names:
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return read_weights(path)
+  raise FileNotFoundError(f"no {' or '.join(names)} in {what} {os.fspath(directory)}")
 
 
 def assemble(abstract_params, rules: Mapping[tuple[str, ...], Rule],

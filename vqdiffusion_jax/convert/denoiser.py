@@ -253,19 +253,6 @@ def config_from_diffusers(config_dict: Mapping[str, object], *,
   return transformer.TransformerConfig(**(fields | overrides))
 
 
-def _load_weights(directory: str) -> dict[str, np.ndarray]:
-  for name in DIFFUSERS_WEIGHTS:
-    path = os.path.join(directory, name)
-    if not os.path.exists(path):
-      continue
-    if name.endswith(".safetensors"):
-      import safetensors.numpy
-      return safetensors.numpy.load_file(path)
-    import torch
-    return common.to_numpy(torch.load(path, map_location="cpu", weights_only=True))
-  raise FileNotFoundError(f"no {' or '.join(DIFFUSERS_WEIGHTS)} in {directory}")
-
-
 def _read_json(directory):
   with open(os.path.join(directory, "config.json")) as f:
     return json.load(f)
@@ -287,8 +274,8 @@ def load_diffusers(transformer_dir: str, null_text_dir: str | None = None, **ove
   null_config = _read_json(null_text_dir) if null_text_dir else None
   config = config_from_diffusers(_read_json(transformer_dir), null_text_config=null_config,
                                  **overrides)
-  null_text = _load_weights(null_text_dir) if config.has_null_text else None
-  return config, from_diffusers(_load_weights(transformer_dir), config, null_text)
+  null_text = _read_diffusers(null_text_dir) if config.has_null_text else None
+  return config, from_diffusers(_read_diffusers(transformer_dir), config, null_text)
 
 
 def load_diffusers_pipeline(pipeline_dir: str, **overrides):
@@ -373,3 +360,6 @@ def from_official(checkpoint: Mapping[str, object], config: transformer.Transfor
   return _assemble(config, rules, source, "official VQ-Diffusion checkpoint",
                    ignore=official_ignore(parent))
 
+
+def _read_diffusers(directory: str) -> dict[str, np.ndarray]:
+  return common.read_weights_in(directory, DIFFUSERS_WEIGHTS, "the diffusers model directory")

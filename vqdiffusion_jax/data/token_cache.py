@@ -11,7 +11,7 @@ int16 when the codebook has at most 2**15 entries, else int32; ``captions``, all
 captions of the image as UTF-8 bytes; and, when a text encoder was given,
 ``text_features`` float16 (C, L, D), one row per caption. Features of every
 caption are kept so that training still draws a fresh caption each epoch (the
-same draw as ``pipeline.image_batches``); the price is C * L * D * 2 bytes per
+same draw as ``loader.image_batches``); the price is C * L * D * 2 bytes per
 image (about 400 KB for 5 CLIP captions of 77 x 512), which ``max_captions``
 bounds.
 
@@ -37,7 +37,7 @@ import grain
 import numpy as np
 from array_record.python import array_record_module
 
-from vqdiffusion_jax.data import pipeline
+from vqdiffusion_jax.data import loader
 
 FORMAT = "vqdiffusion_jax.token_cache"
 VERSION = 1
@@ -111,12 +111,12 @@ def _input_batches(data: Any, image_size: int | None, batch_size: int,
       raise ValueError("image_size is needed to encode a record source")
     if len(data) and np.ndim(data[0]["image"]) > 3:
       raise TypeError("the data looks like a list of batches; pass iter(batches) instead")
-    for batch in pipeline.sequential_batches(data, image_size=image_size, batch_size=batch_size,
+    for batch in loader.sequential_batches(data, image_size=image_size, batch_size=batch_size,
                                              num_threads=num_threads):
       yield batch["image"], batch["captions"]
     return
   for batch in data:
-    captions = [pipeline.decode_captions(c) for c in batch["captions"]]
+    captions = [loader.decode_captions(c) for c in batch["captions"]]
     yield np.asarray(batch["image"], np.float32), captions
 
 
@@ -225,7 +225,7 @@ def build_token_cache(data: Any, encode_images: EncodeImages, out_dir: str | os.
   """Encodes a dataset once into a token cache at ``out_dir``.
 
   Args:
-    data: a random-access source of records (as for ``pipeline.image_batches``),
+    data: a random-access source of records (as for ``loader.image_batches``),
       read in order with center crops at ``image_size``; or an iterable (not a
       sequence) of batches ``{"image": float32 (b, S, S, 3) in [-1, 1],
       "captions": b strs or lists of str}``.
@@ -330,7 +330,7 @@ class TokenCacheSource:
 
 def _token_example(record: dict, rng: np.random.Generator, caption_dropout: float,
                    feature_shape: Sequence[int] | None) -> dict:
-  k, caption, drop = pipeline.pick_caption(record["captions"], rng, caption_dropout)
+  k, caption, drop = loader.pick_caption(record["captions"], rng, caption_dropout)
   out = {"tokens": record["tokens"].astype(np.int32), "captions": caption, "drop_text": drop}
   if feature_shape is not None:
     feats = record.get("text_features")
@@ -339,22 +339,22 @@ def _token_example(record: dict, rng: np.random.Generator, caption_dropout: floa
   return out
 
 
-def token_batches(cache: TokenCacheSource | pipeline.MemoizedSource | str | os.PathLike, *,
+def token_batches(cache: TokenCacheSource | loader.MemoizedSource | str | os.PathLike, *,
                   batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  tokenize: pipeline.Tokenize | None = None, caption_dropout: float = 0.1,
+                  tokenize: loader.Tokenize | None = None, caption_dropout: float = 0.1,
                   text_features: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, num_threads: int = 0) -> grain.DatasetIterator:
-  """Training batches from a token cache, with the guarantees of ``pipeline.image_batches``.
+  """Training batches from a token cache, with the guarantees of ``loader.image_batches``.
 
   Same order, sharding, resumable state, and per-record draws: for a cache built
   from a source, the captions and dropout flags equal those that
   ``image_batches`` gives for the source with the same seed.
 
   Args:
-    cache: a ``TokenCacheSource`` (or one wrapped in ``pipeline.MemoizedSource``) or
+    cache: a ``TokenCacheSource`` (or one wrapped in ``loader.MemoizedSource``) or
       its directory.
-    batch_size: this host's batch, ``pipeline.per_host_batch(global_batch, process_count)``.
+    batch_size: this host's batch, ``loader.per_host_batch(global_batch, process_count)``.
     seed: non-negative seed.
     process_index, process_count: this host and the number of hosts.
     tokenize: list of str -> (b, L) ids; None for no ``text_ids``.
@@ -375,10 +375,10 @@ def token_batches(cache: TokenCacheSource | pipeline.MemoizedSource | str | os.P
   feature_shape = spec["shape"] if (spec and text_features) else None
 
   def example(epoch: int, index: int) -> dict:
-    return _token_example(source[index], pipeline.record_rng(seed, epoch, index),
+    return _token_example(source[index], loader.record_rng(seed, epoch, index),
                           caption_dropout, feature_shape)
 
-  return pipeline.sharded_batches(
+  return loader.sharded_batches(
       len(source), example, batch_size=batch_size, seed=seed, process_index=process_index,
-      process_count=process_count, finalize=lambda b: pipeline.tokenize_batch(b, tokenize),
+      process_count=process_count, finalize=lambda b: loader.tokenize_batch(b, tokenize),
       num_epochs=num_epochs, drop_remainder=drop_remainder, num_threads=num_threads)

@@ -413,18 +413,8 @@ def load_inception(path: str | os.PathLike) -> tuple[FIDInceptionV3, dict]:
         "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its keys as .npz / "
         ".safetensors).")
   module = FIDInceptionV3()
-  return module, params_from_state_dict(_read(path), what=f"Inception checkpoint {path}")
-
-
-def _read(path: str) -> dict[str, np.ndarray]:
-  if path.endswith(".npz"):
-    with np.load(path) as arrays:
-      return {k: arrays[k] for k in arrays.files}
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  import torch  # lazily: the metrics import without torch
-  return common.to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+  return module, params_from_state_dict(common.read_weights(path),
+                                        what=f"Inception checkpoint {path}")
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:

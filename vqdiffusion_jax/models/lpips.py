@@ -12,24 +12,21 @@ evaluated), averaged over space, and the five terms are summed.
 Images are NHWC. The pooled stack needs at least 16 x 16 pixels.
 
 The weights are never trained here. Nothing can be downloaded at run time, so
-``load_lpips`` reads two files the user supplies: the torchvision VGG16 state
-dict and the LPIPS heads (the ``vgg.pth`` of LPIPS v0.1 / taming). The trainer
+``convert.lpips.load_lpips`` reads two files the user supplies: the
+torchvision VGG16 state dict and the LPIPS heads (the ``vgg.pth`` of LPIPS
+v0.1 / taming). The trainer
 passes the resulting params to its step as a separate, frozen input, not as
 part of the trainable state, and differentiates only with respect to images.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vqdiffusion_jax.convert import common
 from vqdiffusion_jax.models import axes
 
 # Per-channel input statistics of the LPIPS ScalingLayer, for images in [-1, 1].
@@ -132,22 +129,6 @@ def vgg_conv_name(stage: int, index: int) -> str:
   return f"conv{stage + 1}_{index + 1}"
 
 
-def torchvision_conv_indices() -> dict[str, int]:
-  """Maps our VGG16 conv names to their index in torchvision's ``vgg16().features``.
-
-  Returns:
-    {"conv1_1": 0, "conv1_2": 2, "conv2_1": 5, ..., "conv5_3": 28}.
-  """
-  indices, position = {}, 0
-  for stage, widths in enumerate(VGG16_STAGES):
-    if stage:
-      position += 1  # the max-pool
-    for index in range(len(widths)):
-      indices[vgg_conv_name(stage, index)] = position
-      position += 2  # the conv and its ReLU
-  return indices
-
-
 def init_random(rng: jax.Array) -> dict:
   """Random LPIPS params (for tests and smoke runs without weight files).
 
@@ -166,77 +147,3 @@ def abstract_params() -> dict:
   """The params tree as shapes (``jax.eval_shape`` of the init), boxes included."""
   dummy = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
   return jax.eval_shape(LPIPS().init, jax.random.key(0), dummy, dummy)["params"]
-
-
-def conversion_rules() -> dict[tuple[str, ...], common.Rule]:
-  """Flax path -> (torch key, transform) for the VGG16 and heads checkpoints.
-
-  Returns:
-    Rules in the torchvision (``features.{idx}.weight``) and LPIPS
-    (``lin{i}.model.1.weight``) key layouts, which do not overlap.
-  """
-  rules = {}
-  for name, index in torchvision_conv_indices().items():
-    rules[("vgg", name, "kernel")] = (f"features.{index}.weight", common.conv)
-    rules[("vgg", name, "bias")] = (f"features.{index}.bias", common.same)
-  for level in range(len(VGG16_STAGES)):
-    rules[(f"lin{level}", "kernel")] = (f"lin{level}.model.1.weight", common.conv)
-  return rules
-
-
-def params_from_state_dicts(vgg: Mapping[str, np.ndarray],
-                            heads: Mapping[str, np.ndarray]) -> dict:
-  """Converts the torchvision VGG16 and LPIPS heads state dicts into our params.
-
-  Args:
-    vgg: torchvision VGG16 arrays (``features.*``; ``classifier.*`` is ignored).
-    heads: LPIPS head arrays (``lin{i}.model.1.weight``, i = 0..4).
-
-  Returns:
-    The params tree as float32 NumPy arrays.
-
-  Raises:
-    ConversionError: on missing, unused or misshapen keys.
-  """
-  overlap = sorted(set(vgg) & set(heads))
-  if overlap:
-    raise common.ConversionError(f"keys in both the VGG16 and the heads file: {overlap}")
-  source = {**vgg, **heads}
-  return common.assemble(abstract_params(), conversion_rules(), source,
-                         what="VGG16 + LPIPS heads checkpoint",
-                         ignore=lambda key: key in vgg and key.startswith("classifier."))
-
-
-def load_lpips(vgg_path: str | os.PathLike, heads_path: str | os.PathLike) -> dict:
-  """Reads LPIPS weights from user-supplied files.
-
-  Args:
-    vgg_path: the torchvision VGG16 state dict (``vgg16-397923af.pth`` or a
-      ``.safetensors`` with the same ``features.{idx}.weight/bias`` keys).
-    heads_path: the LPIPS v0.1 VGG heads (``vgg.pth`` of LPIPS or taming,
-      keys ``lin{i}.model.1.weight``), ``.pth`` or ``.safetensors``.
-
-  Returns:
-    The frozen params tree (float32 NumPy arrays) for ``LPIPS().apply``.
-
-  Raises:
-    FileNotFoundError: a file is missing (nothing is downloaded).
-    ConversionError: a file does not hold the expected keys and shapes.
-  """
-  vgg = _read_state_dict(vgg_path, "the torchvision VGG16 state dict "
-                         "(keys features.{idx}.weight / features.{idx}.bias)")
-  heads = _read_state_dict(heads_path, "the LPIPS VGG heads, e.g. LPIPS v0.1 / taming "
-                           "vgg.pth (keys lin{i}.model.1.weight)")
-  return params_from_state_dicts(vgg, heads)
-
-
-def _read_state_dict(path: str | os.PathLike, contents: str) -> dict[str, np.ndarray]:
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weight file not found: {path!r}; it should contain "
-                            f"{contents}. Weights are not downloaded; supply the file.")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return common.to_numpy(load_file(path))
-  import torch  # lazily: the models import without torch
-  return common.to_numpy(torch.load(path, map_location="cpu", weights_only=True))

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 
 PLAN_NAME = "step_plan.json"
@@ -118,7 +119,7 @@ def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
                   stacklevel=2)
   plan = {"num_steps": steps, "seconds_per_step": step_seconds, "seconds_left": left,
           "budget_minutes": float(budget.minutes)}
-  ckpt_lib.write_json_atomically(os.path.join(directory, PLAN_NAME), plan)
+  outputs.write_json_atomically(os.path.join(directory, PLAN_NAME), plan)
   return plan
 
 

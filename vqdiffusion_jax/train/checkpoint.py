@@ -60,7 +60,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,6 +70,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from vqdiffusion_jax import outputs
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -158,21 +159,6 @@ def _config_dict(config: Any) -> dict:
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   return json.loads(json.dumps(config))
-
-
-def write_json_atomically(path: str, value: Any) -> None:
-  """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _sync(name: str) -> None:
@@ -296,7 +282,7 @@ class Checkpointer:
     if config == self._config_written or self.read_only:
       return
     if jax.process_index() == 0:
-      write_json_atomically(self.config_path, config)
+      outputs.write_json_atomically(self.config_path, config)
     self._config_written = config
 
   def read_config(self, step: int | None = None) -> dict:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax.data import pipeline, token_cache
+from vqdiffusion_jax.data import loader, token_cache
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import precision
@@ -175,7 +175,7 @@ def run_denoiser(config: Any, directory: str, mesh, cache_dir: str, tokenizer,
   """
   cache = token_cache.TokenCacheSource(cache_dir)
   if config.data.get("in_memory"):
-    cache = pipeline.MemoizedSource(cache)
+    cache = loader.MemoizedSource(cache)
   if time_left is not None and budget.enabled(config):
     plan = budget.plan_steps(
         config, directory, time_left,
@@ -319,4 +319,4 @@ def sample_writer(model, schedule, tokenize, text_encoder_fn, frozen, tokenizer,
 
 
 def _per_host(config: Any) -> int:
-  return pipeline.per_host_batch(int(config.train.global_batch), jax.process_count())
+  return loader.per_host_batch(int(config.train.global_batch), jax.process_count())

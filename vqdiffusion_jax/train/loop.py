@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqdiffusion_jax.data import pipeline, shapes, token_cache
+from vqdiffusion_jax.convert import lpips as lpips_convert
+from vqdiffusion_jax.data import loader, shapes, token_cache
 from vqdiffusion_jax.models import discriminator as disc_lib
-from vqdiffusion_jax.models import lpips as lpips_lib
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
 from vqdiffusion_jax.train import budget, tokenizer_step
@@ -88,7 +88,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 def train_source(config: Any, workdir: str):
   """The training split as a random-access source; builds the shapes data if needed.
 
-  With ``data.in_memory`` decoded records are kept (``pipeline.MemoizedSource``).
+  With ``data.in_memory`` decoded records are kept (``loader.MemoizedSource``).
   """
   data = config.data
   if data.name == "shapes":
@@ -97,8 +97,8 @@ def train_source(config: Any, workdir: str):
     source = shapes.build(data_dir, data.image_size, **kwargs).as_data_source(
         split=data.train_split)
   else:
-    source = pipeline.tfds_source(data.name, data.train_split, data.data_dir)
-  return pipeline.MemoizedSource(source) if data.get("in_memory") else source
+    source = loader.tfds_source(data.name, data.train_split, data.data_dir)
+  return loader.MemoizedSource(source) if data.get("in_memory") else source
 
 
 def tokenizer_matmul_dtype(config: Any) -> str:
@@ -197,7 +197,8 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
 
   lpips_params = None
   if float(loss_config.perceptual_weight) > 0:
-    lpips_params = lpips_lib.load_lpips(loss_config.lpips_vgg_path, loss_config.lpips_heads_path)
+    lpips_params = lpips_convert.load_lpips(loss_config.lpips_vgg_path,
+                                            loss_config.lpips_heads_path)
   step = tokenizer_step.make_train_step(module, disc, loss_config,
                                         parts["generator"][1], parts.get("discriminator",
                                                                          (None, None))[1])
@@ -214,9 +215,9 @@ def run_tokenizer(config: Any, directory: str, mesh, source) -> Tokenizer:
   tokenizer_batch = int(config.tokenizer.train.global_batch)
 
   def batches():
-    return pipeline.image_batches(
+    return loader.image_batches(
         source, image_size=size, seed=int(config.seed), caption_dropout=0.0,
-        batch_size=pipeline.per_host_batch(tokenizer_batch, jax.process_count()),
+        batch_size=loader.per_host_batch(tokenizer_batch, jax.process_count()),
         process_index=jax.process_index(), process_count=jax.process_count(),
         random_flip=bool(config.data.random_flip), random_crop=bool(config.data.random_crop),
         num_threads=int(config.data.get("num_workers", 0)))

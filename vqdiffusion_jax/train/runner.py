@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import metrics as metrics_lib
 
@@ -143,7 +145,8 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
   config_json = config.to_dict()
   preempted = False
   pace = Pace(step)
-  with contextlib.closing(metrics_lib.Progress(stage.num_steps, step)) as progress:
+  progress = outputs.Progress(stage.num_steps, step, name=os.path.basename(stage.directory))
+  with contextlib.closing(progress):
     while step < stage.num_steps and not preempted:
       with pace.reading():
         batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]

@@ -1,4 +1,4 @@
-"""The grain input pipeline: per-host, deterministic, resumable batches of images and captions.
+"""Training batches from grain: per-host, deterministic, resumable, of images and captions.
 
 Order. The stream is a sequence of (epoch, record) pairs: epoch ``e`` is a
 permutation of all records, drawn by grain's index shuffle with the seed
@@ -102,7 +102,7 @@ def record_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   """The generator for one record in one epoch: independent of order and timing.
 
   Args:
-    seed: the pipeline seed (non-negative).
+    seed: the stream's seed (non-negative).
     epoch: 0-based pass over the data.
     index: the record's index in the source.
 
@@ -190,7 +190,7 @@ class MemoizedSource(Sequence):
 
   The first read of a record goes to the wrapped source; later reads return
   the same decoded dict, so from the second epoch on no PNG or npz is decoded
-  again. Records are shared, so callers must not modify them (the pipelines
+  again. Records are shared, so callers must not modify them (the batch streams
   here copy what they change). Attributes other than ``len`` and ``[]`` (e.g.
   a token cache's ``metadata``) are those of the wrapped source.
   """
@@ -298,7 +298,7 @@ def sharded_batches(num_records: int, example_fn: Callable[[int, int], dict], *,
                     finalize: Callable[[dict], dict] | None = None,
                     num_epochs: int | None = None, drop_remainder: bool = True,
                     num_threads: int = 0, prefetch: int = 0) -> grain.DatasetIterator:
-  """This host's batches of the global stream; shared by the image and token pipelines.
+  """This host's batches of the global stream; shared by the image and token streams.
 
   Args:
     num_records: records in the source.

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqdiffusion_jax.convert import clip, converted, denoiser, vqmodel
+from vqdiffusion_jax.convert import clip, converted, denoiser, vqvae
 from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
@@ -141,7 +141,7 @@ def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32):
     return module, converted.restore(path, "vqvae", _unboxed(_abstract(module)))
   if os.path.isfile(os.path.join(path, "model_index.json")):
     path = os.path.join(path, "vqvae")
-  return vqmodel.load_vqmodel(path, dtype=dtype)
+  return vqvae.load_diffusers_vqvae(path, dtype=dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, *, dtype: Any = jnp.float32):

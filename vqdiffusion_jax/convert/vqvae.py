@@ -2,7 +2,7 @@
 
 Two source layouts map onto the same Flax tree (``vqdiffusion_jax.models.vqgan``):
 
-- diffusers (``load_vqmodel``): a directory with ``config.json`` and
+- diffusers (``load_diffusers_vqvae``): a directory with ``config.json`` and
   ``diffusion_pytorch_model.safetensors`` (or ``.bin``); keys such as
   ``encoder.down_blocks.{i}.resnets.{j}.conv1``, ``...attentions.{j}.to_q`` (Linear),
   ``...downsamplers.0.conv``, ``decoder.up_blocks.{k}``, ``encoder.conv_norm_out``,
@@ -52,7 +52,7 @@ _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v",
 _DEPRECATED_ATTENTION_KEY = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
 
 
-def load_vqmodel(path: str | os.PathLike, *, dtype: Any = jnp.float32
+def load_diffusers_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32
                  ) -> tuple[VQGAN, dict[str, Any]]:
   """Loads a diffusers ``VQModel`` directory.
 
@@ -75,7 +75,8 @@ def load_vqmodel(path: str | os.PathLike, *, dtype: Any = jnp.float32
     raise FileNotFoundError(f"no {CONFIG_NAME} in the VQModel directory {path}")
   with open(config_file) as f:
     config = config_from_diffusers(json.load(f))
-  state_dict = _rename_deprecated_attention(_load_weights(path))
+  weights = common.read_weights_in(path, WEIGHTS_NAMES, "the VQModel directory")
+  state_dict = _rename_deprecated_attention(weights)
   module = VQGAN(config, dtype=dtype)
   abstract = _abstract_params(module)
   params = common.assemble(abstract, _rules(abstract, _diffusers_key), state_dict,
@@ -149,7 +150,7 @@ def from_taming(state_dict: Mapping[str, Any], config: VQGANConfig, *,
     dtype: compute dtype of the returned module.
 
   Returns:
-    ``(module, params)`` as ``load_vqmodel``.
+    ``(module, params)`` as ``load_diffusers_vqvae``.
 
   Raises:
     ConversionError: missing, unused or mis-shaped keys.
@@ -280,15 +281,3 @@ def _ignored_taming_key(key: str) -> bool:
 def _rename_deprecated_attention(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   rename = lambda m: f"{m.group(1)}{_DEPRECATED_ATTENTION[m.group(2)]}."
   return {_DEPRECATED_ATTENTION_KEY.sub(rename, key): value for key, value in state_dict.items()}
-
-
-def _load_weights(path: str) -> dict[str, np.ndarray]:
-  safetensors_file, bin_file = (os.path.join(path, name) for name in WEIGHTS_NAMES)
-  if os.path.isfile(safetensors_file):
-    from safetensors.numpy import load_file
-    return common.to_numpy(load_file(safetensors_file))
-  if os.path.isfile(bin_file):
-    import torch
-    return common.to_numpy(torch.load(bin_file, map_location="cpu", weights_only=True))
-  raise FileNotFoundError(f"no weights file in the VQModel directory {path}: expected one of "
-                          f"{list(WEIGHTS_NAMES)}")

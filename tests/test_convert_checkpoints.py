@@ -24,9 +24,8 @@ from tests.test_convert_denoiser import (
   _reference,
 )
 from tests.test_vqgan import TINY as TINY_VQMODEL
-from vqdiffusion_jax import convert
 from vqdiffusion_jax.convert import __main__ as cli
-from vqdiffusion_jax.convert import converted, denoiser
+from vqdiffusion_jax.convert import checkpoints, converted, denoiser
 from vqdiffusion_jax.models import transformer
 
 NULL_TEXT_CONFIG = {"learnable": True, "length": 7}
@@ -63,23 +62,23 @@ def test_pipeline_converts_every_component(pipeline_dir, converted_dir):
   src, model = pipeline_dir
   stored = converted.read_config(converted_dir)
   assert sorted(stored["components"]) == ["denoiser", "text_encoder", "vqvae"]
-  module, params = convert.load_denoiser(converted_dir)
-  _, want = convert.load_denoiser(src)
+  module, params = checkpoints.load_denoiser(converted_dir)
+  _, want = checkpoints.load_denoiser(src)
   _same(params, want)
   tokens, t, text = _inputs(SIZE * SIZE)
   ours = _ours(module.config, params, tokens, t, text)
   assert np.max(np.abs(ours - _reference(model, tokens, t, text))) < 1e-4
-  _same(convert.load_vqvae(converted_dir)[1], convert.load_vqvae(src)[1])
-  text_module, text_params, tokenizer = convert.load_text_encoder(converted_dir)
-  _, want_text, want_tokenizer = convert.load_text_encoder(src)
+  _same(checkpoints.load_vqvae(converted_dir)[1], checkpoints.load_vqvae(src)[1])
+  text_module, text_params, tokenizer = checkpoints.load_text_encoder(converted_dir)
+  _, want_text, want_tokenizer = checkpoints.load_text_encoder(src)
   _same(text_params, want_text)
   assert text_module.hidden_size == TEXT_CONFIG["hidden_size"]
   assert tokenizer("a cat")["input_ids"] == want_tokenizer("a cat")["input_ids"]
 
 
 def test_runtime_options_apply_to_a_converted_denoiser(converted_dir):
-  plain_module, plain = convert.load_denoiser(converted_dir)
-  scanned_module, scanned = convert.load_denoiser(converted_dir, scan_layers=True, remat=True)
+  plain_module, plain = checkpoints.load_denoiser(converted_dir)
+  scanned_module, scanned = checkpoints.load_denoiser(converted_dir, scan_layers=True, remat=True)
   assert scanned_module.config.scan_layers and not plain_module.config.scan_layers
   _same(transformer.unstack_layers(scanned), plain)
 
@@ -108,8 +107,8 @@ def test_official_pth_needs_sizes_and_converts_ema_weights(tmp_path):
   checkpoint = _official_checkpoint(raw, ema, torch.randn(7, 24), torch.randn(7, 24))
   path = _save_official(checkpoint, tmp_path / "official.pth")
   with pytest.raises(ValueError, match="preset"):
-    convert.load_denoiser(path)
-  _, params = convert.load_denoiser(path, config=config)
+    checkpoints.load_denoiser(path)
+  _, params = checkpoints.load_denoiser(path, config=config)
   _same(params, denoiser.from_official(checkpoint, config))
   tokens, t, text = _inputs(SIZE * SIZE)
   assert np.max(np.abs(_ours(config, params, tokens, t, text)
@@ -137,9 +136,9 @@ def test_official_pth_without_a_null_text_converts_with_the_flag(tmp_path):
   want = denoiser.from_official(checkpoint, config)
   out = str(tmp_path / "out")
   # The sizes come from a config here; the flag is what the CLI adds to a preset.
-  counts = convert.convert(path, out, config=config, learnable_null_text=False)
+  counts = checkpoints.convert(path, out, config=config, learnable_null_text=False)
   assert counts["denoiser"] == sum(np.size(x) for x in jax.tree.leaves(want))
-  module, params = convert.load_denoiser(out)
+  module, params = checkpoints.load_denoiser(out)
   assert not module.config.has_null_text
   _same(params, want)
 
@@ -150,16 +149,16 @@ def test_official_pth_with_python_objects_needs_allow_pickle(tmp_path):
   checkpoint = _official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24))
   path = _save_official(checkpoint, tmp_path / "pickled.pth", tensors_only=False)
   with pytest.raises(ValueError, match="allow_pickle=True"):
-    convert.load_denoiser(path, config=config)
-  _, params = convert.load_denoiser(path, config=config, allow_pickle=True)
+    checkpoints.load_denoiser(path, config=config)
+  _, params = checkpoints.load_denoiser(path, config=config, allow_pickle=True)
   _same(params, denoiser.from_official(checkpoint, config))
 
 
 def test_damaged_or_unknown_checkpoints_are_named(converted_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-    convert.load_denoiser(str(tmp_path / "nowhere"))
+    checkpoints.load_denoiser(str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match="not a checkpoint we know"):
-    convert.load_denoiser(str(tmp_path))
+    checkpoints.load_denoiser(str(tmp_path))
   damaged = str(tmp_path / "damaged")
   shutil.copytree(converted_dir, damaged)
   config_path = pathlib.Path(damaged) / "config.json"
@@ -167,15 +166,15 @@ def test_damaged_or_unknown_checkpoints_are_named(converted_dir, tmp_path):
   config["components"]["denoiser"]["num_layers"] = 3
   config_path.write_text(json.dumps(config))
   with pytest.raises(ValueError, match="missing block_2"):
-    convert.load_denoiser(damaged)
+    checkpoints.load_denoiser(damaged)
   shutil.rmtree(os.path.join(damaged, "params"))
   with pytest.raises(FileNotFoundError, match="incomplete"):
-    convert.load_denoiser(damaged)
+    checkpoints.load_denoiser(damaged)
 
 
 def test_stored_config_round_trips():
   config = transformer.preset("large")
-  stored = json.loads(json.dumps(convert.pipeline._config_dict(config)))
-  rebuilt = convert.pipeline._from_dict(transformer.TransformerConfig, stored,
+  stored = json.loads(json.dumps(checkpoints._config_dict(config)))
+  rebuilt = checkpoints._from_dict(transformer.TransformerConfig, stored,
                                         remat=config.remat)
   assert rebuilt == dataclasses.replace(config)

@@ -1,0 +1,135 @@
+"""What every command writes and shows: atomic JSON, image grids, the console.
+
+Neutral ground for the layers above it (training, sampling, evaluation):
+nothing here knows about models or trainers.
+
+* ``write_json_atomically``: a JSON file through a temporary file and a rename.
+* ``tile``: a batch of images in [-1, 1] as one uint8 grid.
+* ``Progress``: one console line per stage or long job (name, count, rate,
+  ETA, chosen scalars), redrawn in place, from process 0 only.
+* ``quiet_logging``: library INFO logs (Orbax, absl) off unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+# absl's verbosity for warnings and errors only; 0 is INFO, 1 and up DEBUG.
+WARNINGS_ONLY = -1
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+  """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def tile(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles (B, H, W, C) images in [-1, 1] into one uint8 (rows*H, cols*W, 3) grid."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ValueError(f"expected (B, H, W, C) images, got shape {images.shape}")
+  count, height, width, _ = images.shape
+  columns = columns or math.ceil(math.sqrt(count))
+  rows = math.ceil(count / columns)
+  pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, np.uint8)
+  for i, image in enumerate(pixels):
+    top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
+    grid[top:top + height, left:left + width] = image[..., :3]
+  return grid
+
+
+def _scalar(value) -> float:
+  return float(np.asarray(value))
+
+
+def duration(seconds: float) -> str:
+  """``MM:SS`` or ``H:MM:SS``; ``--:--`` for an unknown (infinite) time."""
+  if not math.isfinite(seconds):
+    return "--:--"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+  """A console progress line: name, count, rate, ETA and chosen scalars.
+
+  Only process 0 draws it. The line is redrawn in place (carriage return);
+  ``close`` ends it with a newline.
+  """
+
+  def __init__(self, total: int, start: int = 0, *, name: str = "", unit: str = "steps",
+               stream=sys.stderr, clock=time.perf_counter):
+    """A line for ``total`` units, ``start`` of them already done before this run."""
+    self.total, self.name, self.unit, self.stream = total, name, unit, stream
+    self._start, self._clock = start, clock
+    self._start_time = clock()
+
+  def update(self, done: int, scalars: Mapping[str, object] | None = None) -> str:
+    """Redraws the line at ``done`` units; returns its text."""
+    elapsed = self._clock() - self._start_time
+    count = done - self._start
+    rate = count / elapsed if elapsed > 0 and count > 0 else 0.0
+    eta = (self.total - done) / rate if rate else float("inf")
+    filled = int(30 * done / max(self.total, 1))
+    text = (f"\r{self.name + ' ' if self.name else ''}[{'#' * filled}{'.' * (30 - filled)}] "
+            f"{done}/{self.total} {rate:.2f} {self.unit}/s ETA {duration(eta)}")
+    if scalars:
+      text += " " + " ".join(f"{k}={_scalar(v):.4g}" for k, v in scalars.items())
+    if jax.process_index() == 0:
+      self.stream.write(text)
+      self.stream.flush()
+    return text
+
+  def close(self) -> None:
+    if jax.process_index() == 0:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+# Orbax logs these at WARNING on every read-only open and restore; they are not news.
+_ROUTINE_WARNINGS = ("Given directory is read only",)
+
+
+class _RoutineFilter(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _ROUTINE_WARNINGS)
+
+
+def quiet_logging(verbosity: int | None = None) -> None:
+  """Sets absl's verbosity: warnings only by default, INFO and more when asked.
+
+  Orbax and absl log through absl's logger; at the default their INFO lines
+  (one per save, restore and directory scan) stay off the console, and
+  Orbax's routine read-only notice is dropped.
+
+  Args:
+    verbosity: absl's scale (-1 warnings, 0 INFO, 1+ DEBUG); None: -1.
+  """
+  logging.set_verbosity(WARNINGS_ONLY if verbosity is None else verbosity)
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _RoutineFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_RoutineFilter())
