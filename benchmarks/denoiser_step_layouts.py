@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/denoiser_step_layouts.py [--batch 32] [--repeats 7]
       [--layouts loop scan scan+remat scan+minimal-remat] [--matmul-dtypes float32 bfloat16]
-      [--steps-per-call 1 10] [--narrow-weight-grads cotangent-first operand-first]
+      [--steps-per-call 1 10] [--weight-grads cotangent_first operand_first]
 
 Builds the denoiser of ``configs/shapes.py`` (4 x 128, 8 x 8 tokens, K = 512,
 a 24 x 128 trained text encoder, pooled text) with random weights and times
@@ -15,9 +15,10 @@ and per step the minor page faults and system CPU time (``getrusage``): XLA:CPU
 maps its temporary buffer afresh on every call, and the kernel zeroes each
 page on first touch. ``--steps-per-call`` also times several steps in one
 call (``runner.scan_steps`` over stacked batches, as ``train.steps_per_call``).
-``--narrow-weight-grads`` times the bfloat16 weight cotangents of narrowing
-matmuls (the MLP's second layer) in both orders of ``precision._rhs_cotangent``:
-XLA:CPU copies the first operand into a transposed layout.
+``--weight-grads`` times the bfloat16 weight cotangents of the denoiser's
+narrowing matmuls (the MLP's second layer) in both orders of
+``precision._rhs_cotangent`` (``TransformerConfig.weight_grads``): XLA:CPU
+copies the first operand into a transposed layout.
 
 XLA:CPU fuses the backward pass's chain of residual cotangents into every
 consumer of it, transposed copies included, so an unrolled stack recomputes
@@ -36,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import shapes as shapes_config
-from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax import build
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
-from vqdiffusion_jax.train import denoiser_stage, denoiser_step, loop, runner
+from vqdiffusion_jax.models.denoiser import Denoiser
+from vqdiffusion_jax.train import denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -47,33 +49,29 @@ from vqdiffusion_jax.train import state as state_lib
 LAYOUTS = {"loop": (False, False, "full"), "scan": (True, False, "full"),
            "scan+remat": (True, True, "full"), "scan+minimal-remat": (True, True, "minimal")}
 VOCAB = 32
-# --narrow-weight-grads: precision.NARROW_WEIGHT_COTANGENT_FIRST for each name.
-NARROW_WEIGHT_GRADS = {"cotangent-first": True, "operand-first": False}
 
 
 def build_step(config, scan_layers: bool, remat: bool, remat_policy: str, batch: int,
-               steps_per_call: int = 1):
+               steps_per_call: int = 1, weight_grads: str = "cotangent_first"):
   """(jitted step, state, batch) for one layout; stacked batches for several steps per call."""
   text = config.text
-  tokenizer = loop.Tokenizer(loop.tokenizer_module(config), {}, int(config.data.image_size))
-  denoiser = dataclasses.replace(
-      denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width))),
-      scan_layers=scan_layers, remat=remat, remat_policy=remat_policy)
-  encoder = denoiser_stage.trained_text_encoder(config, VOCAB)
-  model = TextConditionedDenoiser(denoiser, encoder)
-  schedule = schedules.make(config.diffusion.schedule, denoiser.num_timesteps,
-                            denoiser.codebook_size)
+  network = build.denoiser(config, codebook_size=int(config.vqvae.model.num_embeddings),
+                           grid=build.latent_grid(config), vocab_size=VOCAB).network
+  cfg = dataclasses.replace(network.config, scan_layers=scan_layers, remat=remat,
+                            remat_policy=remat_policy, weight_grads=weight_grads)
+  denoiser = Denoiser(TextConditionedDenoiser(cfg, network.text_encoder))
+  schedule = build.schedule(config, cfg.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   state, _ = state_lib.create_state(
-      jax.random.key(0), denoiser_stage.make_init_fn(model, denoiser), optimizer, mesh,
-      config.mesh.rules, history_timesteps=denoiser.num_timesteps)
+      jax.random.key(0), denoiser.init, optimizer, mesh, config.mesh.rules,
+      history_timesteps=cfg.num_timesteps)
   rng = np.random.default_rng(0)
-  data = {"tokens": jnp.asarray(rng.integers(0, denoiser.codebook_size,
-                                             (batch, denoiser.num_tokens)), jnp.int32),
+  data = {"tokens": jnp.asarray(rng.integers(0, cfg.codebook_size, (batch, cfg.num_tokens)),
+                                jnp.int32),
           "text_ids": jnp.asarray(rng.integers(4, VOCAB, (batch, text.length)), jnp.int32),
           "drop_text": jnp.zeros((batch,), bool)}
-  step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer)
+  step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion, optimizer)
   if steps_per_call > 1:
     step = runner.scan_steps(step)
     data = jax.tree.map(lambda x: jnp.stack([x] * steps_per_call), data)
@@ -90,8 +88,8 @@ def main() -> None:
   parser.add_argument("--matmul-dtypes", nargs="+", choices=precision.MATMUL_DTYPES,
                       default=["float32"])
   parser.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
-  parser.add_argument("--narrow-weight-grads", nargs="+", choices=list(NARROW_WEIGHT_GRADS),
-                      default=["cotangent-first"])
+  parser.add_argument("--weight-grads", nargs="+", choices=precision.WEIGHT_GRAD_ORDERS,
+                      default=["cotangent_first"])
   args = parser.parse_args()
   key = jax.random.key(1)
   runs = {}
@@ -100,12 +98,11 @@ def main() -> None:
     with config.unlocked():
       config.train.matmul_dtype = matmul_dtype
     for layout, per_call, order in itertools.product(args.layouts, args.steps_per_call,
-                                                     args.narrow_weight_grads):
-      precision.NARROW_WEIGHT_COTANGENT_FIRST = NARROW_WEIGHT_GRADS[order]
-      step, state, data = build_step(config, *LAYOUTS[layout], args.batch, per_call)
+                                                     args.weight_grads):
+      step, state, data = build_step(config, *LAYOUTS[layout], args.batch, per_call, order)
       jax.block_until_ready(step(state, data, key))  # compile
       name = (f"{layout}, {matmul_dtype}" + (f", {per_call} per call" if per_call > 1 else "")
-              + (f", {order}" if len(args.narrow_weight_grads) > 1 else ""))
+              + (f", {order}" if len(args.weight_grads) > 1 else ""))
       runs[name] = (step, state, data, per_call)
   seconds = {name: [] for name in runs}
   faults = {name: [] for name in runs}

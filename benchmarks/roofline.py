@@ -40,7 +40,7 @@ from benchmarks import harness, vs_diffusers
 from vqdiffusion_jax.diffusion import discrete
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import attention, transformer
-from vqdiffusion_jax.train import denoiser_stage
+from vqdiffusion_jax.models.denoiser import Denoiser
 
 TIMESTEPS = vs_diffusers.TIMESTEPS
 
@@ -105,8 +105,7 @@ def train_row(size, batch: int, dtype: str, peak: float, repeats: int,
 
 
 def _init(module):
-  init = denoiser_stage.make_init_fn(module, module.config)
-  return nn.unbox(jax.jit(init)(jax.random.key(0))["params"])
+  return nn.unbox(jax.jit(Denoiser(module).init)(jax.random.key(0))["params"])
 
 
 def sample_row(size, batch: int, steps: int, dtype: str, peak: float, repeats: int,

@@ -56,19 +56,20 @@ import numpy as np
 import torch
 from diffusers import Transformer2DModel, VQDiffusionScheduler
 from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
-    LearnedClassifierFreeSamplingEmbeddings,
-    VQDiffusionPipeline,
+  LearnedClassifierFreeSamplingEmbeddings,
+  VQDiffusionPipeline,
 )
 
 from benchmarks import harness
-from configs import common
 from tests import torch_reference
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.convert import denoiser as convert_denoiser
 from vqdiffusion_jax.diffusion import discrete, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import attention
+from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.models.transformer import REMAT_POLICIES, VQDiffusionTransformer
-from vqdiffusion_jax.train import denoiser_stage, denoiser_step, runner
+from vqdiffusion_jax.train import denoiser_step, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
@@ -128,8 +129,8 @@ def our_denoiser(model, null, size: Size, *, scan_layers: bool, remat: bool):
 
 
 def _run_config(batch: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"optim": common.optim(1e-4, warmup_steps=0),
-                                    "train": common.train(batch, 1000)})
+  return ml_collections.ConfigDict({"optim": schema.optim(1e-4, warmup_steps=0),
+                                    "train": schema.train(batch, 1000)})
 
 
 def train_program(module, size: Size, batch: int, steps_per_call: int = 1):
@@ -139,16 +140,17 @@ def train_program(module, size: Size, batch: int, steps_per_call: int = 1):
   above 1 the step scans over that many copies of the batch in one call.
   """
   run = _run_config(batch)
-  diffusion = common.diffusion(TIMESTEPS, aux_weight=AUX_WEIGHT)
+  diffusion = schema.diffusion(TIMESTEPS, aux_weight=AUX_WEIGHT)
   diffusion.importance_sampling = False
   optimizer = state_lib.make_optimizer(run.optim, run.train.num_steps)
-  mesh_config = common.mesh()
+  mesh_config = schema.mesh()
   mesh = mesh_lib.make_mesh(mesh_config.to_dict())
   state, shardings = state_lib.create_state(
-      jax.random.key(0), denoiser_stage.make_init_fn(module, module.config), optimizer, mesh,
+      jax.random.key(0), Denoiser(module).init, optimizer, mesh,
       mesh_config.rules)
   schedule = schedules.mask_and_replace(TIMESTEPS, size.codebook)
-  train_step = denoiser_step.make_train_step(module, schedule, run, diffusion, optimizer)
+  train_step = denoiser_step.make_train_step(Denoiser(module), schedule, run, diffusion,
+                                             optimizer)
   if steps_per_call > 1:
     train_step = runner.scan_steps(train_step)
   train_step = jax.jit(train_step, donate_argnums=0)

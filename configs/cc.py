@@ -2,14 +2,15 @@
 
   python -m vqdiffusion_jax.main --config=configs/cc.py --workdir=runs/cc \
       --config.data.data_dir=/path/to/tfds --config.text.clip_path=/path/to/clip-vit-b32 \
-      --config.tokenizer.path=/path/to/converted-vqvae
+      --config.vqvae.path=/path/to/converted-vqvae
 """
 
-from configs import common, cub200
+from configs import cub200
+from vqdiffusion_jax import config_schema as schema
 
 
 def get_config(arg=None):
   config = cub200.base_config("conceptual_captions", num_steps=1000000, warmup_lr=2e-4,
                               warmup_steps=5000, global_batch=512)
   config.data.eval_split = "validation"
-  return common.finish(config, arg)
+  return schema.finish(config, arg)

@@ -2,21 +2,21 @@
 
   python -m vqdiffusion_jax.main --config=configs/cub200.py --workdir=runs/cub200 \
       --config.data.data_dir=/path/to/tfds --config.text.clip_path=/path/to/clip-vit-b32 \
-      --config.tokenizer.path=/path/to/converted-vqvae
+      --config.vqvae.path=/path/to/converted-vqvae
 
 Needs the CUB-200 TFDS dataset built from a manual download, a CLIP
-ViT-B/32 text checkpoint directory and a trained or converted tokenizer.
+ViT-B/32 text checkpoint directory and a trained or converted VQ-VAE.
 ``:runlocal`` swaps all of that for the embedded shapes data and tiny models.
 """
 
 import ml_collections
 
-from configs import common
+from vqdiffusion_jax import config_schema as schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base_config("cub200_captions", num_steps=200000, warmup_lr=4.5e-4, warmup_steps=1000)
-  return common.finish(config, arg)
+  return schema.finish(config, arg)
 
 
 def base_config(dataset: str, *, num_steps: int, warmup_lr: float, warmup_steps: int,
@@ -24,17 +24,17 @@ def base_config(dataset: str, *, num_steps: int, warmup_lr: float, warmup_steps:
   """The shared base (19 x 1024) text-to-image setup of the official configs."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = common.data(dataset, 256)
+  config.data = schema.data(dataset, 256)
   config.data.random_crop = True
-  config.mesh = common.mesh(data=-1)
-  config.tokenizer = common.tokenizer()
-  config.text = common.text("clip")
-  config.denoiser = common.denoiser(num_layers=19, embed_dim=1024, num_heads=16)
-  config.diffusion = common.diffusion(num_timesteps=100, aux_weight=5e-4)
+  config.mesh = schema.mesh(data=-1)
+  config.vqvae = schema.vqvae()
+  config.text = schema.text("clip")
+  config.denoiser = schema.denoiser(num_layers=19, embed_dim=1024, num_heads=16)
+  config.diffusion = schema.diffusion(num_timesteps=100, aux_weight=5e-4)
   # The official EMA (decay 0.99 every 25 steps) is about 0.9996 per step.
-  config.optim = common.optim(warmup_lr, warmup_steps=warmup_steps, ema_decay=0.9996)
-  config.train = common.train(global_batch, num_steps, dtype="bfloat16")
-  config.checkpoint = common.checkpoint()
-  config.eval = common.evaluation()
+  config.optim = schema.optim(warmup_lr, warmup_steps=warmup_steps, ema_decay=0.9996)
+  config.train = schema.train(global_batch, num_steps, dtype="bfloat16")
+  config.checkpoint = schema.checkpoint()
+  config.eval = schema.evaluation()
   return config
 

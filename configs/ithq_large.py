@@ -2,22 +2,22 @@
 
   python -m vqdiffusion_jax.main --config=configs/ithq_large.py --workdir=runs/ithq \
       --config.data.data_dir=/path/to/tfds --config.text.clip_path=/path/to/clip-vit-b32 \
-      --config.tokenizer.path=/path/to/converted-vqvae
+      --config.vqvae.path=/path/to/converted-vqvae
 
 Activation rematerialisation and FSDP: plan the mesh first with
 ``python -m vqdiffusion_jax.plan --config=configs/ithq_large.py --devices=32``.
 """
 
-from configs import common, cub200
+from configs import cub200
+from vqdiffusion_jax import config_schema as schema
 
 
 def get_config(arg=None):
   config = cub200.base_config("captioned_folder", num_steps=1000000, warmup_lr=1e-4,
                               warmup_steps=7000, global_batch=512)
-  config.tokenizer = common.tokenizer(block_out_channels=(64, 128, 256, 512),
-                                      num_embeddings=4096, embed_dim=128,
-                                      latent_channels=256, attention_levels=(3,))
-  config.denoiser = common.denoiser(num_layers=36, embed_dim=1408, num_heads=16)
-  config.mesh = common.mesh(data=-1, fsdp=8)
+  config.vqvae = schema.vqvae(block_out_channels=(64, 128, 256, 512), num_embeddings=4096,
+                              embed_dim=128, latent_channels=256, attention_levels=(3,))
+  config.denoiser = schema.denoiser(num_layers=36, embed_dim=1408, num_heads=16)
+  config.mesh = schema.mesh(data=-1, fsdp=8)
   config.train.remat = True
-  return common.finish(config, arg)
+  return schema.finish(config, arg)

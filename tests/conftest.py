@@ -19,12 +19,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
-  """A finished runlocal shapes run (tokenizer, token cache, 4 denoiser steps, report)."""
+  """A finished runlocal shapes run (VQ-VAE, token cache, 4 denoiser steps, report)."""
   from configs import shapes  # noqa: PLC0415
-  from vqdiffusion_jax.train import loop  # noqa: PLC0415
+  from vqdiffusion_jax import main  # noqa: PLC0415
   config = shapes.get_config("runlocal")
   with config.unlocked():
     config.train.num_steps = 4
   workdir = tmp_path_factory.mktemp("tiny_run")
-  loop.train_and_evaluate(config, str(workdir))
+  main.train_and_evaluate(config, str(workdir))
   return str(workdir)

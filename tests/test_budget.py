@@ -5,7 +5,8 @@ import json
 import pytest
 
 from configs import shapes as shapes_config
-from vqdiffusion_jax.train import budget, denoiser_stage, loop
+from vqdiffusion_jax.main import train_and_evaluate
+from vqdiffusion_jax.train import budget, denoiser_stage
 
 
 def _budget_config(minutes, reserve_steps=0, margin=0.0):
@@ -59,7 +60,7 @@ def test_the_denoiser_trains_the_planned_steps_and_a_rerun_reuses_the_plan(tmp_p
   real = denoiser_stage.seconds_per_step
   monkeypatch.setattr(denoiser_stage, "seconds_per_step", seconds_per_step)
   config = _budget_config(3.0)
-  summary = loop.train_and_evaluate(config, str(tmp_path))
+  summary = train_and_evaluate(config, str(tmp_path))
 
   plan = json.loads((tmp_path / "denoiser" / budget.PLAN_NAME).read_text())
   assert len(measured) == 1 and measured[0] > 0
@@ -72,4 +73,4 @@ def test_the_denoiser_trains_the_planned_steps_and_a_rerun_reuses_the_plan(tmp_p
 
   monkeypatch.setattr(denoiser_stage, "seconds_per_step",
                       lambda trainer: pytest.fail("planned again on resume"))
-  assert loop.train_and_evaluate(config, str(tmp_path))["denoiser_step"] == plan["num_steps"]
+  assert train_and_evaluate(config, str(tmp_path))["denoiser_step"] == plan["num_steps"]

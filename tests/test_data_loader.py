@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vqdiffusion_jax.data import loader
+from vqdiffusion_jax.data import loader, sources
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -270,7 +270,7 @@ class TinyCaptionsForPipelineTest(tfds.core.GeneratorBasedBuilder):
 def test_tfds_array_record_dataset_flows_through(tmp_path):
   TinyCaptionsForPipelineTest(data_dir=str(tmp_path),
                               file_format="array_record").download_and_prepare()
-  source = loader.tfds_source("tiny_captions_for_pipeline_test", "train", str(tmp_path))
+  source = sources.tfds_source("tiny_captions_for_pipeline_test", "train", str(tmp_path))
   assert len(source) == 5
   batches = list(loader.image_batches(source, image_size=8, batch_size=5, seed=0,
                                         num_epochs=2, tokenize=lambda cs: [[len(c)] for c in cs]))
@@ -283,9 +283,9 @@ def test_tfds_array_record_dataset_flows_through(tmp_path):
       level = int(round((float(image[0, 0, 0]) + 1) * 127.5)) // 40
       assert str(caption) in (f"gray {level}", f"level {level}")
   with pytest.raises(FileNotFoundError, match="tiny_captions_for_pipeline_test.*not built"):
-    loader.tfds_source("tiny_captions_for_pipeline_test", "train", str(tmp_path / "none"))
+    sources.tfds_source("tiny_captions_for_pipeline_test", "train", str(tmp_path / "none"))
   with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
-    loader.tfds_source("no_such_dataset_xyz", "train", str(tmp_path))
+    sources.tfds_source("no_such_dataset_xyz", "train", str(tmp_path))
 
 
 class CountingSource(list):

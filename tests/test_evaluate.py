@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vqdiffusion_jax import evaluate, sample
+from vqdiffusion_jax import evaluate, loading, report, sample
 from vqdiffusion_jax.data import oracle, shapes
 from vqdiffusion_jax.evaluation import inception
-from vqdiffusion_jax.train import report as report_lib
 
 
 def test_sampler_specs_parse_and_reject_bad_ones():
@@ -29,10 +28,10 @@ def test_sampler_specs_parse_and_reject_bad_ones():
 
 
 def test_the_main_job_writes_its_report(tiny_workdir):
-  out = pathlib.Path(tiny_workdir, report_lib.REPORT_DIR)
-  report = json.loads((out / "report.json").read_text())
-  assert set(report["samplers"]) == {"vqdiffusion_3steps_g1_r1", "purity_8steps_g2_r1"}
-  for label, row in report["samplers"].items():
+  out = pathlib.Path(tiny_workdir, loading.REPORT_DIR)
+  figures = json.loads((out / "report.json").read_text())
+  assert set(figures["samplers"]) == {"vqdiffusion_3steps_g1_r1", "purity_8steps_g2_r1"}
+  for label, row in figures["samplers"].items():
     assert set(row["oracle"]) == {*shapes.ATTRIBUTES, "all"}
     assert all(0.0 <= v <= 1.0 for v in row["oracle"].values())
     assert row["images_per_second"] > 0
@@ -40,16 +39,18 @@ def test_the_main_job_writes_its_report(tiny_workdir):
     assert all(0.0 <= v <= 1.0 for v in row["oracle_by_objects"].values())
     with Image.open(out / f"{label}.png") as grid:
       assert grid.size == (2 * 32 + 3 * 2,) * 2  # 4 images, 2 x 2
-  assert np.isfinite(report["tokenizer"]["psnr"]) and report["tokenizer"]["num_images"] == 8
-  assert set(report["tokenizer"]["oracle"]) == {*shapes.ATTRIBUTES, "all"}
+  assert np.isfinite(figures["vqvae"]["psnr"]) and figures["vqvae"]["num_images"] == 8
+  assert set(figures["vqvae"]["oracle"]) == {*shapes.ATTRIBUTES, "all"}
   text = (out / "report.md").read_text()
   assert "Oracle accuracy of the reconstructions" in text
   assert "by the number of objects in the caption" in text
-  assert "| purity | 8 | 2 | 1 |" in text and "## Targets of the embedded default" in text
-  assert "tokenizer PSNR" in text and "guidance gain" in text
+  assert "| purity | 8 | 2 | 1 |" in text and "## VQ-VAE reconstruction" in text
+  assert "target" not in text.lower()  # results, not acceptance targets
   assert f"- machine: {len(jax.devices())} x {jax.devices()[0].device_kind}" in text
-  assert "matmuls: tokenizer float32, denoiser float32" in text  # runlocal: float32
-  assert text.count("% of the loop's time") == 2  # the tokenizer's and the denoiser's pace
+  assert "matmuls: VQ-VAE float32, denoiser float32" in text  # runlocal: float32
+  assert text.count("% of the loop's time") == 2  # the VQ-VAE's and the denoiser's pace
+  config = json.loads(text.split("```json\n")[1].split("```")[0])  # the run's config
+  assert config["train"]["num_steps"] == 4 and config["data"]["name"] == "shapes"
 
 
 def test_accuracy_by_object_count_groups_captions():
@@ -82,10 +83,12 @@ def test_report_is_resumed_not_resampled(tiny_workdir, monkeypatch):
   config = shapes_config.get_config("runlocal")
   with config.unlocked():
     config.train.num_steps = 4
-  summary = {"tokenizer": os.path.join(tiny_workdir, "tokenizer"),
+  summary = {"vqvae": os.path.join(tiny_workdir, "vqvae"),
              "denoiser": os.path.join(tiny_workdir, "denoiser"), "denoiser_step": 4}
-  path = report_lib.write_report(config, tiny_workdir, summary)
-  assert "purity" in pathlib.Path(path).read_text()
+  command = "python -m vqdiffusion_jax.main --config=configs/shapes.py:runlocal --workdir=W"
+  path = report.write_report(config, tiny_workdir, summary, command)
+  text = pathlib.Path(path).read_text()
+  assert "purity" in text and f"- command: `{command}`" in text
 
 
 def test_oracle_scores_true_renders_right_and_wrong_captions_wrong():

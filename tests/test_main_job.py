@@ -14,8 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vqdiffusion_jax.main import train_and_evaluate
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
-from vqdiffusion_jax.train import loop, runner
+from vqdiffusion_jax.train import runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ["shapes", "cub200", "coco", "cc", "ithq_large"]
@@ -40,13 +41,13 @@ def _untimed(metrics):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_each_config_runs_two_steps_in_its_runlocal_form(name, tmp_path):
-  summary = loop.train_and_evaluate(_config(name, sample_every=2), str(tmp_path))
+  summary = train_and_evaluate(_config(name, sample_every=2), str(tmp_path))
   assert summary["denoiser_step"] == 2
-  assert (tmp_path / "tokenizer" / "samples" / "reconstructions_00000002.png").exists()
+  assert (tmp_path / "vqvae" / "samples" / "reconstructions_00000002.png").exists()
   captions = (tmp_path / "denoiser" / "samples" / "samples_00000002.txt").read_text()
   assert (tmp_path / "denoiser" / "samples" / "samples_00000002.png").exists()
   assert len(captions.splitlines()) == 8
-  for stage in ("tokenizer", "denoiser"):
+  for stage in ("vqvae", "denoiser"):
     steps = [m["step"] for m in _metrics(tmp_path / stage)]
     assert steps == [1, 2]
     assert all(all(v == v for v in m.values()) for m in _metrics(tmp_path / stage))
@@ -59,7 +60,7 @@ def test_each_config_runs_two_steps_in_its_runlocal_form(name, tmp_path):
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   config = _config("shapes", num_steps=4)
-  loop.train_and_evaluate(config, str(straight))
+  train_and_evaluate(config, str(straight))
 
   real_run_stage = runner.run_stage
 
@@ -78,13 +79,13 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
 
   monkeypatch.setattr(runner, "run_stage", crash_after_two)
   with pytest.raises(KeyboardInterrupt):
-    loop.train_and_evaluate(config, str(resumed))
+    train_and_evaluate(config, str(resumed))
   # The save of step 2 was in flight; the stage waited for it before raising.
   checkpoints = resumed / "denoiser" / "checkpoints"
   assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]
   assert (checkpoints / "2" / ckpt_lib.COMMIT_MARKER).exists()
   monkeypatch.setattr(runner, "run_stage", real_run_stage)
-  assert loop.train_and_evaluate(config, str(resumed))["denoiser_step"] == 4
+  assert train_and_evaluate(config, str(resumed))["denoiser_step"] == 4
 
   want = {m["step"]: m for m in _metrics(straight / "denoiser")}
   got = {m["step"]: m for m in _metrics(resumed / "denoiser")}
@@ -105,12 +106,12 @@ def test_several_steps_per_call_train_what_one_step_per_call_does(tmp_path):
     config = _config("shapes", num_steps=5, log_every=2, checkpoint_every=4,
                      steps_per_call=per_call)
     with config.unlocked():
-      config.tokenizer.train.update(num_steps=5, steps_per_call=per_call)
+      config.vqvae.train.update(num_steps=5, steps_per_call=per_call)
       config.eval.samplers = ()
       config.data.num_workers = 2 if per_call == 3 else 0  # reader threads change no batch
-    loop.train_and_evaluate(config, str(tmp_path / str(per_call)))
+    train_and_evaluate(config, str(tmp_path / str(per_call)))
     runs[per_call] = tmp_path / str(per_call)
-  for stage in ("tokenizer", "denoiser"):
+  for stage in ("vqvae", "denoiser"):
     one, many = (_metrics(runs[k] / stage) for k in (1, 3))
     assert [m["step"] for m in many] == [2, 4, 5] == [m["step"] for m in one]
     for got, want in zip(many, one, strict=True):
@@ -193,10 +194,10 @@ def _saved(stage_dir, step):
 
 def test_rerunning_a_finished_run_trains_nothing_more(tmp_path):
   config = _config("shapes")
-  loop.train_and_evaluate(config, str(tmp_path))
-  before = {s: _metrics(tmp_path / s) for s in ("tokenizer", "denoiser")}
-  assert loop.train_and_evaluate(config, str(tmp_path))["denoiser_step"] == 2
-  assert {s: _metrics(tmp_path / s) for s in ("tokenizer", "denoiser")} == before
+  train_and_evaluate(config, str(tmp_path))
+  before = {s: _metrics(tmp_path / s) for s in ("vqvae", "denoiser")}
+  assert train_and_evaluate(config, str(tmp_path))["denoiser_step"] == 2
+  assert {s: _metrics(tmp_path / s) for s in ("vqvae", "denoiser")} == before
 
 
 def _steps(directory):

@@ -39,7 +39,7 @@ def test_progress_line_reports_rate_and_eta():
   clock = iter([0.0, 10.0])  # the update comes ten seconds after the start
   progress = outputs.Progress(100, 10, name="denoiser", stream=stream, clock=lambda: next(clock))
   line = progress.update(30, {"loss": 0.5})
-  assert line.startswith("\rdenoiser [")
+  assert line.startswith("denoiser [")
   assert "30/100" in line and "2.00 steps/s" in line and "ETA 00:35" in line
   assert "loss=0.5" in stream.getvalue()
 

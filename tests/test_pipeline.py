@@ -10,6 +10,7 @@ from PIL import Image
 
 from vqdiffusion_jax import Pipeline, make_grid
 from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.models.paella import PaellaPredictor
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
 from vqdiffusion_jax.train.checkpoint import CheckpointError
@@ -166,10 +167,9 @@ def _paella_pipeline():
                       jnp.zeros((1,), jnp.int32), jnp.zeros((1, 4, 8)))["params"]
   table = jax.random.normal(jax.random.key(2), (32, 8))
   return Pipeline(
-      denoiser=model, params=params, schedule=schedules.uniform(10, 16), vqvae=vq,
-      vqvae_variables=vq_vars, image_size=16,
-      tokenize=lambda texts: np.array([[len(t) % 32] * 4 for t in texts], np.int32),
-      encode_text=lambda p, tp, ids: table[ids])
+      denoiser=Denoiser(model, frozen_text_encoder=lambda _, ids: table[ids]), params=params,
+      schedule=schedules.uniform(10, 16), vqvae=vq, vqvae_variables=vq_vars, image_size=16,
+      tokenize=lambda texts: np.array([[len(t) % 32] * 4 for t in texts], np.int32))
 
 
 def test_paella_outpaint_grows_the_latent_grid():

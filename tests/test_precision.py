@@ -13,10 +13,10 @@ from jax import lax
 from configs import shapes as shapes_config
 from tests.test_transformer import TINY, _inputs, _random_params
 from tests.test_vqgan import PATCH
+from vqdiffusion_jax import build
 from vqdiffusion_jax.models import precision, transformer
 from vqdiffusion_jax.models.text_encoder import TextEncoder
 from vqdiffusion_jax.models.vqgan import VQGAN
-from vqdiffusion_jax.train import denoiser_stage, loop
 
 # (lhs shape, rhs shape, dimension numbers): Dense, DenseGeneral out to heads and in
 # from heads, both attention matmuls, and batch axes that are not leading.
@@ -40,17 +40,17 @@ def _bf16_values(rng, shape):
   return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("cotangent_first", [True, False])
+@pytest.mark.parametrize("weight_grads", precision.WEIGHT_GRAD_ORDERS)
 @pytest.mark.parametrize("lhs_shape,rhs_shape,dims", CASES)
 def test_product_and_cotangents_are_float32_math_on_bfloat16_values(lhs_shape, rhs_shape, dims,
-                                                                    cotangent_first, monkeypatch):
-  monkeypatch.setattr(precision, "NARROW_WEIGHT_COTANGENT_FIRST", cotangent_first)
+                                                                    weight_grads):
   rng = np.random.default_rng(0)
   lhs, rhs = _bf16_values(rng, lhs_shape), _bf16_values(rng, rhs_shape)
   exact = lambda a, b: lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)  # noqa: E731
   want, want_vjp = jax.vjp(exact, lhs, rhs)
   cotangent = _bf16_values(rng, want.shape)
-  got, got_vjp = jax.vjp(lambda a, b: precision.mixed_dot_general(a, b, dims), lhs, rhs)
+  mixed = precision.dot_general_for("bfloat16", weight_grads)
+  got, got_vjp = jax.vjp(lambda a, b: mixed(a, b, dims), lhs, rhs)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
@@ -252,11 +252,12 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 def test_the_trainers_resolve_auto_for_this_machine():
   config = shapes_config.get_config("runlocal")
   with config.unlocked():
-    config.train.matmul_dtype = config.tokenizer.train.matmul_dtype = "auto"
-    config.tokenizer.model.patch_size = 4  # runlocal's tokenizer is convolutional
+    config.train.matmul_dtype = config.vqvae.train.matmul_dtype = "auto"
+    config.vqvae.model.patch_size = 4  # runlocal's VQ-VAE is convolutional
   here = precision.resolve_matmul_dtype("auto")
-  assert denoiser_stage.matmul_dtype(config) == here
-  assert loop.tokenizer_module(config).matmul_dtype == here
+  assert build.denoiser_matmul_dtype(config) == here
+  assert build.vqvae_module(config, training=True).matmul_dtype == here
+  assert build.vqvae_module(config).matmul_dtype == "float32"  # inference
   with config.unlocked():
-    config.tokenizer.model.patch_size = 0
-  assert loop.tokenizer_module(config).matmul_dtype == "float32"
+    config.vqvae.model.patch_size = 0
+  assert build.vqvae_module(config, training=True).matmul_dtype == "float32"

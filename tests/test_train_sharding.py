@@ -24,9 +24,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import transformer
+from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.train import denoiser_step
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
@@ -42,9 +43,9 @@ MESH_SHAPES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]
 def tiny_config(learning_rate=1e-3, warmup_steps=2, num_steps=100, importance_sampling=True):
   """Experiment config sections the train step reads."""
   config = ml_collections.ConfigDict({
-      "optim": common.optim(learning_rate, warmup_steps=warmup_steps),
-      "train": common.train(8, num_steps, dtype="float32"),
-      "diffusion": common.diffusion(TINY.num_timesteps),
+      "optim": schema.optim(learning_rate, warmup_steps=warmup_steps),
+      "train": schema.train(8, num_steps, dtype="float32"),
+      "diffusion": schema.diffusion(TINY.num_timesteps),
   })
   config.diffusion.importance_sampling = importance_sampling
   config.optim.ema_decay = 0.5  # so that two steps move the EMA visibly
@@ -68,13 +69,14 @@ class Setup:
 
   def __init__(self, config=None, model_config=TINY, text_encoder_fn=None):
     self.config = config or tiny_config()
-    self.model = transformer.VQDiffusionTransformer(model_config)
+    self.denoiser = Denoiser(transformer.VQDiffusionTransformer(model_config),
+                             frozen_text_encoder=text_encoder_fn)
+    self.model = self.denoiser.network
     self.schedule = schedules.make("mask_and_replace", model_config.num_timesteps,
                                    model_config.codebook_size)
     self.optimizer = state_lib.make_optimizer(self.config.optim, self.config.train.num_steps)
     self.step = denoiser_step.make_train_step(
-        self.model, self.schedule, self.config, self.config.diffusion, self.optimizer,
-        text_encoder_fn=text_encoder_fn)
+        self.denoiser, self.schedule, self.config, self.config.diffusion, self.optimizer)
     self.inputs = transformer.dummy_inputs(model_config)
 
   def init_fn(self, rng):
@@ -83,7 +85,7 @@ class Setup:
   def create(self, mesh, rng=None):
     rng = jax.random.key(0) if rng is None else rng
     return state_lib.create_state(rng, self.init_fn, self.optimizer, mesh,
-                                  common.mesh().rules,
+                                  schema.mesh().rules,
                                   history_timesteps=self.model.config.num_timesteps)
 
   def jit(self, mesh, shardings, **kwargs):
@@ -93,7 +95,7 @@ class Setup:
 
 
 def single_device_mesh():
-  return mesh_lib.make_mesh(common.mesh(1, 1, 1), devices=jax.devices()[:1])
+  return mesh_lib.make_mesh(schema.mesh(1, 1, 1), devices=jax.devices()[:1])
 
 
 def run_steps(step, state, batch, num_steps, rng=None):
@@ -134,9 +136,9 @@ def _assert_tree_close(got, want, name):
 @pytest.mark.parametrize("shape", MESH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_steps_equal_single_device(reference, shape):
   setup, initial, want, want_metrics = reference
-  mesh = mesh_lib.make_mesh(common.mesh(*shape))
+  mesh = mesh_lib.make_mesh(schema.mesh(*shape))
   shardings = state_lib.state_shardings(jax.random.key(0), setup.init_fn, setup.optimizer,
-                                        mesh, common.mesh().rules,
+                                        mesh, schema.mesh().rules,
                                         history_timesteps=TINY.num_timesteps)
   state = jax.device_put(initial, shardings)
   batch = jax.device_put(tiny_batch(), mesh_lib.batch_sharding(mesh))

@@ -11,16 +11,17 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
 from tests.test_train_sharding import (
-    TINY,
-    Setup,
-    run_steps,
-    single_device_mesh,
-    tiny_batch,
-    tiny_config,
+  TINY,
+  Setup,
+  run_steps,
+  single_device_mesh,
+  tiny_batch,
+  tiny_config,
 )
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.diffusion import importance
+from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.train import denoiser_step
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
@@ -32,7 +33,7 @@ from vqdiffusion_jax.train import state as state_lib
     ((-1, 2, 1), (4, 2, 1)), ((2, -1, 2), (2, 2, 2)), ((1, 1, -1), (1, 1, 8)),
     ((2, 2, 2), (2, 2, 2))])
 def test_make_mesh_fills_the_free_axis(shape, want):
-  mesh = mesh_lib.make_mesh(common.mesh(*shape))
+  mesh = mesh_lib.make_mesh(schema.mesh(*shape))
   assert mesh.axis_names == ("data", "fsdp", "tensor")
   assert tuple(mesh.shape.values()) == want
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
@@ -40,7 +41,7 @@ def test_make_mesh_fills_the_free_axis(shape, want):
 
 
 def test_make_mesh_on_given_devices():
-  mesh = mesh_lib.make_mesh(common.mesh(-1, 2), devices=jax.devices()[:4])
+  mesh = mesh_lib.make_mesh(schema.mesh(-1, 2), devices=jax.devices()[:4])
   assert tuple(mesh.shape.values()) == (2, 2, 1)
 
 
@@ -50,12 +51,12 @@ def test_make_mesh_on_given_devices():
     ((4, 4, 1), "16 devices but 8")])
 def test_make_mesh_rejects_bad_shapes(shape, message):
   with pytest.raises(ValueError, match=message):
-    mesh_lib.make_mesh(common.mesh(*shape))
+    mesh_lib.make_mesh(schema.mesh(*shape))
 
 
 def test_dcn_entries_must_be_one_on_one_slice():
   with pytest.raises(ValueError, match="on one slice the dcn entries must be 1"):
-    mesh_lib.make_mesh(common.mesh(-1, 1, 1, dcn_data=2))
+    mesh_lib.make_mesh(schema.mesh(-1, 1, 1, dcn_data=2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +72,15 @@ class FakeTpu:
 
 def test_multislice_grid_keeps_ici_axes_inside_slices():
   devices = [FakeTpu(i, slice_index=i // 4) for i in range(8)]
-  grid = mesh_lib.device_grid(common.mesh(-1, 2, 1, dcn_data=2), devices)
+  grid = mesh_lib.device_grid(schema.mesh(-1, 2, 1, dcn_data=2), devices)
   assert grid.shape == (4, 2, 1)  # data = ici 2 x dcn 2
   slices = np.vectorize(lambda d: d.slice_index)(grid)
   np.testing.assert_array_equal(slices[:2], 0)
   np.testing.assert_array_equal(slices[2:], 1)
   with pytest.raises(ValueError, match="asks for 4 slices"):
-    mesh_lib.device_grid(common.mesh(-1, 1, 1, dcn_data=2, dcn_fsdp=2), devices)
+    mesh_lib.device_grid(schema.mesh(-1, 1, 1, dcn_data=2, dcn_fsdp=2), devices)
   with pytest.raises(ValueError, match="span 2 slices"):
-    mesh_lib.device_grid(common.mesh(-1), devices)
+    mesh_lib.device_grid(schema.mesh(-1), devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +95,12 @@ class FakeGpu:
 
 def test_multihost_gpu_grid_uses_processes_as_slices():
   devices = [FakeGpu(i, process_index=i % 2) for i in range(8)]
-  grid = mesh_lib.device_grid(common.mesh(1, -1, 1, dcn_data=2), devices)
+  grid = mesh_lib.device_grid(schema.mesh(1, -1, 1, dcn_data=2), devices)
   assert grid.shape == (2, 4, 1)
   hosts = np.vectorize(lambda d: d.process_index)(grid)
   np.testing.assert_array_equal(hosts, np.arange(2)[:, None, None] * np.ones((1, 4, 1)))
   # Without dcn, one mesh spans both hosts.
-  assert mesh_lib.device_grid(common.mesh(-1), devices).shape == (8, 1, 1)
+  assert mesh_lib.device_grid(schema.mesh(-1), devices).shape == (8, 1, 1)
 
 
 @pytest.mark.parametrize("environ, want", [
@@ -119,17 +120,30 @@ def test_multihost_initialize_only_when_multiprocess(monkeypatch, environ, want)
 
 
 def test_fit_spec_drops_axes_that_do_not_divide():
-  mesh = mesh_lib.make_mesh(common.mesh(2, 2, 2))
+  mesh = mesh_lib.make_mesh(schema.mesh(2, 2, 2))
   spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", "fsdp")
   fitted = mesh_lib.fit_spec(spec, (6, 5, 4), mesh)
   assert fitted == jax.sharding.PartitionSpec("data", None, "fsdp")
+
+
+def test_a_large_array_replicated_against_its_rules_is_logged(caplog):
+  mesh = mesh_lib.make_mesh(schema.mesh(2, 2, 2))
+  box = lambda shape: nn.LogicallyPartitioned(  # noqa: E731
+      jax.ShapeDtypeStruct(shape, jnp.float32), ("vocab", "embed"))
+  tree = {"odd_large": box((5, 2**20)), "odd_small": box((5, 8)), "even_large": box((6, 2**20))}
+  shardings = mesh_lib.logical_shardings(tree, mesh, schema.mesh().rules)
+  assert shardings["odd_large"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert shardings["even_large"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings  # only the large array whose rows 2 shards cannot split
+  assert "odd_large" in warnings[0] and "dimension 0 (5) over tensor" in warnings[0]
 
 
 # ----------------------------------------------------------------------- optimizer
 
 
 def _optim(decay="cosine", **overrides):
-  config = common.optim(1e-3, warmup_steps=10, decay=decay)
+  config = schema.optim(1e-3, warmup_steps=10, decay=decay)
   config.min_lr_ratio = 0.1
   config.update(overrides)
   return config
@@ -208,7 +222,7 @@ def test_ema_update_formula():
 
 def test_create_state_is_sharded_from_birth():
   setup = Setup()
-  mesh = mesh_lib.make_mesh(common.mesh(2, 2, 2))
+  mesh = mesh_lib.make_mesh(schema.mesh(2, 2, 2))
   traced = []
 
   def init_fn(rng):
@@ -216,12 +230,12 @@ def test_create_state_is_sharded_from_birth():
     return setup.init_fn(rng)
 
   state, shardings = state_lib.create_state(
-      jax.random.key(0), init_fn, setup.optimizer, mesh, common.mesh().rules,
+      jax.random.key(0), init_fn, setup.optimizer, mesh, schema.mesh().rules,
       history_timesteps=TINY.num_timesteps)
   # The init only ever ran traced (eval_shape, then inside jit), never eagerly.
   assert traced and all(traced)
   abstract = state_lib.abstract_state(jax.random.key(0), setup.init_fn, setup.optimizer, mesh,
-                                      common.mesh().rules,
+                                      schema.mesh().rules,
                                       history_timesteps=TINY.num_timesteps)
   jax.tree.map(lambda leaf, sharding, target: (
       _assert_same(leaf.sharding, sharding), _assert_same(target.sharding, sharding),
@@ -254,7 +268,7 @@ def test_extra_collections_go_to_extra():
   module = _WithStats()
   state, shardings = state_lib.create_state(
       jax.random.key(0), lambda r: module.init(r, jnp.zeros((1, 3))),
-      state_lib.make_optimizer(_optim(), 10), single_device_mesh(), common.mesh().rules)
+      state_lib.make_optimizer(_optim(), 10), single_device_mesh(), schema.mesh().rules)
   assert set(state.extra) == {"vq_stats"}
   assert state.extra["vq_stats"]["counts"].shape == (4,)
   assert "vq_stats" not in state.params and state.loss_history is None
@@ -304,7 +318,7 @@ def test_training_overfits_a_fixed_batch(single):
 def test_bfloat16_remat_scanned_model_trains_sharded():
   config = dataclasses.replace(TINY, dtype=jnp.bfloat16, remat=True, scan_layers=True)
   setup = Setup(model_config=config)
-  mesh = mesh_lib.make_mesh(common.mesh(2, 2, 2))
+  mesh = mesh_lib.make_mesh(schema.mesh(2, 2, 2))
   state, shardings = setup.create(mesh)
   kernel_sharding = shardings.params["blocks"]["mlp"]["fc1"]["kernel"]
   assert kernel_sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -332,7 +346,7 @@ def test_null_text_gets_gradient_only_from_dropped_rows(single):
 def test_class_conditioning_drops_to_the_null_class():
   model = Setup(model_config=dataclasses.replace(TINY, conditioning="class", num_classes=7)).model
   batch = {"label": jnp.asarray([1, 2, 3, 4]), "drop_text": jnp.asarray([True, False] * 2)}
-  labels = denoiser_step.condition_input(model, {}, batch, None)
+  labels = denoiser_step.condition_input(Denoiser(model), {}, batch, None)
   np.testing.assert_array_equal(labels, [7, 2, 7, 4])
 
 
@@ -340,7 +354,7 @@ def test_dropped_rows_read_the_null_text():
   setup = Setup()
   params = nn.meta.unbox(setup.init_fn(jax.random.key(0))["params"])
   batch = tiny_batch(drop=(True, False) * 4)
-  condition = denoiser_step.condition_input(setup.model, params, batch, batch["text"])
+  condition = denoiser_step.condition_input(setup.denoiser, params, batch, batch["text"])
   np.testing.assert_array_equal(condition[0::2], np.broadcast_to(params["null_text"],
                                                                  (4, 5, 8)))
   np.testing.assert_array_equal(condition[1::2], batch["text"][1::2])

@@ -1,4 +1,4 @@
-"""VQGAN tokenizer: parity with diffusers' VQModel, taming-layout loading, errors, training."""
+"""VQGAN / VQ-VAE: parity with diffusers' VQModel, taming-layout loading, errors, training."""
 
 import dataclasses
 import json
@@ -9,16 +9,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import safetensors.numpy
 import torch
 from diffusers import VQModel
 
 from tests.helpers import assert_logically_partitioned
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.convert import vqvae as vqvae_convert
 from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import quantizer
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
+from vqdiffusion_jax.train import state as state_lib
+from vqdiffusion_jax.train import vqvae_step
 
 TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "latent_channels": 4,
         "num_vq_embeddings": 64, "vq_embed_dim": 4, "norm_num_groups": 8,
@@ -276,21 +280,18 @@ def test_patch_vqvae_shapes_and_locality():
   assert reach[:12, :12].all() and not reach[12:].any() and not reach[:, 12:].any()
 
 
-def test_patch_vqvae_trains_in_the_tokenizer_step():
-  from configs import common  # noqa: PLC0415
-  from vqdiffusion_jax.train import state as state_lib  # noqa: PLC0415
-  from vqdiffusion_jax.train import tokenizer_step  # noqa: PLC0415
+def test_patch_vqvae_trains_in_its_train_step():
   model = VQGAN(PATCH)
   images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1, maxval=1)
-  optimizer = __import__("optax").adam(1e-2)
-  loss = common.tokenizer().loss
+  optimizer = optax.adam(1e-2)
+  loss = schema.vqvae().loss
   loss.perceptual_weight = 0.0
   loss.disc_weight = 0.0
-  step = jax.jit(tokenizer_step.make_train_step(model, None, loss, optimizer))
+  step = jax.jit(vqvae_step.make_train_step(model, None, loss, optimizer))
   generator, _ = state_lib.create_state(
       jax.random.key(0), lambda r: model.init(r, images), optimizer,
       jax.make_mesh((1,), ("data",)), ())
-  state = tokenizer_step.TokenizerState(generator)
+  state = vqvae_step.VQVAEState(generator)
   losses = []
   for i in range(30):
     state, metrics = step(state, {"image": images}, jax.random.key(i))

@@ -15,7 +15,7 @@ reference images come from the run's evaluation split. Measured per sampler:
 * with ``--clip`` (a Hugging Face CLIP directory): the mean CLIP score;
 * seconds and images/s of sampling.
 
-Also the tokenizer's reconstruction PSNR / SSIM on the evaluation images.
+Also the VQ-VAE's reconstruction PSNR / SSIM on the evaluation images.
 Results go to ``OUT/report.json`` and ``OUT/report.md`` with one PNG grid per
 sampler; a sampler already evaluated with the same settings is read back, so
 re-running continues where it stopped.
@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax import outputs
-from vqdiffusion_jax.data import loader, oracle, shapes
-from vqdiffusion_jax.evaluation import fid, image_metrics
+from vqdiffusion_jax import loading, outputs
+from vqdiffusion_jax.data import loader, oracle, shapes, sources
+from vqdiffusion_jax.evaluation import fid, image_metrics, inception
+from vqdiffusion_jax.evaluation.clip_score import clip_score, load_clip
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -77,14 +78,8 @@ class SamplerSpec:
 
 def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[str], np.ndarray]:
   """(captions, uint8 images) of the first ``num_samples`` evaluation examples."""
-  data = config.data
-  size = int(data.image_size)
-  if data.name == "shapes":
-    data_dir = data.data_dir or os.path.join(workdir, "data")
-    kwargs = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
-    source = shapes.build(data_dir, size, **kwargs).as_data_source(split=data.eval_split)
-  else:
-    source = loader.tfds_source(data.name, data.eval_split, data.data_dir)
+  size = int(config.data.image_size)
+  source = sources.split_source(config.data, config.data.eval_split, workdir)
   count = min(num_samples, len(source))
   records = [source[i] for i in range(count)]
   captions = [loader.decode_captions(r.get("captions"))[0] for r in records]
@@ -94,10 +89,10 @@ def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[s
 
 def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int = 64,
                            captions: Sequence[str] | None = None) -> dict:
-  """Mean PSNR / SSIM (dB, [0, 1] pixels) of the tokenizer's encode-decode round trip.
+  """Mean PSNR / SSIM (dB, [0, 1] pixels) of the VQ-VAE's encode-decode round trip.
 
   With shapes ``captions`` also the oracle accuracy of the reconstructions:
-  the ceiling that the denoiser's samples can reach through this tokenizer.
+  the ceiling that the denoiser's samples can reach through this VQ-VAE.
   """
   vq, variables = pipe.vqvae, pipe.vqvae_variables
 
@@ -146,14 +141,12 @@ class FeatureNetworks:
            reference_images: np.ndarray | None = None) -> FeatureNetworks:
     networks = cls()
     if inception_path:
-      from vqdiffusion_jax.evaluation import inception  # noqa: PLC0415
       module, params = inception.load_inception(inception_path)
       apply = jax.jit(lambda x: module.apply({"params": params}, x))
       networks.inception = apply
       if reference_images is not None:
         networks.reference_features = networks.inception_outputs(reference_images)[0]
     if clip_path:
-      from vqdiffusion_jax.evaluation.clip_score import load_clip  # noqa: PLC0415
       networks.clip = load_clip(clip_path)
     return networks
 
@@ -184,7 +177,6 @@ def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: boo
     if networks.reference_features is not None and len(pool) > 1:
       scores["fid"] = fid.fid_from_features(pool, networks.reference_features)
   if networks is not None and networks.clip is not None:
-    from vqdiffusion_jax.evaluation.clip_score import clip_score  # noqa: PLC0415
     image_embeds = networks.clip.embed_images(jnp.asarray(images))
     text_embeds = networks.clip.embed_texts(list(captions))
     scores["clip_score"] = float(np.mean(np.asarray(clip_score(image_embeds, text_embeds))))
@@ -220,7 +212,7 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
              specs: Sequence[SamplerSpec], out_dir: str, *, seed: int = 0, batch_size: int = 64,
              grid_size: int = 16, networks: FeatureNetworks | None = None,
              tag: str = "") -> dict:
-  """Evaluates every sampler spec and the tokenizer; writes JSON, grids and Markdown.
+  """Evaluates every sampler spec and the VQ-VAE; writes JSON, grids and Markdown.
 
   A sampler whose result file holds the same settings (``tag``, seed, caption
   count) is read back instead of re-sampled.
@@ -229,7 +221,7 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
   oracle_ok = is_shapes_captions(captions)
   settings = {"tag": tag, "seed": seed, "num_samples": len(captions)}
   report = {"settings": settings,
-            "tokenizer": reconstruction_metrics(pipe, reference_images, batch_size,
+            "vqvae": reconstruction_metrics(pipe, reference_images, batch_size,
                                                  captions),
             "samplers": {}}
   for spec in specs:
@@ -251,22 +243,22 @@ def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarr
   return report
 
 
-def _ceiling(tokenizer_metrics: dict) -> str:
-  if "oracle" not in tokenizer_metrics:
+def _ceiling(vqvae_metrics: dict) -> str:
+  if "oracle" not in vqvae_metrics:
     return ""
-  accuracy = tokenizer_metrics["oracle"]
+  accuracy = vqvae_metrics["oracle"]
   parts = ", ".join(f"{a} {accuracy[a]:.3f}" for a in shapes.ATTRIBUTES)
   return (" Oracle accuracy of the reconstructions (the samples' ceiling): all attributes "
           f"{accuracy['all']:.3f}, {parts}.")
 
 
-def markdown_report(report: dict, run_summary: dict | None = None) -> str:
-  """A one-page Markdown summary of ``evaluate``'s report."""
+def markdown_report(report: dict, run_summary: dict | None = None, grids: bool = True) -> str:
+  """A one-page Markdown summary of ``evaluate``'s report (with the sample grids)."""
   lines = ["# Evaluation report", ""]
   if run_summary:
     lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in run_summary.items()] + [""]
-  tok = report["tokenizer"]
-  lines += ["## Tokenizer reconstruction", "",
+  tok = report["vqvae"]
+  lines += ["## VQ-VAE reconstruction", "",
             f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['num_images']} "
             "evaluation images." + _ceiling(tok), "", "## Samplers", ""]
   rows = report["samplers"]
@@ -287,6 +279,8 @@ def markdown_report(report: dict, run_summary: dict | None = None) -> str:
     cells.append(f"{r['images_per_second']:.2f}")
     lines.append("| " + " | ".join(cells) + " |")
   lines += _by_object_count_table(rows)
+  if not grids:
+    return "\n".join(lines) + "\n"
   lines += ["", "## Sample grids", "", "Captions of the grid cells, row-major: "
             + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(report.get("grid_captions", []))),
             ""]
@@ -309,16 +303,6 @@ def _by_object_count_table(rows: dict) -> list[str]:
   return lines
 
 
-def guidance_gain(report: dict) -> float | None:
-  """All-attribute oracle accuracy of the best guided sampler minus the unguided one's."""
-  rows = [r for r in report["samplers"].values() if "oracle" in r]
-  plain = [r["oracle"]["all"] for r in rows if r["spec"]["guidance"] == 1.0]
-  guided = [r["oracle"]["all"] for r in rows if r["spec"]["guidance"] != 1.0]
-  if not plain or not guided:
-    return None
-  return max(guided) - max(plain)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m vqdiffusion_jax.evaluate",
                                    description=__doc__.split("\n")[0])
@@ -333,12 +317,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--inception", default="", help="pytorch-fid Inception weights (FID, QS/DS).")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
   parser.add_argument("--out", default="", help="Output directory (default WORKDIR/eval).")
+  parser.add_argument("--verbosity", type=int, default=None,
+                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings).")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  from vqdiffusion_jax import loading  # noqa: PLC0415
   args = parse_args(argv)
+  outputs.quiet_logging(args.verbosity)
   specs = [SamplerSpec.parse(s) for s in args.samplers or ("vqdiffusion/all/1",
                                                            "vqdiffusion/all/3")]
   pipe = Pipeline.from_pretrained(args.workdir)

@@ -1,10 +1,12 @@
-"""Entry point of every run.
+"""Entry point of every run: train every stage, then evaluate and write the report.
 
   python -m vqdiffusion_jax.main --config=configs/shapes.py --workdir=runs/shapes \
-      [--config.train.num_steps=500] [--multihost]
+      [--config.train.num_steps=500] [--multihost] [--verbosity=0]
 
 Parses flags, initialises multi-host JAX when asked (or when the environment
-shows several processes), and runs ``train.loop.train_and_evaluate``.
+shows several processes), trains (``train.loop.train``) and writes the report
+(``report.write_report``). The console shows one progress line per stage and
+warnings; ``--verbosity=0`` (absl's flag) brings back the libraries' INFO logs.
 SIGTERM saves the running stage's checkpoint and ends the run there (no
 later stage, no report) with exit status 143 (128 + SIGTERM, the shell's
 convention), so that `main && next-step` does not go on and a scheduler that
@@ -12,9 +14,15 @@ restarts failed jobs restarts it. Re-running the same command resumes where
 the run stopped.
 """
 
+from __future__ import annotations
+
+import sys
+from typing import Any
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vqdiffusion_jax import outputs, report
 from vqdiffusion_jax.train import loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 
@@ -28,17 +36,38 @@ flags.mark_flags_as_required(["config", "workdir"])
 STOPPED_EXIT_STATUS = 143
 
 
+def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
+  """Trains every stage, then (when ``config.eval.samplers`` names any) writes the report.
+
+  Args:
+    config: the experiment config.
+    workdir: the run's directory.
+    command: the command line, for the report.
+
+  Returns:
+    ``loop.train``'s summary, with ``"report"``: the path of ``report.md``.
+
+  Raises:
+    runner.StopRequestedError: a stage stopped on SIGTERM (its checkpoint saved).
+  """
+  summary = loop.train(config, workdir)
+  if config.eval.samplers:
+    summary["report"] = report.write_report(config, workdir, summary, command)
+  return summary
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  verbosity = flags.FLAGS["verbosity"]
+  outputs.quiet_logging(verbosity.value if verbosity.present else None)
   mesh_lib.multihost_initialize(force=_MULTIHOST.value)
+  command = " ".join(["python -m vqdiffusion_jax.main", *sys.argv[1:]])
   try:
-    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, command)
   except runner.StopRequestedError as stop:
     logging.warning("%s", stop)
-    print(f"stopped: {stop}")
     raise SystemExit(STOPPED_EXIT_STATUS) from None
-  logging.info("run finished: %s", summary)
   print(f"done: {summary}")
 
 

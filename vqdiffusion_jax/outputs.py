@@ -6,7 +6,7 @@ nothing here knows about models or trainers.
 * ``write_json_atomically``: a JSON file through a temporary file and a rename.
 * ``tile``: a batch of images in [-1, 1] as one uint8 grid.
 * ``Progress``: one console line per stage or long job (name, count, rate,
-  ETA, chosen scalars), redrawn in place, from process 0 only.
+  ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
 * ``quiet_logging``: library INFO logs (Orbax, absl) off unless asked for.
 """
 
@@ -77,41 +77,62 @@ def duration(seconds: float) -> str:
 class Progress:
   """A console progress line: name, count, rate, ETA and chosen scalars.
 
-  Only process 0 draws it. The line is redrawn in place (carriage return);
-  ``close`` ends it with a newline.
+  Only process 0 draws it. On a terminal the line is redrawn in place; into a
+  file or pipe it is written as a new line at most every ``interval``
+  seconds, and once more at the end.
   """
 
   def __init__(self, total: int, start: int = 0, *, name: str = "", unit: str = "steps",
-               stream=sys.stderr, clock=time.perf_counter):
+               stream=None, clock=time.perf_counter, interval: float = 30.0):
     """A line for ``total`` units, ``start`` of them already done before this run."""
-    self.total, self.name, self.unit, self.stream = total, name, unit, stream
-    self._start, self._clock = start, clock
+    self.total, self.name, self.unit = total, name, unit
+    self.stream = sys.stderr if stream is None else stream
+    self._start, self._clock, self._interval = start, clock, interval
     self._start_time = clock()
+    self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    self._last_written: float | None = None
+    self._pending = ""
 
   def update(self, done: int, scalars: Mapping[str, object] | None = None) -> str:
     """Redraws the line at ``done`` units; returns its text."""
-    elapsed = self._clock() - self._start_time
+    now = self._clock()
+    elapsed = now - self._start_time
     count = done - self._start
     rate = count / elapsed if elapsed > 0 and count > 0 else 0.0
     eta = (self.total - done) / rate if rate else float("inf")
     filled = int(30 * done / max(self.total, 1))
-    text = (f"\r{self.name + ' ' if self.name else ''}[{'#' * filled}{'.' * (30 - filled)}] "
+    text = (f"{self.name + ' ' if self.name else ''}[{'#' * filled}{'.' * (30 - filled)}] "
             f"{done}/{self.total} {rate:.2f} {self.unit}/s ETA {duration(eta)}")
     if scalars:
       text += " " + " ".join(f"{k}={_scalar(v):.4g}" for k, v in scalars.items())
-    if jax.process_index() == 0:
-      self.stream.write(text)
-      self.stream.flush()
+    if self._tty:
+      self._write(f"\r{text}\x1b[K")
+    elif (self._last_written is None or now - self._last_written >= self._interval
+          or done >= self.total):
+      self._write(text + "\n")
+      self._last_written, self._pending = now, ""
+    else:
+      self._pending = text
     return text
 
   def close(self) -> None:
+    """Ends the line (and writes the last state a file has not seen yet)."""
+    if self._tty:
+      self._write("\n")
+    elif self._pending:
+      self._write(self._pending + "\n")
+      self._pending = ""
+
+  def _write(self, text: str) -> None:
     if jax.process_index() == 0:
-      self.stream.write("\n")
+      self.stream.write(text)
       self.stream.flush()
 
 
-# Orbax logs these at WARNING on every read-only open and restore; they are not news.
-_ROUTINE_WARNINGS = ("Given directory is read only",)
+# Warnings libraries log on every run that ask nothing of the user: Orbax on each
+# read-only open, TFDS on each custom builder config and image decode without OpenCV.
+_ROUTINE_WARNINGS = ("Given directory is read only", "Using custom data configuration",
+                     "OpenCV is not installed")
 
 
 class _RoutineFilter(py_logging.Filter):
@@ -122,9 +143,9 @@ class _RoutineFilter(py_logging.Filter):
 def quiet_logging(verbosity: int | None = None) -> None:
   """Sets absl's verbosity: warnings only by default, INFO and more when asked.
 
-  Orbax and absl log through absl's logger; at the default their INFO lines
-  (one per save, restore and directory scan) stay off the console, and
-  Orbax's routine read-only notice is dropped.
+  Orbax, TFDS and absl log through absl's logger; at the default their INFO
+  lines (one per save, restore and directory scan) stay off the console, and
+  their routine warnings (``_ROUTINE_WARNINGS``) are dropped.
 
   Args:
     verbosity: absl's scale (-1 warnings, 0 INFO, 1+ DEBUG); None: -1.

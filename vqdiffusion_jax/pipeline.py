@@ -6,12 +6,13 @@
                 guidance_scale=3.0, sampler="purity", seed=0)
   make_grid(images)
 
-``from_pretrained`` reads one of our training workdirs (tokenizer and
+``from_pretrained`` reads one of our training workdirs (VQ-VAE and
 denoiser checkpoints, the caption vocabulary of a trained text encoder) or a
-converted directory (``python -m vqdiffusion_jax.convert``: denoiser, VQ
-model, CLIP text tower and tokenizer). Every request is one jitted program
-(text encoding, the whole sampling loop, decoding), compiled once per
-sampler settings and batch size, with the batch split over all devices.
+converted directory (``python -m vqdiffusion_jax.convert``: denoiser,
+VQ-VAE, CLIP text tower and tokenizer); see ``loading``. Every request is one
+jitted program (``sampling.program``: text encoding, the whole sampling loop,
+decoding), compiled once per sampler settings and batch size, with the batch
+split over all devices.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import loading, outputs, sampling
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
-from vqdiffusion_jax.models.paella import PaellaPredictor
+from vqdiffusion_jax.models.denoiser import Denoiser
+from vqdiffusion_jax.models.vqgan import VQGAN
 
 ImageLike = Image.Image | np.ndarray
 
@@ -51,28 +53,26 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Pipeline:
-  """A denoiser, its VQ tokenizer and text conditioning, ready to sample.
+  """A denoiser, its VQ-VAE and text conditioning, ready to sample.
 
   Attributes:
-    denoiser: a ``VQDiffusionTransformer``, a ``TextConditionedDenoiser`` or a
-      ``PaellaPredictor`` (unbound module).
+    denoiser: the denoiser network behind its one interface (``Denoiser``:
+      a transformer on frozen-CLIP features, one with its own trained text
+      encoder, or Paella's convolutional predictor).
     params: its params (EMA weights by default in ``from_pretrained``).
     schedule: its noise schedule.
-    vqvae: the VQ tokenizer module (``VQGAN``) and ``vqvae_variables``.
+    vqvae: the VQ-VAE module (``VQGAN``) and ``vqvae_variables``.
     tokenize: prompts -> (B, L) int32 ids; warns when a prompt is cut.
-    encode_text: ``(params, ids) -> (B, L, D)`` text features, given
-      ``params`` (the denoiser's) and ``text_params`` (a frozen encoder's).
     text_params: params of a frozen text encoder (CLIP), or None.
     image_size: side of the generated images in pixels.
   """
 
-  denoiser: Any
+  denoiser: Denoiser
   params: Any
   schedule: Schedule
-  vqvae: Any
+  vqvae: VQGAN
   vqvae_variables: Any
   tokenize: Callable[[Sequence[str]], np.ndarray]
-  encode_text: Callable[[Any, Any, jax.Array], jax.Array]
   text_params: Any = None
   image_size: int = 256
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -84,14 +84,14 @@ class Pipeline:
 
     Args:
       path: a workdir of ``python -m vqdiffusion_jax.main`` (with
-        ``tokenizer/`` and ``denoiser/``) or a ``vqdiffusion_jax.convert``
-        output directory.
+        ``vqvae/`` and ``denoiser/``), a ``vqdiffusion_jax.convert`` output
+        directory or a diffusers ``VQDiffusionPipeline`` directory.
       use_ema: take the EMA weights of a workdir (else the raw params).
       dtype: compute dtype of a converted checkpoint's networks.
       step: a workdir's denoiser checkpoint step (default: the newest good one).
     """
-    from vqdiffusion_jax import loading  # noqa: PLC0415
-    return loading.load_pipeline(cls, os.fspath(path), use_ema=use_ema, dtype=dtype, step=step)
+    return cls(**loading.pipeline_parts(os.fspath(path), use_ema=use_ema, dtype=dtype,
+                                        step=step))
 
   # Geometry.
 
@@ -103,17 +103,6 @@ class Pipeline:
   def latent_grid(self) -> tuple[int, int]:
     side = self.image_size // self.downsampling_factor
     return side, side
-
-  @property
-  def resizable(self) -> bool:
-    """Whether the denoiser works at other latent sizes (convolutional Paella)."""
-    return isinstance(self.denoiser, PaellaPredictor)
-
-  @property
-  def has_null_text(self) -> bool:
-    model = self.denoiser
-    return hasattr(model, "null_text") and (
-        isinstance(model, PaellaPredictor) or model.config.has_null_text)
 
   # Public API.
 
@@ -163,7 +152,7 @@ class Pipeline:
     With a convolutional (Paella) denoiser the latent grid grows by the
     padding; a transformer's grid is fixed, so the canvas keeps the model's
     size and the image is shifted by (top, left), its far side cropped.
-    Padding must be a multiple of the tokenizer's downsampling factor.
+    Padding must be a multiple of the VQ-VAE's downsampling factor.
     """
     factor = self.downsampling_factor
     if any(p < 0 or p % factor for p in pad):
@@ -171,7 +160,7 @@ class Pipeline:
     top, bottom, left, right = (p // factor for p in pad)
     tokens = self.encode_image(image)
     h, w = self.latent_grid
-    grid = (h + top + bottom, w + left + right) if self.resizable else (h, w)
+    grid = (h + top + bottom, w + left + right) if self.denoiser.resizable else (h, w)
     canvas = np.zeros(grid, np.int32)
     known = np.zeros(grid, bool)
     rows, cols = min(h, grid[0] - top), min(w, grid[1] - left)
@@ -248,7 +237,7 @@ class Pipeline:
 
   def _sampler_config(self, sampler, num_inference_steps, guidance_scale, truncation_rate,
                       purity_temperature, typical_mass, start_step=None):
-    if guidance_scale != 1.0 and not self.has_null_text:
+    if guidance_scale != 1.0 and not self.denoiser.has_null_condition:
       raise ValueError("guidance needs a learnable null text embedding; this denoiser has none")
     config = samplers.SamplerConfig(
         name=sampler, num_inference_steps=num_inference_steps,
@@ -285,45 +274,13 @@ class Pipeline:
     h, w = mask.shape[0] // f, mask.shape[1] // f
     return mask[:h * f, :w * f].reshape(h, f, w, f).transpose(0, 2, 1, 3)
 
-  def _logits(self, params, x_t, t, condition, grid):
-    batch = x_t.shape[0]
-    if isinstance(self.denoiser, PaellaPredictor):
-      logits = self.denoiser.apply({"params": params}, x_t.reshape(batch, *grid), t, condition)
-      return logits.reshape(batch, grid[0] * grid[1], -1)
-    return self.denoiser.apply({"params": params}, x_t, t, condition)
-
-  def _null(self, params, batch: int):
-    return self.denoiser.apply({"params": params}, batch, method="null_text")
-
   def _program(self, config, grid, num_prompts, mix, regions, same_noise):
-    """The jitted request: encode text, sample, decode; cached per static settings."""
+    """The jitted request (``sampling.program``), cached per static settings."""
     key = (config, grid, num_prompts, mix is not None, regions is not None, same_noise)
-    if key in self._cache:
-      return self._cache[key]
-    num_tokens = grid[0] * grid[1]
-
-    def draw(params, features, rng, weights, extra):
-      batch = features[0].shape[0]
-      null = self._null(params, batch) if config.guidance_scale != 1.0 else None
-      log_x0 = samplers.conditioned_log_x0(
-          lambda x, t, c: self._logits(params, x, t, c, grid), features, null,
-          config.guidance_scale, region_weights=weights)
-      return samplers.sample(log_x0, self.schedule, rng, (batch, num_tokens), config, **extra)
-
-    def run(params, text_params, vq_variables, ids, rng, weights, extra):
-      features = [self.encode_text(params, text_params, i) for i in ids]
-      if mix is not None:
-        w = weights[:, None, None]
-        features = [(1.0 - w) * features[0] + w * features[1]]
-      if same_noise:  # every image from the same key: only the condition differs
-        one = lambda f: draw(params, [f[None]], rng, None, {})[0]  # noqa: E731
-        tokens = jax.vmap(one)(features[0])
-      else:
-        tokens = draw(params, features, rng, weights if regions is not None else None, extra)
-      images = self.vqvae.apply(vq_variables, tokens.reshape(-1, *grid), method="decode")
-      return tokens, jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
-
-    self._cache[key] = jax.jit(run)
+    if key not in self._cache:
+      self._cache[key] = jax.jit(sampling.program(
+          self.denoiser, self.schedule, self.vqvae, config, grid, mix=mix is not None,
+          regions=regions is not None, same_noise=same_noise))
     return self._cache[key]
 
   def _run(self, config, seed, ids, *, mix=None, regions=None, extra=None, grid=None,

@@ -29,46 +29,40 @@ def _force_devices(argv: list[str]) -> None:
 if __name__ == "__main__":
   _force_devices(sys.argv)
 
-import types  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from vqdiffusion_jax.diffusion import schedule as schedules  # noqa: E402
+from vqdiffusion_jax import build  # noqa: E402
 from vqdiffusion_jax.models import clip_text  # noqa: E402
-from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser  # noqa: E402
-from vqdiffusion_jax.models.transformer import VQDiffusionTransformer  # noqa: E402
-from vqdiffusion_jax.train import denoiser_stage, denoiser_step  # noqa: E402
+from vqdiffusion_jax.models.denoiser import Denoiser  # noqa: E402
+from vqdiffusion_jax.models.text_encoder import SPECIAL_TOKENS  # noqa: E402
+from vqdiffusion_jax.train import denoiser_step  # noqa: E402
 from vqdiffusion_jax.train import mesh as mesh_lib  # noqa: E402
 from vqdiffusion_jax.train import state as state_lib  # noqa: E402
 
 GIB = 2 ** 30
 
 
-def _planned_tokenizer(config: Any):
-  """What the denoiser needs from a tokenizer, from the config alone."""
-  model = config.tokenizer.model
-  side = int(config.data.image_size) // 2 ** (len(model.block_out_channels) - 1)
-  return types.SimpleNamespace(module=types.SimpleNamespace(
-      config=types.SimpleNamespace(num_embeddings=int(model.num_embeddings))),
-      grid=(side, side))
+def _model(config: Any) -> tuple[Denoiser, Any]:
+  """(denoiser, abstract frozen params) as the run would build them, from the config alone.
 
-
-def _model(config: Any):
-  """(model, text_encoder_fn, abstract frozen params) as the run would build them."""
-  text, tokenizer = config.text, _planned_tokenizer(config)
-  if text.kind == "trainable":
-    cfg = denoiser_stage.denoiser_config(config, tokenizer, (int(text.length), int(text.width)))
-    encoder = denoiser_stage.trained_text_encoder(config, int(text.max_vocab) + 4)
-    return TextConditionedDenoiser(cfg, encoder), None, None
-  clip = clip_text.CLIPTextTransformer()  # ViT-B/32 text tower
-  cfg = denoiser_stage.denoiser_config(config, tokenizer, (clip.max_positions, clip.hidden_size))
+  A trained text encoder gets the largest vocabulary the config allows; CLIP
+  is the ViT-B/32 text tower, its params abstract.
+  """
+  geometry = {"codebook_size": int(config.vqvae.model.num_embeddings),
+              "grid": build.latent_grid(config)}
+  if config.text.kind == "trainable":
+    vocab_size = int(config.text.max_vocab) + len(SPECIAL_TOKENS)
+    return build.denoiser(config, vocab_size=vocab_size, **geometry), None
+  clip = clip_text.CLIPTextTransformer()
   frozen = jax.eval_shape(clip.init, jax.random.key(0),
                           jnp.zeros((1, clip.max_positions), jnp.int32))["params"]
-  encode = lambda p, ids: clip_text.vq_diffusion_features(clip, p, ids)  # noqa: E731
-  return VQDiffusionTransformer(cfg), encode, frozen
+  return build.denoiser(config, clip=clip, **geometry), frozen
 
 
 def _abstract(tree: Any, sharding) -> Any:
@@ -89,14 +83,12 @@ def plan(config: Any, num_devices: int) -> dict:
     raise ValueError(f"{num_devices} devices asked for, {len(devices)} available; run "
                      "as `python -m vqdiffusion_jax.plan --devices=N`")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices)
-  model, text_encoder_fn, frozen = _model(config)
-  cfg = model.config
-  schedule = schedules.make(config.diffusion.schedule, cfg.num_timesteps, cfg.codebook_size)
+  denoiser, frozen = _model(config)
+  cfg = denoiser.network.config
+  schedule = build.schedule(config, cfg.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
-  init_fn = denoiser_stage.make_init_fn(model, cfg)
-  rng = jax.random.key(0)
-  kwargs = {"history_timesteps": cfg.num_timesteps}
-  state = state_lib.abstract_state(rng, init_fn, optimizer, mesh, config.mesh.rules, **kwargs)
+  state = state_lib.abstract_state(jax.random.key(0), denoiser.init, optimizer, mesh,
+                                   config.mesh.rules, history_timesteps=cfg.num_timesteps)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   global_batch = int(config.train.global_batch)
@@ -105,8 +97,7 @@ def plan(config: Any, num_devices: int) -> dict:
                      "text_ids": jnp.zeros((global_batch, length), jnp.int32),
                      "drop_text": jnp.zeros((global_batch,), bool)}, batch_sharding)
   replicated = mesh_lib.replicated(mesh)
-  step = denoiser_step.make_train_step(model, schedule, config, config.diffusion, optimizer,
-                                       text_encoder_fn=text_encoder_fn)
+  step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion, optimizer)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda _: replicated, frozen)
   jitted = denoiser_step.jit_train_step(step, mesh, shardings, batch_sharding,
                                         frozen_shardings=frozen_shardings)
@@ -136,7 +127,7 @@ def _figures(compiled, state) -> dict:
 def report(config: Any, num_devices: int, figures: dict) -> str:
   lines = [f"{num_devices} devices, mesh {dict(config.mesh.shape)}, global batch "
            f"{config.train.global_batch}, dtype {config.train.dtype}, matmuls "
-           f"{denoiser_stage.matmul_dtype(config)}, "
+           f"{build.denoiser_matmul_dtype(config)}, "
            f"remat {config.train.remat}, params {figures['params'] / 1e6:.1f}M",
            f"per device: peak {figures['peak'] / GIB:.2f} GiB (state+batch "
            f"{figures['arguments'] / GIB:.2f}, temporaries {figures['temporaries'] / GIB:.2f}, "
@@ -150,7 +141,6 @@ def report(config: Any, num_devices: int, figures: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags  # noqa: PLC0415
   del argv
   config = flags.FLAGS.config
   devices = flags.FLAGS.devices
@@ -158,9 +148,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_integer("devices", 8, "Number of devices to plan for.")
   flags.mark_flags_as_required(["config"])

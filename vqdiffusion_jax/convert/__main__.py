@@ -2,7 +2,7 @@
 
   python -m vqdiffusion_jax.convert SRC --out DIR [--preset base] [--raw-weights]
 
-SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ tokenizer, text
+SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ-VAE, text
 encoder), a diffusers Transformer2DModel directory, or an official
 microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
 """
@@ -10,6 +10,7 @@ microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
 import argparse
 import sys
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.models import transformer
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-null-text", action="store_true",
                       help="official .pth trained without learnable_cf (no empty_text_embed)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  parser.add_argument("--verbosity", type=int, default=None,
+                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings)")
   args = parser.parse_args(argv)
+  outputs.quiet_logging(args.verbosity)
   try:
     counts = checkpoints.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,

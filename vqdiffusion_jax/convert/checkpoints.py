@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +29,7 @@ from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
 # Config fields chosen at load time, not properties of the weights.
-RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "scan_layers", "weight_grads")
 
 
 def _config_dict(config: Any) -> dict:
@@ -67,9 +68,7 @@ def _source_kind(path: str) -> str:
 
 
 def _load_official(path: str, allow_pickle: bool) -> dict:
-  import pickle  # noqa: PLC0415
-
-  import torch  # noqa: PLC0415
+  import torch  # optional: the [torch] extra
   try:
     return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
   except pickle.UnpicklingError as error:
@@ -131,7 +130,7 @@ def load_denoiser(path: str | os.PathLike, *, preset: str | None = None,
 
 
 def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32):
-  """The VQ tokenizer from our converted directory or a diffusers pipeline / VQModel dir."""
+  """The VQ-VAE from our converted directory or a diffusers pipeline / VQModel dir."""
   path = os.fspath(path)
   if converted.is_converted(path):
     stored = converted.read_config(path)["components"]
@@ -175,7 +174,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
             **overrides) -> dict[str, int]:
   """Converts a checkpoint into our directory format (see ``converted.py``).
 
-  A diffusers pipeline gives the denoiser, the VQ tokenizer and the text
+  A diffusers pipeline gives the denoiser, the VQ-VAE and the text
   encoder with its tokenizer; the other sources give the denoiser.
 
   Args:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqdiffusion_jax.convert import common
-from vqdiffusion_jax.models.clip_text import CLIPTextTransformer, vq_diffusion_features
+from vqdiffusion_jax.models.clip_text import CLIPTextTransformer
 
 TEXT_PREFIX = "text_model."
 _IGNORED_KEYS = ("logit_scale", "text_projection.weight", "visual_projection.weight")
@@ -73,7 +73,7 @@ def text_config(path: str) -> dict:
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"no config.json in the CLIP checkpoint directory {path}")
-  import transformers
+  import transformers  # optional: the [torch] extra
 
   config = transformers.CLIPTextConfig.from_pretrained(path)
   return {
@@ -160,20 +160,9 @@ def load_tokenizer(path: str):
     raise FileNotFoundError(f"CLIP tokenizer directory {path} does not exist")
   if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in {path}")
-  import transformers
+  import transformers  # optional: the [torch] extra
 
   return transformers.CLIPTokenizer.from_pretrained(path)
-
-
-def conditioning(module: CLIPTextTransformer, tokenizer):
-  """``(tokenize(texts) -> ids, encode(params, ids) -> features)`` of VQ-Diffusion's CLIP text."""
-  def tokenize_texts(texts):
-    return tokenize(tokenizer, list(texts), module.max_positions)
-
-  def encode(params, ids):
-    return vq_diffusion_features(module, params, ids)
-
-  return tokenize_texts, encode
 
 
 def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = 77, *,

@@ -89,7 +89,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> VQGANConfig:
 
   Args:
     config: the parsed ``config.json``; ``sample_size``, ``scaling_factor``,
-      ``force_upcast`` and ``lookup_from_codebook`` do not affect the tokenizer and are
+      ``force_upcast`` and ``lookup_from_codebook`` do not affect the VQ-VAE and are
       ignored, as are bookkeeping keys starting with ``_``.
 
   Returns:

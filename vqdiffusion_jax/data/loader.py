@@ -64,40 +64,6 @@ def per_host_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def tfds_source(name: str, split: str, data_dir: str = "") -> Sequence[Record]:
-  """A built TFDS dataset as a random-access source (no TensorFlow needed).
-
-  Args:
-    name: TFDS name, e.g. ``"mscoco_captions"`` (registered or only built on disk).
-    split: split name or slice, e.g. ``"train"`` or ``"train[:1000]"``.
-    data_dir: TFDS data directory; empty for TFDS's default.
-
-  Returns:
-    A sequence of dicts: images as uint8 arrays, text as bytes.
-
-  Raises:
-    FileNotFoundError: when the dataset is not built in ``data_dir``.
-    ValueError: when it was built in a format without random access.
-  """
-  import tensorflow_datasets as tfds  # Slow to import; only the TFDS path needs it.
-
-  where = data_dir or "the default TFDS data dir"
-  hint = (f"build it first, with file_format='array_record', into {where}")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except tfds.core.DatasetNotFoundError:
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} is neither registered nor built in {where}; {hint}") from None
-  if not builder.is_prepared():
-    raise FileNotFoundError(f"TFDS dataset {name!r} is not built in {builder.data_dir}; {hint}")
-  try:
-    return builder.as_data_source(split=split)
-  except NotImplementedError:
-    raise ValueError(
-        f"TFDS dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format}, "
-        f"which has no random access; rebuild it with file_format='array_record'") from None
-
-
 def record_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   """The generator for one record in one epoch: independent of order and timing.
 

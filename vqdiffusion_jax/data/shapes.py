@@ -49,6 +49,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vqdiffusion_jax import outputs
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -306,9 +308,19 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     size = self.builder_config.image_size
+    progress = outputs.Progress(count, name=f"shapes {split} data", unit="images")
     for index in range(count):
       ex = example(split, index, size)
       yield index, {**ex, "image": _png(ex["image"])}
+      if (index + 1) % 500 == 0 or index + 1 == count:
+        progress.update(index + 1)
+    progress.close()
+
+  def _log_download_bytes(self) -> None:
+    """Nothing to download; the progress line of each split says what happens."""
+
+  def _log_download_done(self) -> None:
+    """Quiet: the progress lines said it."""
 
 
 def build(data_dir: str, image_size: int = 32, num_train: int = DEFAULT_NUM_TRAIN,
@@ -328,5 +340,9 @@ def build(data_dir: str, image_size: int = 32, num_train: int = DEFAULT_NUM_TRAI
   config = name if name in Shapes.builder_configs else ShapesConfig(
       name=name, image_size=image_size, num_train=num_train, num_test=num_test)
   builder = Shapes(data_dir=data_dir, file_format="array_record", config=config)
-  builder.download_and_prepare()
+  tfds.display_progress_bar(False)  # our own progress line replaces TFDS's bars
+  try:
+    builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(True)
   return builder

@@ -271,7 +271,7 @@ def load_clip(path: str | os.PathLike, *, dtype=jnp.float32) -> CLIPEmbedder:
   path = os.fspath(path)
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no config.json in the CLIP checkpoint directory {path}")
-  import transformers
+  import transformers  # optional: the [torch] extra
 
   config = transformers.CLIPConfig.from_pretrained(path)
   vision = CLIPVisionEncoder(dtype=dtype, **_vision_fields(config))

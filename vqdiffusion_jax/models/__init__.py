@@ -1,1 +1,1 @@
-"""Flax linen models: image tokenizer, denoisers, text encoders."""
+"""Flax linen models: the VQ-VAE, denoisers, text encoders, LPIPS and the PatchGAN."""

@@ -102,7 +102,7 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   GPU. Where cuDNN refuses the shapes or the installed version, XLA's lowering
   runs instead. Same arguments and result as ``dot_product_attention``.
   """
-  dtype = jnp.bfloat16 if dot_general is precision.mixed_dot_general else query.dtype
+  dtype = jnp.bfloat16 if precision.is_mixed(dot_general) else query.dtype
   q, k, v = (x.astype(dtype) for x in (query, key, value))
   backend = fused_backend(jax.default_backend(), dtype)
   if backend == "cudnn":

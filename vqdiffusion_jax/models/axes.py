@@ -1,9 +1,14 @@
-"""Logical axis names for parameters and activations, and default rules.
+"""Logical axis names of parameters, and the default rules that map them onto the mesh.
 
 Every parameter is created with ``nn.with_logical_partitioning(init, axes)``
 using the names below; a config's rules map them onto the mesh axes
-``data`` / ``fsdp`` / ``tensor``. Activations are constrained with
-``nn.with_logical_constraint`` using the activation names.
+``data`` / ``fsdp`` / ``tensor`` (``train.mesh.logical_shardings``).
+
+Activations carry no logical constraints. The jitted steps give the state
+and the batch their shardings (parameters by these rules, the batch over
+``data`` and ``fsdp``) and XLA propagates layouts to the activations from
+there; ``tests/test_train_sharding.py`` checks the shardings a sharded step
+returns and its results against one device.
 """
 
 from __future__ import annotations
@@ -29,17 +34,9 @@ NORM = "norm"              # scale / bias of normalisation layers
 LAYERS = "layers"          # the stacked axis of scanned layers
 CODE_DIM = "code_dim"      # codebook vector width
 
-# Activation axes.
-BATCH = "batch"
-LENGTH = "length"
-ACT_EMBED = "act_embed"
-ACT_HEADS = "act_heads"
-ACT_MLP = "act_mlp"
-
-# Default logical -> mesh rules: batch over data and fsdp, weights' larger
-# axis over fsdp (ZeRO-3 style), heads / mlp over tensor.
+# Default logical -> mesh rules: weights' larger axis over fsdp (ZeRO-3 style),
+# heads / mlp over tensor.
 DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
-    (BATCH, ("data", "fsdp")),
     (EMBED, "fsdp"),
     (MLP, "tensor"),
     (HEADS, "tensor"),
@@ -55,8 +52,4 @@ DEFAULT_RULES: tuple[tuple[str, str | Sequence[str] | None], ...] = (
     (NORM, None),
     (LAYERS, None),
     (CODE_DIM, None),
-    (LENGTH, None),
-    (ACT_EMBED, None),
-    (ACT_HEADS, "tensor"),
-    (ACT_MLP, "tensor"),
 )

@@ -134,7 +134,6 @@ class FeedForward(nn.Module):
     width = x.shape[-1]
     hidden = dense(self.intermediate_size, (axes.EMBED, axes.MLP), self.dtype, "fc1",
                    self.matmul_dtype)(x)
-    hidden = nn.with_logical_constraint(hidden, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     hidden = ACTIVATIONS[self.activation](hidden)
     return dense(width, (axes.MLP, axes.EMBED), self.dtype, "fc2", self.matmul_dtype)(hidden)
 
@@ -159,7 +158,7 @@ class EncoderLayer(nn.Module):
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(x)
     x = x + FeedForward(self.intermediate_size, self.activation, self.dtype, self.matmul_dtype,
                         name="mlp")(normed)
-    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return x
 
 
 class CLIPTextTransformer(nn.Module):
@@ -212,7 +211,6 @@ class CLIPTextTransformer(nn.Module):
     if length > self.max_positions:
       raise ValueError(f"{length} tokens but the model has {self.max_positions} positions")
     x = self.token_embedding(ids) + self.position_embedding[:length].astype(self.dtype)
-    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     causal = nn.make_causal_mask(ids, dtype=jnp.bool_)
     for layer in self.layers:
       x = layer(x, causal)

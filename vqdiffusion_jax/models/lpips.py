@@ -1,6 +1,6 @@
 """LPIPS perceptual distance (Zhang et al. 2018) with the VGG16 backbone.
 
-The version used by taming-transformers / LDM to train the VQ tokenizer:
+The version used by taming-transformers / LDM to train the VQ-VAE:
 inputs in [-1, 1] are shifted and scaled to the statistics the LPIPS paper
 uses, run through the torchvision VGG16 conv stack, and compared at five
 depths (after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3). At each depth the

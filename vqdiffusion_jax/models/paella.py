@@ -153,7 +153,7 @@ class PaellaBlock(nn.Module):
         _partitioned(nn.initializers.constant(self.layer_scale_init), (axes.EMBED,)),
         (c,), jnp.float32)
     out = x.astype(self.dtype) + h * scale.astype(self.dtype)
-    return nn.with_logical_constraint(out, (axes.BATCH, None, None, axes.ACT_EMBED))
+    return out
 
 
 class Downsample(nn.Module):

@@ -25,9 +25,8 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 # are no faster than float32 ones (slower on AVX2-only machines).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
-# Weight cotangents of narrowing matmuls with the product's cotangent first (below);
-# read at trace time, and benchmarks/denoiser_step_layouts.py flips it to time the other order.
-NARROW_WEIGHT_COTANGENT_FIRST = True
+# How the weight cotangent of a narrowing matmul is ordered (``_rhs_cotangent``).
+WEIGHT_GRAD_ORDERS = ("cotangent_first", "operand_first")
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]],
                          tuple[tuple[int, ...], tuple[int, ...]]]
@@ -56,7 +55,8 @@ def _lhs_cotangent(cotangent, lhs_ndim: int, rhs, dimension_numbers) -> jax.Arra
   return jnp.transpose(product, tuple(np.argsort(produced_as)))
 
 
-def _rhs_cotangent(cotangent, lhs, rhs_ndim: int, dimension_numbers) -> jax.Array:
+def _rhs_cotangent(cotangent, lhs, rhs_ndim: int, dimension_numbers,
+                   cotangent_first: bool) -> jax.Array:
   """The right operand's cotangent: the left operand times the product's cotangent.
 
   Both operands are contracted over their leading (free) axes. XLA:CPU copies
@@ -66,6 +66,7 @@ def _rhs_cotangent(cotangent, lhs, rhs_ndim: int, dimension_numbers) -> jax.Arra
   would otherwise be transposed every step: the shapes denoiser's step runs
   1.1-1.26x faster, ``benchmarks/denoiser_step_layouts.py``). The product
   comes out in the chosen order and is transposed to the right operand's layout.
+  ``cotangent_first=False`` keeps the left operand first for every weight.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   lhs_free = _free_axes(lhs.ndim, lhs_contract, lhs_batch)
@@ -79,7 +80,7 @@ def _rhs_cotangent(cotangent, lhs, rhs_ndim: int, dimension_numbers) -> jax.Arra
   lhs_width = np.prod([lhs.shape[axis] for axis in lhs_contract], dtype=int)
   cotangent_width = np.prod([cotangent.shape[axis] for axis in cotangent_rest], dtype=int)
   # With batch axes only the left-first order has a bfloat16 kernel on XLA:CPU.
-  if NARROW_WEIGHT_COTANGENT_FIRST and not lhs_batch and cotangent_width < lhs_width:
+  if cotangent_first and not lhs_batch and cotangent_width < lhs_width:
     return _narrow_weight_cotangent(cotangent, lhs, lhs_free, lhs_contract, rhs_free,
                                     contract_as)
   product = _product(lhs, cotangent, ((tuple(lhs_free), cotangent_free),
@@ -107,22 +108,24 @@ def _narrow_weight_cotangent(cotangent, lhs, lhs_free, lhs_contract, rhs_free,
   return jnp.transpose(product, tuple(np.argsort(produced_as)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bf16_product(lhs, rhs, dimension_numbers: DimensionNumbers):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_product(lhs, rhs, dimension_numbers: DimensionNumbers, cotangent_first: bool):
   """float32 operands in, rounded to bfloat16; float32 product and cotangents."""
+  del cotangent_first
   return _product(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers)
 
 
-def _bf16_product_fwd(lhs, rhs, dimension_numbers):
+def _bf16_product_fwd(lhs, rhs, dimension_numbers, cotangent_first):
+  del cotangent_first
   lhs, rhs = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
   return _product(lhs, rhs, dimension_numbers), (lhs, rhs)
 
 
-def _bf16_product_bwd(dimension_numbers, residuals, cotangent):
+def _bf16_product_bwd(dimension_numbers, cotangent_first, residuals, cotangent):
   lhs, rhs = residuals
   cotangent = cotangent.astype(jnp.bfloat16)
   return (_lhs_cotangent(cotangent, lhs.ndim, rhs, dimension_numbers),
-          _rhs_cotangent(cotangent, lhs, rhs.ndim, dimension_numbers))
+          _rhs_cotangent(cotangent, lhs, rhs.ndim, dimension_numbers, cotangent_first))
 
 
 _bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
@@ -135,19 +138,25 @@ def _batch_axes_first(x: jax.Array, batch, contract):
 
 
 def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                      preferred_element_type=None, **kwargs) -> jax.Array:
+                      preferred_element_type=None, *, weight_grads: str = "cotangent_first",
+                      **kwargs) -> jax.Array:
   """``lax.dot_general`` of the operands rounded to bfloat16, float32 out.
 
   The signature is ``lax.dot_general``'s; ``precision`` and
   ``preferred_element_type`` are ignored (the point is to fix both).
+  ``weight_grads`` orders the weight cotangent of a narrowing matmul
+  (``WEIGHT_GRAD_ORDERS``; see ``_rhs_cotangent``).
   """
   del precision, preferred_element_type, kwargs
+  if weight_grads not in WEIGHT_GRAD_ORDERS:
+    raise ValueError(f"weight_grads {weight_grads!r} not in {WEIGHT_GRAD_ORDERS}")
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   # XLA:CPU has no bfloat16 x bfloat16 = float32 kernel for batch axes elsewhere.
   lhs, lhs_contract = _batch_axes_first(jnp.asarray(lhs, jnp.float32), lhs_batch, lhs_contract)
   rhs, rhs_contract = _batch_axes_first(jnp.asarray(rhs, jnp.float32), rhs_batch, rhs_contract)
   batch = tuple(range(len(lhs_batch)))
-  return _bf16_product(lhs, rhs, ((lhs_contract, rhs_contract), (batch, batch)))
+  return _bf16_product(lhs, rhs, ((lhs_contract, rhs_contract), (batch, batch)),
+                       weight_grads == "cotangent_first")
 
 
 @functools.cache
@@ -186,15 +195,26 @@ def resolve_matmul_dtype(name: str, platform: str | None = None,
   return "bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
 
 
-def dot_general_for(matmul_dtype: str):
+def dot_general_for(matmul_dtype: str, weight_grads: str = "cotangent_first"):
   """The dot_general for a matmul dtype name.
 
   "float32": ``lax.dot_general`` itself (the module's compute dtype decides);
-  "bfloat16": ``mixed_dot_general``.
+  "bfloat16": ``mixed_dot_general`` with ``weight_grads``.
   """
   if matmul_dtype not in MATMUL_DTYPES:
     raise ValueError(f"matmul dtype {matmul_dtype!r} not in {MATMUL_DTYPES}")
-  return mixed_dot_general if matmul_dtype == "bfloat16" else lax.dot_general
+  if weight_grads not in WEIGHT_GRAD_ORDERS:
+    raise ValueError(f"weight_grads {weight_grads!r} not in {WEIGHT_GRAD_ORDERS}")
+  if matmul_dtype == "float32":
+    return lax.dot_general
+  if weight_grads == "cotangent_first":
+    return mixed_dot_general
+  return functools.partial(mixed_dot_general, weight_grads=weight_grads)
+
+
+def is_mixed(dot_general) -> bool:
+  """Whether ``dot_general`` is ``mixed_dot_general`` (with any weight-gradient order)."""
+  return getattr(dot_general, "func", dot_general) is mixed_dot_general
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -228,7 +248,7 @@ def matmul_conv(dot_general):
   The input's windows are gathered (im2col) and multiplied by the kernel
   reshaped to (kh * kw * C_in, C_out), so the convolution runs on whatever
   the given ``dot_general`` runs on (e.g. ``mixed_dot_general``'s bfloat16
-  units). Meant for small kernels on small grids (the patch tokenizer): the
+  units). Meant for small kernels on small grids (the patch VQ-VAE): the
   gathered windows take kh * kw times the input's memory. Dilation and
   feature groups are not supported.
 
@@ -267,4 +287,4 @@ def conv_for(matmul_dtype: str):
   "bfloat16": ``matmul_conv(mixed_dot_general)``.
   """
   dot_general = dot_general_for(matmul_dtype)
-  return matmul_conv(dot_general) if dot_general is mixed_dot_general else None
+  return matmul_conv(dot_general) if is_mixed(dot_general) else None

@@ -1,4 +1,4 @@
-"""Vector quantizer of the image tokenizer: nearest code, straight-through, EMA codebook.
+"""Vector quantizer of the VQ-VAE: nearest code, straight-through, EMA codebook.
 
 Each latent vector (last axis, width ``embed_dim``) is replaced by its nearest codebook entry
 in L2 distance; the entry's index is the image token. Gradients pass straight through

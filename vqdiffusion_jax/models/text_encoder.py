@@ -173,7 +173,6 @@ class TextEncoder(nn.Module):
                                        (axes.POSITION, axes.EMBED)),
           (self.max_length, self.width), jnp.float32)
       x = x + positions[:length].astype(self.dtype)
-    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     attend = mask[:, None, None, :]
     for i in range(self.num_layers):
       x = EncoderLayer(self.num_heads, self.width * self.mlp_ratio, self.layer_norm_eps,

@@ -86,6 +86,8 @@ class TransformerConfig:
     matmul_dtype: "float32", or "bfloat16" for every matmul of the blocks and
       head on bfloat16-rounded operands with float32 products and activations
       (``precision.mixed_dot_general``).
+    weight_grads: with bfloat16 matmuls, how the weight cotangents of
+      narrowing matmuls are ordered (``precision.WEIGHT_GRAD_ORDERS``).
     remat: recompute each block in the backward pass.
     remat_policy: with ``remat``, what is recomputed: "full" (everything) or
       "minimal" (all but the products with a weight, which are kept).
@@ -113,13 +115,14 @@ class TransformerConfig:
   pooled_text: bool = False
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
+  weight_grads: str = "cotangent_first"
   remat: bool = False
   remat_policy: str = "full"
   scan_layers: bool = False
   attention: str = "auto"
 
   def __post_init__(self):
-    precision.dot_general_for(self.matmul_dtype)  # validates the name
+    precision.dot_general_for(self.matmul_dtype, self.weight_grads)  # validates the names
     if self.attention not in attention.IMPLEMENTATIONS:
       raise ValueError(f"attention {self.attention!r} not in {attention.IMPLEMENTATIONS}")
     if self.remat_policy not in REMAT_POLICIES:
@@ -227,6 +230,7 @@ class AdaLayerNorm(nn.Module):
   table_axis: str
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
+  weight_grads: str = "cotangent_first"
 
   @nn.compact
   def __call__(self, x: jax.Array, index: jax.Array,
@@ -240,7 +244,7 @@ class AdaLayerNorm(nn.Module):
       row = row + extra.astype(self.dtype)
     modulation = nn.Dense(
         2 * width, dtype=self.dtype, param_dtype=jnp.float32, name="modulation",
-        dot_general=precision.dot_general_for(self.matmul_dtype),
+        dot_general=precision.dot_general_for(self.matmul_dtype, self.weight_grads),
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.MLP)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.MLP,)))(nn.silu(row))
     scale, shift = jnp.split(modulation[:, None, :], 2, axis=-1)
@@ -257,22 +261,21 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
   implementation: str = "auto"
+  weight_grads: str = "cotangent_first"
 
   def _project(self, x, name, in_axis):
     return nn.DenseGeneral(
         (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
-        dot_general=precision.dot_general_for(self.matmul_dtype),
+        dot_general=precision.dot_general_for(self.matmul_dtype, self.weight_grads),
         kernel_init=_partitioned(_normal(), (in_axis, axes.HEADS, axes.HEAD_DIM)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.HEADS, axes.HEAD_DIM)))(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    act_axes = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None)
-    query = nn.with_logical_constraint(self._project(x, "query", axes.EMBED), act_axes)
-    key = nn.with_logical_constraint(self._project(context, "key", self.context_axis), act_axes)
-    value = nn.with_logical_constraint(self._project(context, "value", self.context_axis),
-                                       act_axes)
-    dot_general = precision.dot_general_for(self.matmul_dtype)
+    query = self._project(x, "query", axes.EMBED)
+    key = self._project(context, "key", self.context_axis)
+    value = self._project(context, "value", self.context_axis)
+    dot_general = precision.dot_general_for(self.matmul_dtype, self.weight_grads)
     mixed = attention.dot_product_attention(query, key, value, dot_general=dot_general,
                                             implementation=self.implementation)
     return nn.DenseGeneral(
@@ -288,17 +291,18 @@ class Mlp(nn.Module):
   ratio: int
   dtype: Any = jnp.float32
   matmul_dtype: str = "float32"
+  weight_grads: str = "cotangent_first"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    dot_general = precision.dot_general_for(self.matmul_dtype)
+    dot_general = precision.dot_general_for(self.matmul_dtype, self.weight_grads)
     hidden = nn.Dense(
         self.ratio * width, dtype=self.dtype, param_dtype=jnp.float32, name="fc1",
         dot_general=dot_general,
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.MLP)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.MLP,)))(x)
-    hidden = nn.with_logical_constraint(gelu2(hidden), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    hidden = gelu2(hidden)
     return nn.Dense(
         width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2", dot_general=dot_general,
         kernel_init=_partitioned(_normal(), (axes.MLP, axes.EMBED)),
@@ -343,38 +347,38 @@ class Block(nn.Module):
   def __call__(self, h: jax.Array, t: jax.Array, condition: jax.Array | None):
     cfg = self.config
     dtype, matmul_dtype = cfg.dtype, cfg.matmul_dtype
+    grads = cfg.weight_grads
     self_attn = Attention(cfg.num_heads, cfg.head_dim, dtype=dtype, matmul_dtype=matmul_dtype,
-                          implementation=cfg.attention, name="self_attn")
+                          implementation=cfg.attention, weight_grads=grads, name="self_attn")
     pooled = None
     if cfg.pooled_text:
       pooled = nn.Dense(
           h.shape[-1], dtype=dtype, param_dtype=jnp.float32, name="pooled_text",
-          dot_general=precision.dot_general_for(matmul_dtype),
+          dot_general=precision.dot_general_for(matmul_dtype, cfg.weight_grads),
           kernel_init=_partitioned(_normal(), (axes.COND_EMBED, axes.EMBED)),
           bias_init=_partitioned(nn.initializers.zeros, (axes.EMBED,)))(
               jnp.mean(condition.astype(dtype), axis=1))
-    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype,
+    normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype, grads,
                           name="self_attn_norm")(
         h, t, pooled)
     h = h + self_attn(normed, normed)
     if cfg.conditioning == "text":
-      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype,
+      normed = AdaLayerNorm(cfg.num_timesteps, axes.TIMESTEP, dtype, matmul_dtype, grads,
                             name="cross_attn_norm")(
           h, t, pooled)
       cross_attn = Attention(cfg.num_heads, cfg.head_dim, axes.COND_EMBED, dtype,
-                             matmul_dtype, cfg.attention, name="cross_attn")
+                             matmul_dtype, cfg.attention, grads, name="cross_attn")
       h = h + cross_attn(normed, condition.astype(dtype))
     if cfg.conditioning == "class":
-      normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, matmul_dtype,
+      normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, matmul_dtype, grads,
                             name="mlp_norm")(h, condition)
     else:
       normed = _layer_norm(True, "mlp_norm", dtype)(h)
     if cfg.mlp_type == "conv":
       mlp = ConvMlp(cfg.mlp_ratio, cfg.spatial_size, dtype, name="mlp")
     else:
-      mlp = Mlp(cfg.mlp_ratio, dtype, matmul_dtype, name="mlp")
+      mlp = Mlp(cfg.mlp_ratio, dtype, matmul_dtype, grads, name="mlp")
     h = h + mlp(normed)
-    h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return (h, None) if self.scanned else h
 
 
@@ -427,7 +431,7 @@ class VQDiffusionTransformer(nn.Module):
     self.head_norm = _layer_norm(True, "head_norm", jnp.float32)
     self.head = nn.Dense(
         cfg.codebook_size, dtype=jnp.float32, param_dtype=jnp.float32,
-        dot_general=precision.dot_general_for(cfg.matmul_dtype),
+        dot_general=precision.dot_general_for(cfg.matmul_dtype, cfg.weight_grads),
         kernel_init=_partitioned(_normal(), (axes.EMBED, axes.VOCAB)),
         bias_init=_partitioned(nn.initializers.zeros, (axes.VOCAB,)))
     if cfg.has_null_text:
@@ -454,7 +458,6 @@ class VQDiffusionTransformer(nn.Module):
       raise ValueError(f"conditioning {cfg.conditioning!r} but the condition is {given}")
     t = jnp.asarray(t, jnp.int32)
     h = self.token_embed(tokens)
-    h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     if cfg.scan_layers:
       h, _ = self.blocks(h, t, condition)
     else:

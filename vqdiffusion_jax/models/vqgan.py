@@ -1,4 +1,4 @@
-"""The VQ image tokenizer: a VQGAN / VQ-VAE encoder, vector quantizer and decoder.
+"""The VQ-VAE: a VQGAN / VQ-VAE encoder, vector quantizer and decoder (images <-> tokens).
 
 The layout is the taming-transformers / LDM one that diffusers' ``VQModel`` also uses:
 
@@ -39,7 +39,7 @@ _KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
-  """Sizes of the tokenizer.
+  """Sizes of the VQ-VAE.
 
   Attributes:
     in_channels: image channels read by the encoder.
@@ -369,7 +369,7 @@ class PatchDecoder(nn.Module):
 
 
 class VQGAN(nn.Module):
-  """Encoder, quantizer and decoder of the VQ tokenizer (see the module docstring).
+  """Encoder, quantizer and decoder of the VQ-VAE (see the module docstring).
 
   Call with ``module.apply(variables, images, method="encode")`` etc. In EMA mode the
   variables are ``{"params": ..., "vq_stats": ...}``; training calls also pass

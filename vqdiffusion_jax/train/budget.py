@@ -36,8 +36,7 @@ PLAN_NAME = "step_plan.json"
 
 def enabled(config: Any) -> bool:
   """Whether the config asks for a time budget (``time_budget.minutes`` > 0)."""
-  budget = config.get("time_budget")
-  return budget is not None and float(budget.minutes) > 0
+  return float(config.time_budget.minutes) > 0
 
 
 def planned_steps(seconds_left: float, seconds_per_step: float, *, reserve_steps: int,

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vqdiffusion_jax import outputs
@@ -330,6 +332,39 @@ class Checkpointer:
         tried and why it failed.
     """
     _check_abstract(abstract_state)
+    return self._restore_first(lambda _: abstract_state, step)
+
+  def restore_arrays(self, step: int | None = None,
+                     device: jax.Device | None = None) -> tuple[int, Any, dict]:
+    """Restores a verified step as nested dicts of arrays, without the state's type.
+
+    For reading a run's weights where its optimizer and train-state type are
+    of no use (a sampling pipeline): the restore target is the step's own
+    metadata, every array lands on one device, and the step is verified and
+    chosen as ``restore`` does.
+
+    Args:
+      step: restore exactly this step, with no fallback.
+      device: where the arrays go; default the host's CPU, so that an
+        accelerator never holds the optimizer state only to drop it.
+
+    Returns:
+      ``(step, arrays, data_state)``: ``arrays`` mirrors the saved state with
+      dicts for its dataclasses (``arrays["params"]``, ``arrays["ema_params"]``).
+    """
+    sharding = jax.sharding.SingleDeviceSharding(device or _host_device())
+
+    def target(candidate: int) -> Any:
+      stored = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.step_path(candidate)) / STATE)
+      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          stored)
+
+    return self._restore_first(target, step)
+
+  def _restore_first(self, target: Callable[[int], Any],
+                     step: int | None) -> tuple[int, Any, dict]:
+    """The newest verified step (or exactly ``step``) restored onto ``target(step)``."""
     self.wait()
     candidates = [int(step)] if step is not None else self.all_steps()[::-1]
     if not candidates:
@@ -337,7 +372,7 @@ class Checkpointer:
     failures: list[tuple[int, str]] = []
     for candidate in candidates:
       try:
-        state, data_state = self._restore_step(candidate, abstract_state)
+        state, data_state = self._restore_step(candidate, target(candidate))
       except Exception as error:  # A step that cannot be read, whatever the cause, is unusable.
         failures.append((candidate, _reason(error)))
         logging.warning("checkpoint step %d in %s is unusable (%s)%s", candidate,
@@ -395,17 +430,44 @@ def _check_abstract(abstract_state: Any) -> None:
 
 
 def _check_fingerprints(state: Any, meta: dict) -> None:
-  """Raises UnusableCheckpointError naming the arrays whose bits changed."""
+  """Raises UnusableCheckpointError naming the arrays whose bits changed.
+
+  Arrays are matched to their recorded fingerprints by their path in the
+  saved tree (``.params['w']`` and ``['params']['w']`` are the same array), so a
+  state restored as plain dicts is checked as well as one of the saved type.
+  """
   saved, names = meta.get("fingerprints"), meta.get("names") or []
-  got = fingerprint(state)
+  got, got_names = fingerprint(state), _leaf_names(state)
   if saved is None or len(saved) != len(got):
     raise UnusableCheckpointError(f"{len(got)} arrays restored, fingerprints recorded for "
                                   f"{None if saved is None else len(saved)}")
-  bad = [names[i] if i < len(names) else str(i)
-         for i, (a, b) in enumerate(zip(saved, got, strict=True)) if list(a) != list(b)]
+  if len(names) == len(saved):
+    recorded = {_path_key(name): list(value) for name, value in zip(names, saved, strict=True)}
+    expected = [recorded.get(_path_key(name)) for name in got_names]
+  else:
+    expected = [list(value) for value in saved]
+  bad = [name for name, want, have in zip(got_names, expected, got, strict=True)
+         if want != list(have)]
   if bad:
     raise UnusableCheckpointError(f"{len(bad)} array(s) differ from their saved fingerprints: "
                                   f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+_PATH_PART = re.compile(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]")
+
+
+def _path_key(name: str) -> tuple[str, ...]:
+  """A leaf's path as its keys: ``.opt_state[0].mu['w']`` -> ("opt_state", "0", "mu", "w")."""
+  return tuple(next(g for g in match.groups() if g is not None)
+               for match in _PATH_PART.finditer(name))
+
+
+def _host_device() -> jax.Device:
+  """The host's CPU device, or the default device where JAX runs without a CPU backend."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return jax.local_devices()[0]
 
 
 # ----------------------------------------------------------------------------- resume order

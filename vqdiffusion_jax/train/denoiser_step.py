@@ -15,9 +15,9 @@ The batch is a dict of arrays sharing a leading batch dimension:
 
   tokens     (B, N) int    clean image tokens x_0 in [0, K)
   text       (B, L, D)     cached text features ("text" conditioning), or
-  text_ids   (B, L) int    token ids for a frozen text encoder given to
-                           ``make_train_step`` (its params are the step's 4th
-                           argument, not trainable state)
+  text_ids   (B, L) int    text ids, encoded by the denoiser's own text encoder
+                           (which trains with it) or by its frozen one (whose
+                           params are the step's 4th argument, not state)
   drop_text  (B,) bool     optional: rows trained unconditionally
   label      (B,) int      class labels ("class" conditioning); ``drop_text``
                            turns a row into the null class ``num_classes``
@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,11 +39,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from vqdiffusion_jax.diffusion import discrete, importance
 from vqdiffusion_jax.diffusion.schedule import Schedule
+from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 from vqdiffusion_jax.train.state import TrainState
-
-TextEncoderFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def sample_timesteps(rng: jax.Array, history: importance.LossHistory | None, batch_size: int,
@@ -70,32 +68,33 @@ def sample_timesteps(rng: jax.Array, history: importance.LossHistory | None, bat
   return t, jnp.full((batch_size,), 1.0 / num_timesteps, jnp.float32)
 
 
-def _text_features(batch: Mapping[str, jax.Array], text_encoder_fn: TextEncoderFn | None,
-                   frozen_params: Any) -> jax.Array:
+def _text_features(denoiser: Denoiser, params: Any, batch: Mapping[str, jax.Array],
+                   frozen_params: Any) -> jax.Array | None:
+  """The batch's text features: cached ones, else its ids through the denoiser's encoder."""
+  if denoiser.conditioning != "text":
+    return None
   if "text" in batch:
     return batch["text"]
   if "text_ids" not in batch:
     raise ValueError("a text-conditioned batch needs 'text' features or 'text_ids'")
-  if text_encoder_fn is None:
-    raise ValueError("the batch has 'text_ids' but make_train_step got no text_encoder_fn")
-  return jax.lax.stop_gradient(text_encoder_fn(frozen_params, batch["text_ids"]))
+  return denoiser.encode_text(params, frozen_params, batch["text_ids"])
 
 
-def condition_input(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
+def condition_input(denoiser: Denoiser, params: Any, batch: Mapping[str, jax.Array],
                     text: jax.Array | None) -> jax.Array | None:
-  """The model's condition for a batch, with dropped rows made unconditional.
+  """The denoiser's condition for a batch, with dropped rows made unconditional.
 
   Args:
-    model: the denoiser (``VQDiffusionTransformer``).
+    denoiser: the denoiser.
     params: its params (the null text is read from them, so it gets gradient
       through the dropped rows).
     batch: the batch (``drop_text``, ``label``).
     text: (B, L, D) text features for "text" conditioning, else unused.
 
   Returns:
-    (B, L, D) features, (B,) labels, or None, by ``model.config.conditioning``.
+    (B, L, D) features, (B,) labels, or None, by ``denoiser.conditioning``.
   """
-  conditioning = model.config.conditioning
+  conditioning = denoiser.conditioning
   drop = batch.get("drop_text")
   if conditioning == "none":
     return None
@@ -103,13 +102,14 @@ def condition_input(model: nn.Module, params: Any, batch: Mapping[str, jax.Array
     labels = batch["label"]
     if drop is None:
       return labels
-    return jnp.where(drop, jnp.asarray(model.config.num_classes, labels.dtype), labels)
+    num_classes = denoiser.network.config.num_classes
+    return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
   if drop is None:
     return text
-  if not model.config.has_null_text:
+  if not denoiser.has_null_condition:
     raise ValueError("the batch has 'drop_text' but the model has no learnable null text; "
                      "put the empty caption's features in 'text' instead")
-  null = model.apply({"params": params}, text.shape[0], method="null_text")
+  null = denoiser.null_condition(params, text.shape[0])
   return jnp.where(drop[:, None, None], null.astype(text.dtype), text)
 
 
@@ -131,23 +131,18 @@ def masked_accuracy(logits: jax.Array, x0: jax.Array, x_t: jax.Array,
   return hits / jnp.maximum(jnp.sum(masked), 1).astype(jnp.float32)
 
 
-def make_train_step(model: nn.Module, schedule: Schedule, train_config: Any,
-                    diffusion_config: Any, optimizer: optax.GradientTransformation, *,
-                    text_encoder_fn: TextEncoderFn | None = None) -> Callable:
+def make_train_step(denoiser: Denoiser, schedule: Schedule, train_config: Any,
+                    diffusion_config: Any, optimizer: optax.GradientTransformation) -> Callable:
   """Builds the pure train step of the denoiser.
 
   Args:
-    model: the denoiser module (its config sets dtype and remat).
+    denoiser: the denoiser (its network's config sets dtype and remat).
     schedule: the noise schedule.
     train_config: the experiment config (its ``optim`` section: ema_decay and
       the learning-rate schedule, logged; ``train.num_steps``).
     diffusion_config: ``config.diffusion`` (aux_weight, adaptive_aux,
       mask_weight, importance_sampling).
     optimizer: the optax transformation the state was created with.
-    text_encoder_fn: ``(frozen_params, text_ids) -> (B, L, D)`` features, for
-      batches that carry ``text_ids``; its params are the step's 4th argument.
-      A model with an ``encode_text`` method (``TextConditionedDenoiser``)
-      instead encodes ``text_ids`` itself, and its text encoder trains.
 
   Returns:
     ``train_step(state, batch, rng, frozen_params=None) -> (state, metrics)``.
@@ -167,16 +162,11 @@ def make_train_step(model: nn.Module, schedule: Schedule, train_config: Any,
     t, pt = sample_timesteps(rng_t, state.loss_history, x0.shape[0],
                              schedule.num_timesteps, importance_sampling)
     x_t = discrete.q_sample(schedule, rng_q, x0, t)
-    joint_text = hasattr(model, "encode_text")
-    text = (_text_features(batch, text_encoder_fn, frozen_params)
-            if model.config.conditioning == "text" and not joint_text else None)
 
     def loss_fn(params):
-      features = text
-      if joint_text:  # the text encoder is part of the model and trains with it
-        features = model.apply({"params": params}, batch["text_ids"], method="encode_text")
-      condition = condition_input(model, params, batch, features)
-      logits = model.apply({"params": params, **state.extra}, x_t, t, condition)
+      text = _text_features(denoiser, params, batch, frozen_params)
+      condition = condition_input(denoiser, params, batch, text)
+      logits = denoiser.logits(params, x_t, t, condition, extra=state.extra)
       out = discrete.training_losses(schedule, logits, x0, x_t, t, pt, **loss_options)
       return out["loss"], (out, masked_accuracy(logits, x0, x_t, schedule.mask_index))
 

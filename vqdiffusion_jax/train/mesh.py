@@ -26,11 +26,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# An array this large whose rules ask for a sharding the mesh cannot give is logged.
+REPLICATION_WARNING_BYTES = 4 * 2**20
 
 
 def _section(section: Any) -> tuple[int, ...]:
@@ -227,16 +230,32 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[A
   Returns:
     The tree of NamedShardings, shaped like the unboxed tree (one sharding
     per box); mesh axes that do not divide a dimension are dropped
-    (``fit_spec``).
+    (``fit_spec``), with a warning for arrays of 4 MiB and more.
   """
   rules = normalize_rules(rules)
 
-  def sharding(leaf):
+  def sharding(path, leaf):
     spec, shape = _leaf_spec(leaf, rules)
-    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
+    fitted = fit_spec(spec, shape, mesh)
+    _warn_if_replicated(jax.tree_util.keystr(path), spec, fitted, leaf)
+    return NamedSharding(mesh, fitted)
 
-  return jax.tree.map(sharding, abstract_tree,
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map_with_path(sharding, abstract_tree,
+                                is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _warn_if_replicated(name: str, spec: PartitionSpec, fitted: PartitionSpec, leaf: Any) -> None:
+  """Logs a warning when ``fit_spec`` dropped mesh axes of an array worth sharding."""
+  value = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+  shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
+  if dtype is None or math.prod(shape) * np.dtype(dtype).itemsize < REPLICATION_WARNING_BYTES:
+    return
+  padded = lambda s: tuple(s) + (None,) * (len(shape) - len(s))  # noqa: E731
+  dropped = [f"dimension {i} ({size}) over {want}" for i, (size, want, got)
+             in enumerate(zip(shape, padded(spec), padded(fitted), strict=True)) if want != got]
+  if dropped:
+    logging.warning("%s %s: the mesh axes do not divide %s; replicated there instead",
+                    name, shape, ", ".join(dropped))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from PIL import Image
+from tensorboardX import SummaryWriter
 
 from vqdiffusion_jax import outputs
 
@@ -36,7 +37,6 @@ class MetricWriter:
     self._tensorboard = None
     if _is_writer():
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
 

@@ -201,7 +201,7 @@ def steps_this_call(step: int, stage: Stage, train: Any) -> int:
   if stage.steps_per_call > 1 and stage.steps_fn is None:
     raise ValueError(f"{stage.directory}: steps_per_call > 1 needs a steps_fn")
   stops = [stage.num_steps]
-  sample_every = train.get("sample_every", 0) if stage.on_sample is not None else 0
+  sample_every = train.sample_every if stage.on_sample is not None else 0
   for every in (train.log_every, train.checkpoint_every, sample_every):
     if int(every) > 0:
       stops.append((step // int(every) + 1) * int(every))

@@ -5,8 +5,10 @@ ema_params, the importance sampler's loss history, and ``extra`` for
 mutable collections (a quantizer's ``vq_stats``). No RNG lives in it; steps
 fold the step number into a key they are given.
 
-The optimizer is the official one: AdamW with betas (0.9, 0.96) and weight
-decay 0.045, here with global-norm clipping and a warmup + decay schedule.
+The optimizer of every trainer is ``make_optimizer``: Adam (AdamW with
+masked weight decay when the config asks for decay; the denoiser's official
+one has betas (0.9, 0.96) and decay 0.045) after global-norm clipping, with
+the warmup + decay ``learning_rate_schedule``.
 
 ``create_state`` never materialises anything on one device first: the init
 is traced with ``jax.eval_shape``, its logical axis annotations become
@@ -83,7 +85,7 @@ def learning_rate_schedule(optim_config: Any, num_steps: int) -> Callable[[Any],
   peak = float(optim_config.learning_rate)
   warmup = int(optim_config.warmup_steps)
   decay = optim_config.decay
-  floor = float(optim_config.get("min_lr_ratio", 0.0))
+  floor = float(optim_config.min_lr_ratio)
   if decay not in DECAYS:
     raise ValueError(f"unknown decay {decay!r}; choose one of {DECAYS}")
   if warmup < 0:
@@ -127,25 +129,27 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with masked weight decay and the lr schedule.
+  """Global-norm clipping, then Adam (AdamW with masked weight decay) on the lr schedule.
 
   Args:
-    optim_config: ``config.optim``: learning_rate, b1, b2, weight_decay,
-      warmup_steps, decay, min_lr_ratio, clip_norm (<= 0: no clipping).
+    optim_config: an ``optim`` section: learning_rate, b1, b2, weight_decay
+      (0: plain Adam), warmup_steps, decay, min_lr_ratio, clip_norm (<= 0: no
+      clipping).
     num_steps: total training steps.
 
   Returns:
     The optax transformation. Gradients are clipped before Adam's moments see
     them; decay applies to ``decay_mask`` parameters only.
   """
-  adamw = optax.adamw(
-      learning_rate_schedule(optim_config, num_steps), b1=float(optim_config.b1),
-      b2=float(optim_config.b2), weight_decay=float(optim_config.weight_decay),
-      mask=decay_mask)
-  clip_norm = float(optim_config.get("clip_norm", 0.0) or 0.0)
+  rate = learning_rate_schedule(optim_config, num_steps)
+  b1, b2 = float(optim_config.b1), float(optim_config.b2)
+  weight_decay = float(optim_config.weight_decay)
+  adam = (optax.adamw(rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+          if weight_decay > 0 else optax.adam(rate, b1=b1, b2=b2))
+  clip_norm = float(optim_config.clip_norm)
   if clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+  return adam
 
 
 def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:

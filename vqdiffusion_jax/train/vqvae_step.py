@@ -1,4 +1,4 @@
-"""The VQ tokenizer's train step: the VQGAN objective of taming / LDM.
+"""The VQ-VAE's train step: the VQGAN objective of taming / LDM.
 
 Generator loss: ``nll + codebook_weight * L_vq + lambda * f(step) * L_G`` with
 ``nll = mean|x - x~| (or squared) + perceptual_weight * mean LPIPS(x, x~)``,
@@ -37,7 +37,7 @@ LAST_LAYERS = ("conv_out", "patch_out")
 
 
 @struct.dataclass
-class TokenizerState:
+class VQVAEState:
   """The generator (VQGAN, with its 'vq_stats' in ``extra``) and the discriminator."""
 
   generator: TrainState
@@ -71,9 +71,9 @@ def make_train_step(vqgan: nn.Module, discriminator: nn.Module | None, loss_conf
   """Builds ``train_step(state, batch, rng, lpips_params) -> (state, metrics)``.
 
   Args:
-    vqgan: the tokenizer module (an EMA quantizer keeps 'vq_stats').
+    vqgan: the VQ-VAE module (an EMA quantizer keeps 'vq_stats').
     discriminator: the PatchGAN, or None when ``loss_config.disc_weight`` is 0.
-    loss_config: ``config.tokenizer.loss`` (rec_loss, perceptual_weight,
+    loss_config: ``config.vqvae.loss`` (rec_loss, perceptual_weight,
       codebook_weight, disc_weight, disc_start, disc_loss).
     generator_optimizer, discriminator_optimizer: optax transformations.
     ema_decay: decay of the generator's parameter EMA.
@@ -144,8 +144,8 @@ def make_train_step(vqgan: nn.Module, discriminator: nn.Module | None, loss_conf
                       opt_state=opt_state, extra=stats)
     return new_d, {"d_loss": loss, "logits_real": real, "logits_fake": fake}
 
-  def train_step(state: TokenizerState, batch: Mapping[str, jax.Array], rng: jax.Array,
-                 lpips_params: Any = None) -> tuple[TokenizerState, dict[str, jax.Array]]:
+  def train_step(state: VQVAEState, batch: Mapping[str, jax.Array], rng: jax.Array,
+                 lpips_params: Any = None) -> tuple[VQVAEState, dict[str, jax.Array]]:
     images = batch["image"]
     rng = jax.random.fold_in(rng, state.generator.step)
     generator, reconstruction, disc_factor, metrics = generator_update(
@@ -156,6 +156,6 @@ def make_train_step(vqgan: nn.Module, discriminator: nn.Module | None, loss_conf
           state.discriminator, images, reconstruction, disc_factor)
       metrics |= d_metrics
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    return TokenizerState(generator, discriminator_state), metrics
+    return VQVAEState(generator, discriminator_state), metrics
 
   return train_step

@@ -1,40 +1,52 @@
-"""Shared pieces of the experiment configs; each returns a ConfigDict section.
+"""The experiment config: every section with its defaults, and saved configs completed.
 
-The schema every trainer reads:
+``configs/<experiment>.py`` builds its config from these sections and ends
+with ``finish(config, arg)``. The sections and their keys:
 
   seed
-  data:       name, data_dir, image_size, train_split, eval_split,
-              caption_dropout, text_length, random_flip, random_crop,
-              cache_dir (token cache), shuffle_buffer, num_workers, in_memory
-  mesh:       shape {data, fsdp, tensor} (one may be -1), dcn {data, fsdp,
-              tensor} (slices; all 1 on one slice), rules (logical -> mesh)
-  optim:      learning_rate, b1, b2, weight_decay, warmup_steps, decay
-              ("cosine" | "linear" | "constant"), min_lr_ratio, clip_norm,
-              ema_decay
-  train:      global_batch, num_steps, log_every, checkpoint_every,
-              keep_checkpoints, sample_every, eval_every, dtype, remat,
-              remat_policy ("full" | "minimal": keep the weight matmuls),
-              scan_layers, matmul_dtype ("float32" | "bfloat16" | "auto":
-              bfloat16 where this machine has bfloat16 matrix units)
-  checkpoint: resume_from, init_from
-  diffusion:  schedule, num_timesteps, aux_weight, adaptive_aux, mask_weight,
-              importance_sampling
-  tokenizer:  model (VQGANConfig fields), path (a trained / converted
-              tokenizer to use instead of training one), loss (rec, perceptual
-              and adversarial weights, disc_start, lpips paths), optim, train
-              (global_batch, num_steps, matmul_dtype as in train)
-  text:       kind ("trainable" | "clip"), clip_path, width, num_layers,
-              num_heads, max_vocab, position_encoding ("learned" | "rotary")
-              (trainable)
-  denoiser:   model (TransformerConfig sizes; K, grid, T, text sizes derive
-              from the tokenizer, text and diffusion sections)
-  eval:       samplers (specs ``name[/steps[/guidance[/truncation]]]``),
-              num_samples, batch_size, grid_size, seed, inception_path,
-              clip_path (the end-of-run evaluation and report)
+  data:        name, data_dir, image_size, train_split, eval_split,
+               caption_dropout, text_length, random_flip, random_crop,
+               cache_dir (token cache), num_workers, in_memory, num_train,
+               num_test (shapes only)
+  mesh:        shape {data, fsdp, tensor} (one may be -1), dcn {data, fsdp,
+               tensor} (slices; all 1 on one slice), rules (logical -> mesh)
+  optim:       learning_rate, b1, b2, weight_decay, warmup_steps, decay
+               ("cosine" | "linear" | "constant"), min_lr_ratio, clip_norm,
+               ema_decay
+  train:       global_batch, num_steps, log_every, checkpoint_every,
+               keep_checkpoints, sample_every, dtype, remat,
+               remat_policy ("full" | "minimal": keep the weight matmuls),
+               scan_layers, matmul_dtype ("float32" | "bfloat16" | "auto":
+               bfloat16 where this machine has bfloat16 matrix units),
+               steps_per_call
+  time_budget: minutes (0: train ``train.num_steps``), reserve_steps, margin
+  checkpoint:  resume_from, init_from
+  diffusion:   schedule, num_timesteps, aux_weight, adaptive_aux, mask_weight,
+               importance_sampling
+  vqvae:       model (VQGANConfig fields), path (a trained / converted VQ-VAE
+               to use instead of training one), loss (rec, perceptual and
+               adversarial weights, disc_start, lpips paths), optim (as
+               ``optim``, without EMA), train (global_batch,
+               num_steps, matmul_dtype as in train, steps_per_call)
+  text:        kind ("trainable" | "clip"), clip_path, width, length,
+               num_layers, num_heads, max_vocab, position_encoding ("learned"
+               | "rotary") (trainable)
+  denoiser:    model (TransformerConfig sizes; K, grid, T, text sizes derive
+               from the VQ-VAE, text and diffusion sections)
+  eval:        samplers (specs ``name[/steps[/guidance[/truncation]]]``; none:
+               no report), num_samples, batch_size, grid_size, seed,
+               inception_path, clip_path (the end-of-run evaluation)
+
+``finish`` fills every section and key a config leaves out with the defaults
+here (``complete``), so code reads ``config.section.key`` and never repeats a
+default. A run's saved config goes through ``complete`` too when it is read
+back: keys added since it was written take today's defaults.
 
 ``runlocal`` (``--config=configs/X.py:runlocal``) shrinks any config to a
 2-core CPU: the embedded shapes data at 32 px, tiny models, a few steps.
 """
+
+from typing import Any
 
 import ml_collections
 
@@ -64,11 +76,11 @@ def optim(learning_rate: float, *, warmup_steps: int = 5000, decay: str = "cosin
 
 def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: bool = False,
           log_every: int = 50, checkpoint_every: int = 1000, keep_checkpoints: int = 3,
-          sample_every: int = 5000, eval_every: int = 5000) -> ml_collections.ConfigDict:
+          sample_every: int = 5000) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "global_batch": global_batch, "num_steps": num_steps, "log_every": log_every,
       "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints,
-      "sample_every": sample_every, "eval_every": eval_every, "dtype": dtype, "remat": remat,
+      "sample_every": sample_every, "dtype": dtype, "remat": remat,
       "remat_policy": "full", "scan_layers": False, "matmul_dtype": "float32",
       "steps_per_call": 1,  # train steps per jitted call (one lax.scan); runner.py
   })
@@ -80,7 +92,7 @@ def data(name: str, image_size: int, *, data_dir: str = "", text_length: int = 7
       "name": name, "data_dir": data_dir, "image_size": image_size,
       "train_split": "train", "eval_split": "test", "caption_dropout": caption_dropout,
       "text_length": text_length, "random_flip": False, "random_crop": False,
-      "cache_dir": "", "shuffle_buffer": 0,
+      "cache_dir": "",
       "num_workers": 0,  # grain reader threads per host that prefetch batches (0: none)
       "in_memory": False,  # keep decoded records (images, token-cache entries) after first read
       "num_train": 0, "num_test": 0,  # shapes only: split sizes (0: the builder's default)
@@ -108,10 +120,10 @@ def checkpoint(resume_from: str = "", init_from: str = "") -> ml_collections.Con
   return ml_collections.ConfigDict({"resume_from": resume_from, "init_from": init_from})
 
 
-def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=2887,
-              embed_dim=256, latent_channels=256, attention_levels=(4,),
-              path: str = "") -> ml_collections.ConfigDict:
-  """The VQ tokenizer: model sizes, its VQGAN loss and its own optimizer."""
+def vqvae(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=2887,
+          embed_dim=256, latent_channels=256, attention_levels=(4,),
+          path: str = "") -> ml_collections.ConfigDict:
+  """The VQ-VAE (image tokenizer): model sizes, its VQGAN loss and its own optimizer."""
   return ml_collections.ConfigDict({
       "path": path,
       "model": {
@@ -128,8 +140,8 @@ def tokenizer(*, block_out_channels=(128, 128, 256, 256, 512), num_embeddings=28
           "disc_layers": 3, "disc_channels": 64,
           "lpips_vgg_path": "", "lpips_heads_path": "",
       },
-      "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "warmup_steps": 0,
-                "clip_norm": 0.0, "decay": "constant", "min_lr_ratio": 0.0},
+      "optim": {"learning_rate": 4.5e-6 * 64, "b1": 0.5, "b2": 0.9, "weight_decay": 0.0,
+                "warmup_steps": 0, "clip_norm": 0.0, "decay": "constant", "min_lr_ratio": 0.0},
       "train": {"global_batch": 64, "num_steps": 200000, "matmul_dtype": "float32",
                 "steps_per_call": 1},
   })
@@ -170,34 +182,71 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data = data("shapes", 32, text_length=24)
     config.data.num_train, config.data.num_test = 64, 16
     config.mesh = mesh()
-    if "time_budget" in config:
-      config.time_budget.minutes = 0.0
-    config.tokenizer = tokenizer(block_out_channels=(32, 64, 64), num_embeddings=64,
-                                 embed_dim=16, latent_channels=32, attention_levels=())
-    config.tokenizer.model.norm_num_groups = 8
-    config.tokenizer.model.mid_block_attention = False
-    config.tokenizer.loss.perceptual_weight = 0.0
-    config.tokenizer.loss.disc_weight = 0.0
-    config.tokenizer.optim.learning_rate = 1e-3
-    config.tokenizer.train.global_batch = 8
-    config.tokenizer.train.num_steps = 2
+    config.time_budget = time_budget()
+    config.vqvae = vqvae(block_out_channels=(32, 64, 64), num_embeddings=64, embed_dim=16,
+                         latent_channels=32, attention_levels=())
+    config.vqvae.model.norm_num_groups = 8
+    config.vqvae.model.mid_block_attention = False
+    config.vqvae.loss.perceptual_weight = 0.0
+    config.vqvae.loss.disc_weight = 0.0
+    config.vqvae.optim.learning_rate = 1e-3
+    config.vqvae.train.global_batch = 8
+    config.vqvae.train.num_steps = 2
     config.text = text("trainable", width=32, length=24)
     config.text.max_vocab = 256
     config.denoiser = denoiser(num_layers=2, embed_dim=32, num_heads=2)
     config.diffusion = diffusion(num_timesteps=10)
     config.optim = optim(1e-3, warmup_steps=1, ema_decay=0.99)
     config.train = train(8, 2, dtype="float32", log_every=1, checkpoint_every=1,
-                         sample_every=0, eval_every=0)
+                         sample_every=0)
     config.eval = evaluation(("vqdiffusion/3/1", "purity/8/2"), num_samples=8, batch_size=8,
                              grid_size=4)
   return config
 
 
+def defaults() -> ml_collections.ConfigDict:
+  """Every section at its defaults; what ``complete`` takes a missing key's value from.
+
+  Keys that every experiment sets (a dataset, a learning rate, a batch) get
+  placeholder values: a config never lacks them.
+  """
+  return ml_collections.ConfigDict({
+      "seed": 0, "data": data("shapes", 32), "mesh": mesh(), "optim": optim(1e-4),
+      "train": train(1, 1), "time_budget": time_budget(), "checkpoint": checkpoint(),
+      "diffusion": diffusion(), "vqvae": vqvae(), "text": text(), "denoiser": denoiser(),
+      "eval": evaluation(samplers=()),
+  })
+
+
+def complete(config: Any) -> ml_collections.ConfigDict:
+  """``config`` (a ConfigDict or a saved config's dict) with every missing key defaulted.
+
+  Sections and keys it has keep their values, also keys unknown here; nested
+  sections are completed key by key.
+
+  Returns:
+    A new, unlocked ConfigDict.
+  """
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  return ml_collections.ConfigDict(_filled(values, defaults().to_dict()))
+
+
+def _filled(values: dict, default: dict) -> dict:
+  out = dict(values)
+  for key, value in default.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _filled(out[key], value)
+  return out
+
+
 def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the config argument (only "runlocal" exists) and locks the config."""
+  """Applies the config argument (only "runlocal" exists), completes and locks the config."""
   if arg == "runlocal":
     config = runlocal(config)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
+  config = complete(config)
   config.lock()
   return config

@@ -1,4 +1,4 @@
-"""The tokenizer's VQGAN train step: loss terms, adaptive weight, delayed GAN."""
+"""The VQ-VAE's VQGAN train step: loss terms, adaptive weight, delayed GAN."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.models import discriminator as disc_lib
 from vqdiffusion_jax.models import quantizer
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
-from vqdiffusion_jax.train import tokenizer_step
+from vqdiffusion_jax.train import vqvae_step
 
 MODEL = VQGANConfig(block_out_channels=(16, 32), layers_per_block=1, latent_channels=8,
                     num_embeddings=32, embed_dim=4, norm_num_groups=4,
@@ -21,7 +21,7 @@ MODEL = VQGANConfig(block_out_channels=(16, 32), layers_per_block=1, latent_chan
 
 
 def _loss_config(disc_weight=0.0, disc_start=0):
-  config = common.tokenizer().loss
+  config = schema.vqvae().loss
   config.update({"perceptual_weight": 0.0, "disc_weight": disc_weight,
                  "disc_start": disc_start, "disc_layers": 2, "disc_channels": 8})
   return config
@@ -34,8 +34,8 @@ def _images(seed=0, batch=4):
 
 
 def _states(loss_config, gen_opt, disc_opt):
-  mesh = mesh_lib.make_mesh(common.mesh().to_dict(), devices=jax.devices()[:1])
-  rules = common.mesh().rules
+  mesh = mesh_lib.make_mesh(schema.mesh().to_dict(), devices=jax.devices()[:1])
+  rules = schema.mesh().rules
   vqgan = VQGAN(MODEL)
   images = _images()
   generator, _ = state_lib.create_state(
@@ -46,14 +46,14 @@ def _states(loss_config, gen_opt, disc_opt):
                                                  num_layers=loss_config.disc_layers)
     disc_state, _ = state_lib.create_state(
         jax.random.key(1), lambda r: discriminator.init(r, images), disc_opt, mesh, rules)
-  return vqgan, discriminator, tokenizer_step.TokenizerState(generator, disc_state)
+  return vqgan, discriminator, vqvae_step.VQVAEState(generator, disc_state)
 
 
 def test_reconstruction_improves_without_a_discriminator():
   loss_config = _loss_config()
   vqgan, _, state = _states(loss_config, optax.adam(3e-3), None)
   assert state.discriminator is None and "vq_stats" in state.generator.extra
-  step = jax.jit(tokenizer_step.make_train_step(vqgan, None, loss_config, optax.adam(3e-3)))
+  step = jax.jit(vqvae_step.make_train_step(vqgan, None, loss_config, optax.adam(3e-3)))
   batch = {"image": _images()}
   state, first = step(state, batch, jax.random.key(2))
   for _ in range(40):
@@ -69,7 +69,7 @@ def test_reconstruction_improves_without_a_discriminator():
 def test_adversarial_term_waits_for_disc_start():
   loss_config = _loss_config(disc_weight=0.8, disc_start=3)
   vqgan, disc, state = _states(loss_config, optax.adam(1e-3), optax.adam(1e-3))
-  step = jax.jit(tokenizer_step.make_train_step(vqgan, disc, loss_config, optax.adam(1e-3),
+  step = jax.jit(vqvae_step.make_train_step(vqgan, disc, loss_config, optax.adam(1e-3),
                                                 optax.adam(1e-3)))
   batch = {"image": _images()}
   before = state.discriminator.params
@@ -86,7 +86,7 @@ def test_adversarial_term_waits_for_disc_start():
 def test_generator_gradient_uses_the_adaptive_weight():
   loss_config = _loss_config(disc_weight=0.8, disc_start=0)
   vqgan, disc, state = _states(loss_config, optax.sgd(1.0), optax.sgd(0.0))
-  step = jax.jit(tokenizer_step.make_train_step(vqgan, disc, loss_config, optax.sgd(1.0),
+  step = jax.jit(vqvae_step.make_train_step(vqgan, disc, loss_config, optax.sgd(1.0),
                                                 optax.sgd(0.0)))
   batch, rng = {"image": _images(3)}, jax.random.key(4)
   new_state, metrics = step(state, batch, rng)
@@ -117,18 +117,18 @@ def test_generator_gradient_uses_the_adaptive_weight():
 
 def test_bad_loss_settings_are_errors():
   with pytest.raises(ValueError, match="needs a discriminator"):
-    tokenizer_step.make_train_step(VQGAN(MODEL), None, _loss_config(disc_weight=1.0),
+    vqvae_step.make_train_step(VQGAN(MODEL), None, _loss_config(disc_weight=1.0),
                                    optax.adam(1e-3))
   config = _loss_config()
   config.rec_loss = "l3"
   vqgan, _, state = _states(config, optax.adam(1e-3), None)
-  step = tokenizer_step.make_train_step(vqgan, None, config, optax.adam(1e-3))
+  step = vqvae_step.make_train_step(vqgan, None, config, optax.adam(1e-3))
   with pytest.raises(ValueError, match="unknown rec_loss 'l3'"):
     step(state, {"image": _images()}, jax.random.key(0))
 
 
 def test_psnr_of_known_error():
   images = jnp.zeros((2, 4, 4, 3))
-  np.testing.assert_allclose(tokenizer_step.psnr(images, images + 0.2),
+  np.testing.assert_allclose(vqvae_step.psnr(images, images + 0.2),
                              10 * np.log10(4 / 0.04), rtol=1e-5)
   assert isinstance(_loss_config(), ml_collections.ConfigDict)
