@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -209,8 +210,9 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   command = [sys.executable, "-m", "vqdiffusion_jax.main", "--config=configs/shapes.py:runlocal",
              f"--workdir={tmp_path}", "--config.train.num_steps=400",
              "--config.train.checkpoint_every=1000"]
+  verbose = command + ["--verbosity=0"]  # the libraries' INFO logs on
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  process = subprocess.Popen(verbose, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while not (tmp_path / "denoiser" / "metrics.jsonl").exists() and time.time() < deadline:
@@ -223,7 +225,12 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   assert saved and 0 < saved[-1] < 400, saved
   assert f"stopped at step {saved[-1]} of 400" in output, output[-2000:]
   assert not (tmp_path / "report").exists()
+  assert re.search(r"^I\d{4} ", output, re.MULTILINE), output[-2000:]
   resumed = subprocess.run(command[:-2] + ["--config.train.num_steps=" + str(saved[-1] + 2)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
+  # By default the console shows the stages' progress and warnings, no INFO logs.
+  assert not re.search(r"^I\d{4} ", resumed.stderr + resumed.stdout, re.MULTILINE)
+  assert re.search(rf"^denoiser \[#+\] {saved[-1] + 2}/{saved[-1] + 2} ", resumed.stderr,
+                   re.MULTILINE), resumed.stderr[-2000:]
   assert _steps(tmp_path / "denoiser")[-1] == saved[-1] + 2

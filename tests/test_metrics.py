@@ -48,3 +48,16 @@ def test_non_finite_metrics_stop_naming_the_step():
   metrics.check_finite(5, {"loss": 1.0, "grad_norm": np.float32(2.0)})
   with pytest.raises(metrics.NonFiniteError, match=r"grad_norm, loss at step 12"):
     metrics.check_finite(12, {"loss": float("nan"), "grad_norm": np.inf, "lr": 1.0})
+
+
+def test_progress_into_a_file_writes_a_line_per_interval_and_the_last():
+  stream = io.StringIO()
+  times = iter([0.0, 1.0, 2.0, 40.0, 41.0])
+  progress = outputs.Progress(10, name="sampling", unit="images", stream=stream,
+                              clock=lambda: next(times), interval=30.0)
+  for done in (1, 2, 3, 4):
+    progress.update(done)
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert [line.split()[2] for line in lines] == ["1/10", "3/10", "4/10"]
+  assert all(line.startswith("sampling [") and "images/s" in line for line in lines)

@@ -317,8 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--inception", default="", help="pytorch-fid Inception weights (FID, QS/DS).")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
   parser.add_argument("--out", default="", help="Output directory (default WORKDIR/eval).")
-  parser.add_argument("--verbosity", type=int, default=None,
-                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings).")
+  outputs.add_verbosity_argument(parser)
   return parser.parse_args(argv)
 
 

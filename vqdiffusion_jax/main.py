@@ -59,8 +59,7 @@ def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  verbosity = flags.FLAGS["verbosity"]
-  outputs.quiet_logging(verbosity.value if verbosity.present else None)
+  outputs.quiet_logging(outputs.absl_verbosity())
   mesh_lib.multihost_initialize(force=_MULTIHOST.value)
   command = " ".join(["python -m vqdiffusion_jax.main", *sys.argv[1:]])
   try:

@@ -12,6 +12,7 @@ nothing here knows about models or trainers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging as py_logging
 import math
@@ -24,7 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 # absl's verbosity for warnings and errors only; 0 is INFO, 1 and up DEBUG.
 WARNINGS_ONLY = -1
@@ -154,3 +155,15 @@ def quiet_logging(verbosity: int | None = None) -> None:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _RoutineFilter) for f in absl_logger.filters):
     absl_logger.addFilter(_RoutineFilter())
+
+
+def absl_verbosity() -> int | None:
+  """absl's ``--verbosity`` when given on the command line, else None (for ``quiet_logging``)."""
+  flag = flags.FLAGS["verbosity"]
+  return flag.value if flag.present else None
+
+
+def add_verbosity_argument(parser: argparse.ArgumentParser) -> None:
+  """``--verbosity`` for an argparse command, read by ``quiet_logging``."""
+  parser.add_argument("--verbosity", type=int, default=None,
+                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings)")

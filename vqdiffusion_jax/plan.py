@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vqdiffusion_jax import build  # noqa: E402
+from vqdiffusion_jax import build, outputs  # noqa: E402
 from vqdiffusion_jax.models import clip_text  # noqa: E402
 from vqdiffusion_jax.models.denoiser import Denoiser  # noqa: E402
 from vqdiffusion_jax.models.text_encoder import SPECIAL_TOKENS  # noqa: E402
@@ -142,6 +142,7 @@ def report(config: Any, num_devices: int, figures: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  outputs.quiet_logging(outputs.absl_verbosity())
   config = flags.FLAGS.config
   devices = flags.FLAGS.devices
   print(report(config, devices, plan(config, devices)))

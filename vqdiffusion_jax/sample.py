@@ -40,8 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=64,
                       help="Images per sampling call; more prompts are sampled in turns.")
   parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
-  parser.add_argument("--verbosity", type=int, default=None,
-                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings).")
+  outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
   for name in ("num", "batch_size"):
     if getattr(args, name) < 1:

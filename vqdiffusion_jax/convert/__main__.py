@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-null-text", action="store_true",
                       help="official .pth trained without learnable_cf (no empty_text_embed)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  parser.add_argument("--verbosity", type=int, default=None,
-                      help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings)")
+  outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   try:
