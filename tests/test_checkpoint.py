@@ -197,6 +197,34 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, failed_reads, h
     assert ckpt.restore(_on_device0(states[2]))[0] == 2
 
 
+def _by_path(tree: Any) -> dict:
+  """Leaves by their path's keys, whatever containers hold them (dataclass, tuple or dict)."""
+  return {ckpt_lib._path_key(jax.tree_util.keystr(path)): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", [None, "foreign_state", "truncate"])
+def test_arrays_restore_without_the_state_type_and_are_verified(tmp_path, failed_reads, how):
+  states = {1: _big_state(1), 2: _big_state(2)}
+  with ckpt_lib.Checkpointer.for_workdir(tmp_path, keep=3) as ckpt:
+    for step, state in states.items():
+      _save(ckpt, step, state)
+    if how:
+      _corrupt(ckpt.step_path(2), how)
+  with ckpt_lib.Checkpointer.for_workdir(tmp_path, read_only=True) as reader:
+    step, arrays, data_state = reader.restore_arrays()
+  want = 1 if how else 2
+  assert step == want and data_state["position"] == 8 * want
+  assert isinstance(arrays, dict) and isinstance(arrays["opt_state"][0], dict)
+  got, expected = _by_path(arrays), _by_path(states[want])
+  assert sorted(got) == sorted(expected)
+  for path, leaf in expected.items():
+    assert got[path].dtype == leaf.dtype, path
+    np.testing.assert_array_equal(got[path], leaf, err_msg=str(path))
+  assert all(list(x.devices())[0].platform == "cpu" for x in jax.tree.leaves(arrays))
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_all_corrupt_is_an_error_naming_what_was_tried(tmp_path, failed_reads):
   state = _big_state(1)

@@ -65,7 +65,7 @@ class Denoiser:
 
   @property
   def conditioning(self) -> str:
-    """"text", "class" or "none"."""
+    """How the network is conditioned: "text", "class" or "none"."""
     return "text" if self.resizable else self.network.config.conditioning
 
   @property
