@@ -74,8 +74,7 @@ def vqvae_module(config: Any, *, training: bool = False) -> VQGAN:
 
 def latent_grid(config: Any) -> tuple[int, int]:
   """The token grid of the configured VQ-VAE at ``data.image_size``."""
-  side = int(config.data.image_size) // vqvae_module(config).config.downsampling_factor
-  return side, side
+  return VQVAE(vqvae_module(config), {}, int(config.data.image_size)).grid
 
 
 def denoiser_matmul_dtype(config: Any) -> str:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqdiffusion_jax.models import transformer
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.paella import PaellaPredictor
 
@@ -86,18 +87,15 @@ class Denoiser:
       rng: the init key.
       grid: the token grid; default the transformer's own (required for Paella).
     """
-    t = jnp.zeros((1,), jnp.int32)
     if self.resizable:
       length, width = self.condition_shape()
-      return self.network.init(rng, jnp.zeros((1, *grid), jnp.int32), t,
+      return self.network.init(rng, jnp.zeros((1, *grid), jnp.int32), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, length, width)))
     config = self.network.config
-    tokens = jnp.zeros((1, config.num_tokens), jnp.int32)
+    tokens, t, condition = transformer.dummy_inputs(config)
     if self.trains_text_encoder:
       ids = jnp.zeros((1, config.condition_length), jnp.int32)
       return self.network.init(rng, tokens, t, ids, method="from_ids")
-    condition = {"text": jnp.zeros((1, config.condition_length, config.condition_dim)),
-                 "class": jnp.zeros((1,), jnp.int32), "none": None}[config.conditioning]
     return self.network.init(rng, tokens, t, condition)
 
   def with_network_params(self, params: Any, network_params: Any) -> Any:
