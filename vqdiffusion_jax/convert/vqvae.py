@@ -19,6 +19,12 @@ Two source layouts map onto the same Flax tree (``vqdiffusion_jax.models.vqgan``
 The loaded module uses the plain quantizer (codebook in ``params``), so ``{"params":
 params}`` is all it needs; ``quantizer.ema_stats_from_codebook`` starts EMA training from it.
 Every conversion goes through ``common.assemble`` against the module's ``eval_shape`` tree.
+
+``load_official_codec`` reads microsoft/VQ-Diffusion's image codecs: a taming checkpoint
+(plain, inside a Net2NetTransformer under ``first_stage_model.``, or inside an official
+model ``.pth`` under ``content_codec.``), its YAML config (``VQModel`` or ``GumbelVQ``,
+whose quantizer is a ``quantize.proj`` 1x1 conv to K logits plus a ``quantize.embed``
+table) and the official token remap file; the remap travels in ``params["remap"]``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from vqdiffusion_jax.convert import common
 from vqdiffusion_jax.convert.common import ConversionError
@@ -139,38 +147,82 @@ def config_from_diffusers(config: Mapping[str, Any]) -> VQGANConfig:
 
 
 def from_taming(state_dict: Mapping[str, Any], config: VQGANConfig, *,
-                dtype: Any = jnp.float32) -> tuple[VQGAN, dict[str, Any]]:
+                full_to_compact: np.ndarray | None = None, dtype: Any = jnp.float32,
+                what: str = "taming VQGAN checkpoint") -> tuple[VQGAN, dict[str, Any]]:
   """Converts a taming-transformers / VQ-Diffusion PatchVQGAN state dict.
 
   Args:
     state_dict: tensors or arrays by taming key (a Lightning checkpoint's ``state_dict``,
       or the dict holding it under ``"state_dict"`` / ``"model"``).
     config: the sizes (``config_from_taming`` builds them from a taming ``ddconfig``); the
-      module gets the plain quantizer whatever ``config.ema`` says.
+      module gets the plain quantizer whatever ``config.ema`` says, or the Gumbel one
+      (keys ``quantize.proj.*``, ``quantize.embed.weight``) when ``config.gumbel``.
+    full_to_compact: with ``config.used_codes > 0``, the code remap (K,) integer array
+      (``read_code_remap``); stored in ``params["remap"]``.
     dtype: compute dtype of the returned module.
+    what: the checkpoint's name in error messages.
 
   Returns:
     ``(module, params)`` as ``load_diffusers_vqvae``.
 
   Raises:
-    ConversionError: missing, unused or mis-shaped keys.
+    ConversionError: missing, unused or mis-shaped keys; a remap missing or not fitting.
   """
   for wrapper in ("state_dict", "model"):
     if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
       state_dict = state_dict[wrapper]
   source = common.to_numpy(state_dict)
   module = VQGAN(dataclasses.replace(config, ema=False), dtype=dtype)
-  abstract = _abstract_params(module)
-  codebook_key = ("quantize.embedding.weight" if "quantize.embedding.weight" in source
+  abstract = {k: v for k, v in _abstract_params(module).items() if k != "remap"}
+  codebook_key = ("quantize.embed.weight" if config.gumbel
+                  else "quantize.embedding.weight" if "quantize.embedding.weight" in source
                   else "quantize.embedding")
-  rules = _rules(abstract, lambda path, ndim: _taming_key(path, ndim, config, codebook_key))
-  params = common.assemble(abstract, rules, source, what="taming VQGAN checkpoint",
-                           ignore=_ignored_taming_key)
+  params = common.assemble(abstract, taming_rules(abstract, config, codebook_key), source,
+                           what=what, ignore=_ignored_taming_key)
+  if (full_to_compact is None) != (not config.used_codes):
+    raise ConversionError(f"{what}: config.used_codes={config.used_codes} needs a code remap "
+                          "exactly when it is > 0")
+  if full_to_compact is not None:
+    params["remap"] = _remap_params(full_to_compact, config, what)
   return module, params
 
 
+def _remap_params(full_to_compact: np.ndarray, config: VQGANConfig,
+                  what: str) -> dict[str, np.ndarray]:
+  full_to_compact = np.asarray(full_to_compact)
+  compact_to_full = compact_to_full_table(full_to_compact)
+  if full_to_compact.shape != (config.num_embeddings,) or (
+      compact_to_full.size != config.used_codes):
+    raise ConversionError(f"{what}: a code remap of shape {full_to_compact.shape} onto "
+                          f"{compact_to_full.size} codes does not fit num_embeddings="
+                          f"{config.num_embeddings}, used_codes={config.used_codes}")
+  return {"full_to_compact": full_to_compact.astype(np.int32),
+          "compact_to_full": compact_to_full}
+
+
+def compact_to_full_table(full_to_compact: np.ndarray) -> np.ndarray:
+  """For each compact index, the first full code index that maps onto it.
+
+  Args:
+    full_to_compact: integer array (K,) whose values cover ``0..max`` without a gap.
+
+  Returns:
+    int32 array (max + 1,), as the official codecs build ``quantize_to_full``.
+
+  Raises:
+    ConversionError: negative values or a compact index that nothing maps onto.
+  """
+  values, first = np.unique(np.asarray(full_to_compact), return_index=True)
+  missing = sorted(set(range(int(values[-1]) + 1)) - set(values.tolist())) if values.size else []
+  if values.size == 0 or values[0] < 0 or missing:
+    raise ConversionError(f"a code remap must map onto 0..max without a gap; it has values "
+                          f"from {values[:1].tolist()} and misses {missing[:8]}")
+  return first.astype(np.int32)
+
+
 def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: int,
-                       norm_num_groups: int = 32) -> VQGANConfig:
+                       norm_num_groups: int = 32, gumbel: bool = False,
+                       used_codes: int = 0) -> VQGANConfig:
   """``VQGANConfig`` from a taming ``ddconfig`` (or VQ-Diffusion encoder params).
 
   Args:
@@ -179,16 +231,23 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
     n_embed: codebook size.
     embed_dim: codebook vector width.
     norm_num_groups: taming hard-codes 32.
+    gumbel: a ``GumbelVQ`` (Gumbel quantizer) rather than a ``VQModel``.
+    used_codes: the compact vocabulary size of a code remap (0: none).
 
   Raises:
     ConversionError: for options the architecture does not have (``double_z``,
-      ``scale_by_2``, resampling without conv, non-zero dropout, ``tanh_out``, ...).
+      ``scale_by_2``, resampling without conv, non-zero dropout, ``tanh_out``, ...), and
+      for a Gumbel model whose ``z_channels`` differs from ``embed_dim`` (taming's ``proj``
+      reads ``z_channels`` from the ``embed_dim``-wide ``quant_conv`` output).
   """
   unsupported = {"double_z": False, "scale_by_2": None, "resamp_with_conv": True,
                  "dropout": 0.0, "give_pre_end": False, "tanh_out": False,
                  "activate_output": False}
   problems = [f"{key}={ddconfig[key]!r}" for key, fine in unsupported.items()
               if key in ddconfig and ddconfig[key] != fine]
+  if gumbel and int(ddconfig["z_channels"]) != int(embed_dim):
+    problems.append(f"a Gumbel quantizer with z_channels={ddconfig['z_channels']} != "
+                    f"embed_dim={embed_dim}")
   if problems:
     raise ConversionError("unsupported taming VQGAN options: " + ", ".join(problems))
   resolution = ddconfig["resolution"]
@@ -205,7 +264,190 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
       latent_channels=int(ddconfig["z_channels"]),
       num_embeddings=int(n_embed), embed_dim=int(embed_dim), norm_num_groups=norm_num_groups,
       encoder_attention_levels=attention_levels, decoder_attention_levels=attention_levels,
-      mid_block_attention=True, ema=False)
+      mid_block_attention=True, ema=False, gumbel=gumbel, used_codes=int(used_codes))
+
+
+def load_official_codec(checkpoint: str | os.PathLike, config_yaml: str | os.PathLike,
+                        remap: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
+                        allow_pickle: bool = False) -> tuple[VQGAN, dict[str, Any]]:
+  """Loads an image codec of microsoft/VQ-Diffusion (its taming VQGAN and token remap).
+
+  The official ``TamingGumbelVQVAE`` (COCO, CUB-200, Conceptual Captions: GumbelVQ f8,
+  8,192 codes, remap ``taming_vqvae_2887.pt``), ``TamingVQVAE`` (ImageNet: VQModel f16,
+  16,384 codes, remap ``taming_vqvae_974.pt``) and ``TamingFFHQVQVAE`` (FFHQ: the
+  ``first_stage_model`` of a taming Net2NetTransformer, 1,024 codes, no remap). The
+  returned module's ``encode`` takes images in [-1, 1] (the official maps its [0, 1]
+  input by ``2x - 1``) and gives remapped tokens; ``decode`` takes them and returns
+  unclamped images (the official clamps to [-1, 1]). A GumbelVQ's tokens are the most
+  likely codes, where the official samples them with Gumbel noise.
+
+  Args:
+    checkpoint: a PyTorch file holding the codec: a taming Lightning checkpoint
+      (``{"state_dict": ...}``, ``loss.*`` keys ignored), a Net2NetTransformer one (keys
+      under ``first_stage_model.``), or an official VQ-Diffusion model ``.pth``
+      (``{"model": ...}`` with ``content_codec.enc.*`` / ``content_codec.dec.*``).
+    config_yaml: the taming config (``model.target`` a ``GumbelVQ``, ``VQModel`` or
+      ``Net2NetTransformer``; ``ddconfig``, ``n_embed``, ``embed_dim`` under its params).
+    remap: the official ``full_to_quantize`` file (``torch.save`` of K integers), or None.
+    dtype: compute dtype of the module (parameters stay float32).
+    allow_pickle: unpickle Python objects besides tensors in ``checkpoint`` (trusted files).
+
+  Returns:
+    ``(module, params)``: a ``VQGAN`` and its parameters (``{"params": params}`` are its
+    variables); with a remap, ``params["remap"]`` holds the int32 tables.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ConversionError: naming the file: an unknown config, a checkpoint without the codec,
+      a code count other than ``n_embed``, a remap that does not fit, key mismatches.
+  """
+  checkpoint, config_yaml = os.fspath(checkpoint), os.fspath(config_yaml)
+  ddconfig, n_embed, embed_dim, gumbel = read_taming_config(config_yaml)
+  full_to_compact = None if remap is None else read_code_remap(remap, n_embed)
+  state = codec_state_dict(_torch_load(checkpoint, allow_pickle), checkpoint)
+  table = "quantize.embed.weight" if gumbel else "quantize.embedding.weight"
+  if table in state and np.shape(state[table])[0] != n_embed:
+    raise ConversionError(f"{checkpoint}: {table} holds {np.shape(state[table])[0]} codes but "
+                          f"{config_yaml} says n_embed={n_embed}")
+  used = 0 if full_to_compact is None else int(full_to_compact.max()) + 1
+  config = config_from_taming(ddconfig, n_embed=n_embed, embed_dim=embed_dim, gumbel=gumbel,
+                              used_codes=used)
+  return from_taming(state, config, full_to_compact=full_to_compact, dtype=dtype,
+                     what=f"codec checkpoint {checkpoint}")
+
+
+def read_taming_config(path: str | os.PathLike) -> tuple[dict[str, Any], int, int, bool]:
+  """``(ddconfig, n_embed, embed_dim, gumbel)`` of a taming model config YAML.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: naming the file, when ``model.target`` is not a ``VQModel``,
+      ``GumbelVQ`` or ``Net2NetTransformer`` (whose ``first_stage_config`` is read), or a
+      field is missing.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"codec config not found: {path}")
+  with open(path) as f:
+    model = (yaml.safe_load(f) or {}).get("model", {})
+  if str(model.get("target", "")).endswith(".Net2NetTransformer"):
+    model = model.get("params", {}).get("first_stage_config", {})
+  target = str(model.get("target", ""))
+  kind = target.rpartition(".")[2]
+  if kind not in ("VQModel", "GumbelVQ"):
+    raise ConversionError(f"{path}: model.target {target!r} is not a taming VQModel, GumbelVQ "
+                          "or Net2NetTransformer")
+  params = model.get("params", {})
+  missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
+  if missing:
+    raise ConversionError(f"{path}: the {kind} params lack {missing}")
+  return (dict(params["ddconfig"]), int(params["n_embed"]), int(params["embed_dim"]),
+          kind == "GumbelVQ")
+
+
+def read_code_remap(path: str | os.PathLike, num_embeddings: int) -> np.ndarray:
+  """The official ``full_to_quantize`` remap file: K code indices -> compact indices.
+
+  Args:
+    path: a ``torch.save``d 1-D integer tensor (``help_folder/statistics/*.pt``).
+    num_embeddings: the codec's K.
+
+  Returns:
+    int32 array (K,) whose values cover ``0..K'-1``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: naming the file: not a 1-D integer tensor of K entries, or values
+      that leave a compact index unused.
+  """
+  import torch  # optional: the [torch] extra
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"code remap file not found: {path}")
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  table = loaded.numpy() if isinstance(loaded, torch.Tensor) else np.asarray(loaded)
+  if table.ndim != 1 or not np.issubdtype(table.dtype, np.integer):
+    raise ConversionError(f"code remap {path}: expected a 1-D integer tensor, got "
+                          f"{table.dtype} {table.shape}")
+  if table.shape[0] != num_embeddings:
+    raise ConversionError(f"code remap {path} has {table.shape[0]} entries but the codec has "
+                          f"n_embed={num_embeddings} codes")
+  try:
+    compact_to_full_table(table)
+  except ConversionError as error:
+    raise ConversionError(f"code remap {path}: {error}") from None
+  return table.astype(np.int32)
+
+
+_DALLE_CODEC_PREFIXES = {"content_codec.enc.encoder.": "encoder.",
+                         "content_codec.enc.quant_conv.": "quant_conv.",
+                         "content_codec.enc.quantize.": "quantize.",
+                         "content_codec.dec.decoder.": "decoder.",
+                         "content_codec.dec.post_quant_conv.": "post_quant_conv."}
+_DALLE_SHARED_QUANTIZER = "content_codec.dec.quantize."
+
+
+def codec_state_dict(loaded: Mapping[str, Any], where: str) -> dict[str, Any]:
+  """The taming ``VQModel`` keys of the codec inside a loaded checkpoint.
+
+  Args:
+    loaded: what ``torch.load`` returned: a state dict, or one under ``"state_dict"``
+      (Lightning) or ``"model"`` (VQ-Diffusion). Keys under ``first_stage_model.`` (a
+      Net2NetTransformer) or ``content_codec.`` (a VQ-Diffusion model, whose decoder
+      shares the encoder's quantizer) are taken and renamed; everything else is left out.
+    where: the file, for error messages.
+
+  Raises:
+    ConversionError: no codec keys, or the decoder's quantizer differs from the encoder's.
+  """
+  for wrapper in ("state_dict", "model"):
+    if isinstance(loaded.get(wrapper), Mapping):
+      loaded = loaded[wrapper]
+      break
+  if any(key.startswith("content_codec.") for key in loaded):
+    state = _from_dalle(loaded, where)
+  elif any(key.startswith("first_stage_model.") for key in loaded):
+    prefix = "first_stage_model."
+    state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+  else:
+    state = dict(loaded)
+  if not any(key.startswith("encoder.") for key in state):
+    raise ConversionError(f"{where} holds no image codec: expected taming keys such as "
+                          "encoder.conv_in.weight, under first_stage_model. or as "
+                          "content_codec.enc.encoder.*")
+  return state
+
+
+def _from_dalle(loaded: Mapping[str, Any], where: str) -> dict[str, Any]:
+  state = {}
+  for key, value in loaded.items():
+    if not key.startswith("content_codec.") or key.startswith(_DALLE_SHARED_QUANTIZER):
+      continue
+    prefix = next((p for p in _DALLE_CODEC_PREFIXES if key.startswith(p)), None)
+    state[key if prefix is None else _DALLE_CODEC_PREFIXES[prefix] + key[len(prefix):]] = value
+  for key, value in loaded.items():
+    if key.startswith(_DALLE_SHARED_QUANTIZER):
+      twin = "quantize." + key[len(_DALLE_SHARED_QUANTIZER):]
+      if twin not in state or not np.array_equal(common.to_numpy({key: value})[key],
+                                                 common.to_numpy({twin: state[twin]})[twin]):
+        raise ConversionError(f"{where}: {key} differs from the encoder's quantizer "
+                              "(the official codec shares one)")
+  return state
+
+
+def _torch_load(path: str, allow_pickle: bool) -> Mapping[str, Any]:
+  import torch  # optional: the [torch] extra
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"codec checkpoint not found: {path}")
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  except pickle.UnpicklingError as error:
+    raise ConversionError(
+        f"{path} holds Python objects besides tensors; if you trust the file, load it with "
+        "allow_pickle=True") from error
+  if not isinstance(loaded, Mapping):
+    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+  return loaded
 
 
 def _abstract_params(module: VQGAN):
@@ -242,6 +484,27 @@ def _diffusers_key(path: tuple[str, ...], ndim: int) -> common.Rule:
     parts.append(rename.get(part, part))
   leaf, transform = _leaf(path[-1], ndim, common.linear)
   return ".".join([*parts, leaf]), transform
+
+
+def taming_rules(abstract_params, config: VQGANConfig,
+                 codebook_key: str = "quantize.embedding.weight"
+                 ) -> dict[tuple[str, ...], common.Rule]:
+  """The taming key and layout change of every parameter of ``abstract_params``.
+
+  Args:
+    abstract_params: our module's parameter tree (shapes suffice), without ``remap``.
+    config: its config.
+    codebook_key: where a nearest-code codebook sits (``quantize.embedding.weight``, or
+      VQ-Diffusion's EMA buffer ``quantize.embedding``); a Gumbel model's table is
+      ``quantize.embed.weight`` whatever this says.
+
+  Returns:
+    ``{param path: (taming key, transform)}`` for ``common.assemble``.
+  """
+  if config.gumbel:
+    codebook_key = "quantize.embed.weight"
+  return _rules(abstract_params, lambda path, ndim: _taming_key(path, ndim, config,
+                                                                codebook_key))
 
 
 def _taming_key(path: tuple[str, ...], ndim: int, config: VQGANConfig,

@@ -34,6 +34,10 @@ The codebook is learned in one of two ways, chosen by ``VectorQuantizer.ema``:
 Distances, statistics and the returned losses are float32 whatever the compute dtype. Under
 ``jit`` with a batch-sharded input the EMA counts and sums are over the global batch, so
 every replica applies the same update (the official code all-reduces them by hand).
+
+Two pieces serve converted codecs: ``GumbelQuantizer`` (taming's GumbelVQ at inference:
+logits over the codes, the most likely one) and ``CodeRemap`` (tokens over a compact
+vocabulary of the codes a codec actually uses).
 """
 
 from __future__ import annotations
@@ -270,3 +274,96 @@ class VectorQuantizer(nn.Module):
     if z.shape[-1] != self.embed_dim:
       raise ValueError(f"VectorQuantizer expects vectors of width embed_dim={self.embed_dim} "
                        f"on the last axis, got shape {z.shape}")
+
+
+class GumbelQuantizer(nn.Module):
+  """taming's Gumbel quantizer at inference: logits over K codes, the most likely code's entry.
+
+  A Dense layer (taming's 1x1 ``proj`` convolution) maps each vector (..., D) to K logits;
+  the token is their argmax and its vector the row of a separate ``codebook`` (K, D)
+  (taming's ``embed``). taming's own forward draws Gumbel noise before the argmax even in
+  eval mode, so its tokens are a sample; ours are the mode, deterministic. No training
+  objective: ``__call__`` returns a zero loss and no gradient reaches ``proj``.
+
+  Attributes:
+    num_embeddings: codebook size K.
+    embed_dim: vector width D (input and codebook).
+    dtype: dtype of the looked-up vectors; logits are float32.
+  """
+  num_embeddings: int
+  embed_dim: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.proj = nn.Dense(
+        self.num_embeddings, dtype=jnp.float32, param_dtype=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 (axes.CODE_DIM, axes.VOCAB)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.VOCAB,)))
+    self.codebook_param = self.param(
+        "codebook", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                 (axes.VOCAB, axes.CODE_DIM)),
+        (self.num_embeddings, self.embed_dim), jnp.float32)
+
+  def codebook(self) -> Array:
+    """The (K, D) float32 table of code vectors."""
+    return self.codebook_param
+
+  def logits(self, z: Array) -> Array:
+    """float32 logits (..., K) of vectors ``z`` (..., D)."""
+    if z.shape[-1] != self.embed_dim:
+      raise ValueError(f"GumbelQuantizer expects vectors of width embed_dim={self.embed_dim} "
+                       f"on the last axis, got shape {z.shape}")
+    return self.proj(z.astype(jnp.float32))
+
+  def tokens(self, z: Array) -> Array:
+    """The most likely code of every vector of ``z`` (..., D), int32 (...)."""
+    return jnp.argmax(self.logits(z), axis=-1).astype(jnp.int32)
+
+  def lookup(self, tokens: Array) -> Array:
+    """Code vectors of int ``tokens`` (...) as (..., D) in ``dtype``."""
+    return jnp.take(self.codebook(), tokens, axis=0).astype(self.dtype)
+
+  def __call__(self, z: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
+    """``(lookup(tokens(z)), aux)`` with the aux keys of ``VectorQuantizer`` (zero losses)."""
+    del train  # Nothing to update.
+    tokens = self.tokens(z)
+    zero = jnp.zeros((), jnp.float32)
+    aux = {"loss": zero, "commitment_loss": zero, "tokens": tokens,
+           **codebook_statistics(tokens, self.num_embeddings)}
+    return self.lookup(tokens), aux
+
+
+class CodeRemap(nn.Module):
+  """Tokens over the K codes <-> a compact vocabulary of the codes a codec uses.
+
+  VQ-Diffusion's official codecs keep only the codes seen on their training images (e.g.
+  2,887 of taming's 8,192): ``full_to_compact`` (K,) sends every code to a compact index
+  (unused codes to one of a used code), ``compact_to_full`` (K',) sends a compact index back
+  to the first code that maps onto it. Both are int32 entries of ``params`` (never trained),
+  so they travel with the weights.
+
+  Attributes:
+    num_embeddings: K.
+    used_codes: K', the compact vocabulary size.
+  """
+  num_embeddings: int
+  used_codes: int
+
+  def setup(self):
+    table = lambda fn: nn.with_logical_partitioning(fn, (None,))
+    self.full_to_compact = self.param(
+        "full_to_compact", table(lambda _, shape, dtype: jnp.arange(shape[0], dtype=dtype)
+                                 % self.used_codes), (self.num_embeddings,), jnp.int32)
+    self.compact_to_full = self.param(
+        "compact_to_full", table(lambda _, shape, dtype: jnp.arange(shape[0], dtype=dtype)),
+        (self.used_codes,), jnp.int32)
+
+  def to_compact(self, tokens: Array) -> Array:
+    """Full code indices -> compact token indices, int32, same shape."""
+    return jnp.take(self.full_to_compact, tokens, axis=0).astype(jnp.int32)
+
+  def to_full(self, tokens: Array) -> Array:
+    """Compact token indices -> full code indices, int32, same shape."""
+    return jnp.take(self.compact_to_full, tokens, axis=0).astype(jnp.int32)

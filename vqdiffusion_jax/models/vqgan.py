@@ -18,6 +18,10 @@ only the bottom and right by one (taming's asymmetric padding). Every GroupNorm 
 Images are NHWC in [-1, 1]; tokens are int32 ``(B, H / f, W / f)`` with ``f =
 2 ** (levels - 1)``. Parameters are float32; ``dtype`` is the compute dtype, while GroupNorm
 statistics, attention softmax, quantizer distances and the output images are float32.
+
+Converted official codecs may quantize with taming's Gumbel quantizer (``gumbel``) and speak
+a compact token vocabulary of the codes they use (``used_codes``); both are off by default
+(``models/quantizer.py`` describes them).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vqdiffusion_jax.models import axes, precision
-from vqdiffusion_jax.models.quantizer import VectorQuantizer
+from vqdiffusion_jax.models.quantizer import CodeRemap, GumbelQuantizer, VectorQuantizer
 
 Array = jax.Array
 
@@ -69,6 +73,12 @@ class VQGANConfig:
       residual convolutions over the token grid and writes each p x p patch
       back (depth to space). Far cheaper per image than the convolutional
       model, so it trains in minutes on a CPU (the embedded default uses it).
+    gumbel: taming's Gumbel quantizer (``quantizer.GumbelQuantizer``: logits over the
+      codes, the most likely one) instead of the nearest code; inference only, needs
+      ``ema=False``.
+    used_codes: K' > 0 gives the model a compact token vocabulary of K' entries
+      (``quantizer.CodeRemap``, stored in ``params["remap"]``): ``encode`` returns compact
+      tokens and ``decode`` takes them. 0: tokens index the K codes directly.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -89,6 +99,8 @@ class VQGANConfig:
   dead_code_threshold: float = 1.0
   legacy: bool = True
   patch_size: int = 0
+  gumbel: bool = False
+  used_codes: int = 0
 
   def __post_init__(self):
     if not self.block_out_channels:
@@ -106,11 +118,22 @@ class VQGANConfig:
                          f"0..{len(self.block_out_channels) - 1}")
     if self.layers_per_block < 1:
       raise ValueError(f"VQGANConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
+    if not 0 <= self.used_codes <= self.num_embeddings:
+      raise ValueError(f"VQGANConfig.used_codes must be in 0..num_embeddings="
+                       f"{self.num_embeddings}, got {self.used_codes}")
+    if self.gumbel and self.ema:
+      raise ValueError("VQGANConfig.gumbel needs ema=False: the Gumbel quantizer's codebook is "
+                       "a parameter")
 
   @property
   def downsampling_factor(self) -> int:
     """Image size / token grid size."""
     return self.patch_size or 2 ** (len(self.block_out_channels) - 1)
+
+  @property
+  def vocabulary_size(self) -> int:
+    """How many distinct tokens ``encode`` returns and ``decode`` takes."""
+    return self.used_codes or self.num_embeddings
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Any, stride: int = 1,
@@ -398,10 +421,15 @@ class VQGAN(nn.Module):
     else:
       self.encoder, self.decoder = Encoder(cfg, self.dtype), Decoder(cfg, self.dtype)
     self.quant_conv = _conv(cfg.embed_dim, 1, "quant_conv", self.dtype, matmul_dtype=mm)
-    self.quantize = VectorQuantizer(
-        cfg.num_embeddings, cfg.embed_dim, beta=cfg.beta, ema=cfg.ema, decay=cfg.ema_decay,
-        eps=cfg.ema_eps, dead_code_threshold=cfg.dead_code_threshold, legacy=cfg.legacy,
-        dtype=self.dtype)
+    if cfg.gumbel:
+      self.quantize = GumbelQuantizer(cfg.num_embeddings, cfg.embed_dim, dtype=self.dtype)
+    else:
+      self.quantize = VectorQuantizer(
+          cfg.num_embeddings, cfg.embed_dim, beta=cfg.beta, ema=cfg.ema, decay=cfg.ema_decay,
+          eps=cfg.ema_eps, dead_code_threshold=cfg.dead_code_threshold, legacy=cfg.legacy,
+          dtype=self.dtype)
+    if cfg.used_codes:
+      self.remap = CodeRemap(cfg.num_embeddings, cfg.used_codes)
     self.post_quant_conv = _conv(cfg.latent_channels, 1, "post_quant_conv", self.dtype,
                                  matmul_dtype=mm)
 
@@ -415,8 +443,8 @@ class VQGAN(nn.Module):
     return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
   def encode(self, images: Array) -> Array:
-    """Images (B, H, W, C) in [-1, 1] -> int32 tokens (B, H/f, W/f)."""
-    return self.quantize.tokens(self.encode_latents(images))
+    """Images (B, H, W, C) in [-1, 1] -> int32 tokens (B, H/f, W/f), compact when remapped."""
+    return self._to_tokens(self.quantize.tokens(self.encode_latents(images)))
 
   def decode_latents(self, quantized: Array) -> Array:
     """Codebook-space vectors (B, h, w, embed_dim) -> images (B, h*f, w*f, C), float32."""
@@ -427,7 +455,8 @@ class VQGAN(nn.Module):
     if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"VQGAN.decode expects integer tokens of shape (batch, height, width), "
                        f"got {tokens.dtype} {tokens.shape}")
-    return self.decode_latents(self.quantize.lookup(tokens))
+    codes = self.remap.to_full(tokens) if self.config.used_codes else tokens
+    return self.decode_latents(self.quantize.lookup(codes))
 
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
     """Reconstructs images through the quantizer.
@@ -439,10 +468,13 @@ class VQGAN(nn.Module):
     Returns:
       ``(reconstruction, aux)``: float32 images shaped like ``images`` (with
       ``out_channels``) and the quantizer's aux dict (``loss``, ``commitment_loss``,
-      ``tokens``, ``perplexity``, ``usage``).
+      ``tokens`` as ``encode`` returns them, ``perplexity`` and ``usage`` over the K codes).
     """
     quantized, aux = self.quantize(self.encode_latents(images), train=train)
-    return self.decode_latents(quantized), aux
+    return self.decode_latents(quantized), {**aux, "tokens": self._to_tokens(aux["tokens"])}
+
+  def _to_tokens(self, codes: Array) -> Array:
+    return self.remap.to_compact(codes) if self.config.used_codes else codes
 
   def _check_images(self, images: Array) -> None:
     cfg = self.config
