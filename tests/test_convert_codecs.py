@@ -249,7 +249,9 @@ def test_unknown_configs_and_missing_files_are_named(gumbel, tmp_path):
 
 
 def test_converted_directory_keeps_the_remap(gumbel, tmp_path):
-  module, params = gumbel["module"], gumbel["params"]
+  module, params = checkpoints.load_vqvae(gumbel["checkpoint"], config_yaml=gumbel["config"],
+                                          remap=gumbel["remap"])
+  jax.tree.map(np.testing.assert_array_equal, params, gumbel["params"])
   config = json.loads(json.dumps(dataclasses.asdict(module.config)))
   converted.save(tmp_path / "codec", {"vqvae": (config, params)}, source="test")
   loaded, restored = checkpoints.load_vqvae(tmp_path / "codec")
@@ -259,6 +261,8 @@ def test_converted_directory_keeps_the_remap(gumbel, tmp_path):
   images = _ours(_images(4))
   np.testing.assert_array_equal(_jitted(loaded)[0](restored, images),
                                 gumbel["functions"][0](params, images))
+  with pytest.raises(ValueError, match=r"last\.pth.*config YAML"):
+    checkpoints.load_vqvae(gumbel["checkpoint"])
 
 
 # The real configs (OUTPUT/pretrained_model/taming_dvae/*.yaml): COCO / CUB / CC and ImageNet.

@@ -9,7 +9,9 @@ Sources, recognised by what the path holds:
   ``learned_classifier_free_sampling_embeddings/`` subdirectories);
 * a diffusers ``Transformer2DModel`` directory (denoiser only);
 * an official microsoft/VQ-Diffusion ``.pth`` file (denoiser only; its sizes
-  are not stored in it, so a preset or config must be given).
+  are not stored in it, so a preset or config must be given);
+* for the VQ-VAE alone (``load_vqvae``), an official image codec's PyTorch file
+  with its taming config YAML and token remap (``vqvae.load_official_codec``).
 """
 
 from __future__ import annotations
@@ -129,9 +131,30 @@ def load_denoiser(path: str | os.PathLike, *, preset: str | None = None,
   return transformer.VQDiffusionTransformer(cfg), params
 
 
-def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32):
-  """The VQ-VAE from our converted directory or a diffusers pipeline / VQModel dir."""
+def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32,
+               config_yaml: str | os.PathLike | None = None,
+               remap: str | os.PathLike | None = None, allow_pickle: bool = False):
+  """The VQ-VAE module and params from any supported source.
+
+  Args:
+    path: our converted directory, a diffusers pipeline or VQModel directory, or an
+      official image codec's PyTorch file (taming / Net2NetTransformer checkpoint, or an
+      official VQ-Diffusion model ``.pth`` holding ``content_codec.*``).
+    dtype: compute dtype of the module.
+    config_yaml: for a PyTorch file: its taming config (``vqvae.load_official_codec``).
+    remap: for a PyTorch file: the official token remap file, if the codec has one.
+    allow_pickle: for a PyTorch file holding Python objects: unpickle them (trusted files).
+
+  Returns:
+    ``(module, params)``: a ``VQGAN`` and its params (a remapped codec's tables included).
+  """
   path = os.fspath(path)
+  if os.path.isfile(path):
+    if config_yaml is None:
+      raise ValueError(f"{path}: an official codec checkpoint needs its taming config YAML "
+                       "(config_yaml)")
+    return vqvae.load_official_codec(path, config_yaml, remap, dtype=dtype,
+                                     allow_pickle=allow_pickle)
   if converted.is_converted(path):
     stored = converted.read_config(path)["components"]
     if "vqvae" not in stored:

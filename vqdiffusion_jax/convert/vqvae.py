@@ -16,7 +16,7 @@ Two source layouts map onto the same Flax tree (``vqdiffusion_jax.models.vqgan``
   (taming) or the EMA buffer ``quantize.embedding`` (VQ-Diffusion). Loss / discriminator
   keys (``loss.*``) and the EMA statistics buffers are ignored on purpose.
 
-The loaded module uses the plain quantizer (codebook in ``params``), so ``{"params":
+The loaded module uses the plain (or Gumbel) quantizer (codebook in ``params``), so ``{"params":
 params}`` is all it needs; ``quantizer.ema_stats_from_codebook`` starts EMA training from it.
 Every conversion goes through ``common.assemble`` against the module's ``eval_shape`` tree.
 

@@ -451,7 +451,7 @@ class VQGAN(nn.Module):
     return self.decoder(self.post_quant_conv(quantized.astype(self.dtype)))
 
   def decode(self, tokens: Array) -> Array:
-    """Int tokens (B, h, w) -> images (B, h*f, w*f, out_channels), float32."""
+    """Int tokens (B, h, w), compact when remapped -> images (B, h*f, w*f, C), float32."""
     if tokens.ndim != 3 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"VQGAN.decode expects integer tokens of shape (batch, height, width), "
                        f"got {tokens.dtype} {tokens.shape}")
