@@ -15,9 +15,8 @@ denoiser checkpoints, the caption vocabulary of a trained text encoder) or a
 converted directory (``python -m vqdiffusion_jax.convert``: denoiser,
 VQ-VAE and, for a text model, CLIP text tower and tokenizer); see
 ``loading``. Every request is one jitted program (``sampling.program``:
-text encoding, the whole sampling loop,
-decoding), compiled once per sampler settings and batch size, with the batch
-split over all devices.
+encoding the condition, the whole sampling loop, decoding), compiled once
+per sampler settings and batch size, with the batch split over all devices.
 """
 
 from __future__ import annotations
