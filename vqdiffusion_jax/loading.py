@@ -12,8 +12,9 @@ Reading one needs neither the optimizer nor the trainers: the saved config
 says which networks to build (``build``), and the checkpoints' arrays are
 restored as they were saved (``Checkpointer.restore_arrays``), verified.
 A converted directory (``python -m vqdiffusion_jax.convert``) or a diffusers
-``VQDiffusionPipeline`` directory holds the denoiser, the VQ-VAE, the CLIP
-text tower and its tokenizer.
+``VQDiffusionPipeline`` directory holds the denoiser, the VQ-VAE and, for a
+text-conditioned denoiser, the CLIP text tower and its tokenizer; a
+class-conditional or unconditional denoiser needs no text side.
 """
 
 from __future__ import annotations
@@ -95,11 +96,17 @@ def _converted_parts(path: str, dtype: Any) -> dict[str, Any]:
   kwargs = {} if dtype is None else {"dtype": dtype}
   network, params = checkpoints.load_denoiser(path, **kwargs)
   vqvae, vqvae_params = checkpoints.load_vqvae(path, **kwargs)
-  clip, clip_params, hf_tokenizer = checkpoints.load_text_encoder(path, **kwargs)
   cfg = network.config
-  denoiser = Denoiser(network, frozen_text_encoder=build.clip_features(clip))
-  return {"denoiser": denoiser, "params": params,
+  return {**_converted_text_side(path, network, kwargs), "params": params,
           "schedule": schedules.mask_and_replace(cfg.num_timesteps, cfg.codebook_size),
           "vqvae": vqvae, "vqvae_variables": {"params": vqvae_params},
-          "tokenize": build.clip_tokenize(clip, hf_tokenizer), "text_params": clip_params,
           "image_size": cfg.spatial_size[0] * vqvae.config.downsampling_factor}
+
+
+def _converted_text_side(path: str, network: Any, kwargs: dict) -> dict[str, Any]:
+  """The denoiser with its CLIP text encoder, or alone when it reads labels or nothing."""
+  if network.config.conditioning != "text":
+    return {"denoiser": Denoiser(network), "tokenize": None, "text_params": None}
+  clip, clip_params, hf_tokenizer = checkpoints.load_text_encoder(path, **kwargs)
+  return {"denoiser": Denoiser(network, frozen_text_encoder=build.clip_features(clip)),
+          "tokenize": build.clip_tokenize(clip, hf_tokenizer), "text_params": clip_params}

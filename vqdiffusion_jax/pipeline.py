@@ -1,4 +1,4 @@
-"""Text to images in a notebook: every sampler, inpainting, outpainting, editing.
+"""Images in a notebook: every sampler, inpainting, outpainting, editing.
 
   from vqdiffusion_jax import Pipeline, make_grid
   pipe = Pipeline.from_pretrained("runs/shapes")      # a workdir, EMA weights
@@ -6,13 +6,17 @@
                 guidance_scale=3.0, sampler="purity", seed=0)
   make_grid(images)
 
+A class-conditional denoiser (ImageNet) takes ``class_labels=[1, 207]``
+instead of prompts, guided through its null class; an unconditional one
+(FFHQ) takes ``num_images=4``.
+
 ``from_pretrained`` reads one of our training workdirs (VQ-VAE and
 denoiser checkpoints, the caption vocabulary of a trained text encoder) or a
 converted directory (``python -m vqdiffusion_jax.convert``: denoiser,
-VQ-VAE, CLIP text tower and tokenizer); see ``loading``. Every request is one
-jitted program (``sampling.program``: text encoding, the whole sampling loop,
-decoding), compiled once per sampler settings and batch size, with the batch
-split over all devices.
+VQ-VAE and, for a text model, CLIP text tower and tokenizer); see
+``loading``. Every request is one jitted program (``sampling.program``:
+encoding the condition, the whole sampling loop, decoding), compiled once
+per sampler settings and batch size, with the batch split over all devices.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from PIL import Image
 from vqdiffusion_jax import loading, outputs, sampling
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
-from vqdiffusion_jax.models.denoiser import Denoiser
+from vqdiffusion_jax.models.denoiser import Denoiser, null_condition_error
 from vqdiffusion_jax.models.vqgan import VQGAN
 
 ImageLike = Image.Image | np.ndarray
+
+# The argument that carries each kind of condition (``Denoiser.conditioning``).
+CONDITION_ARGUMENT = {"text": "prompts", "class": "class_labels", "none": "num_images"}
 
 
 def make_grid(images: Sequence[ImageLike], columns: int | None = None, pad: int = 2) -> Image.Image:
@@ -53,16 +60,18 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Pipeline:
-  """A denoiser, its VQ-VAE and text conditioning, ready to sample.
+  """A denoiser, its VQ-VAE and its conditioning, ready to sample.
 
   Attributes:
     denoiser: the denoiser network behind its one interface (``Denoiser``:
-      a transformer on frozen-CLIP features, one with its own trained text
-      encoder, or Paella's convolutional predictor).
+      a transformer on frozen-CLIP features, on class labels or on nothing,
+      one with its own trained text encoder, or Paella's convolutional
+      predictor).
     params: its params (EMA weights by default in ``from_pretrained``).
     schedule: its noise schedule.
     vqvae: the VQ-VAE module (``VQGAN``) and ``vqvae_variables``.
-    tokenize: prompts -> (B, L) int32 ids; warns when a prompt is cut.
+    tokenize: prompts -> (B, L) int32 ids; warns when a prompt is cut. None
+      for a denoiser that reads no text.
     text_params: params of a frozen text encoder (CLIP), or None.
     image_size: side of the generated images in pixels.
   """
@@ -72,7 +81,7 @@ class Pipeline:
   schedule: Schedule
   vqvae: VQGAN
   vqvae_variables: Any
-  tokenize: Callable[[Sequence[str]], np.ndarray]
+  tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
   text_params: Any = None
   image_size: int = 256
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -106,46 +115,59 @@ class Pipeline:
 
   # Public API.
 
-  def __call__(self, prompts: str | Sequence[str], *, num_inference_steps: int | None = None,
-               guidance_scale: float = 1.0, truncation_rate: float = 1.0,
-               sampler: str = "vqdiffusion", seed: int = 0, num_images_per_prompt: int = 1,
-               purity_temperature: float = 1.0, typical_mass: float = 1.0,
-               output_type: str = "pil") -> list:
-    """Generates images for ``prompts``; one list entry per image, prompt-major.
+  def __call__(self, prompts: str | Sequence[str] | None = None, *,
+               class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
+               num_inference_steps: int | None = None, guidance_scale: float = 1.0,
+               truncation_rate: float = 1.0, sampler: str = "vqdiffusion", seed: int = 0,
+               num_images_per_prompt: int = 1, purity_temperature: float = 1.0,
+               typical_mass: float = 1.0, output_type: str = "pil") -> list:
+    """Generates images; one list entry per image, prompt- (or label-) major.
+
+    Give what the denoiser is conditioned on (``denoiser.conditioning``):
+    ``prompts`` for a text model, ``class_labels`` for a class-conditional
+    one, ``num_images`` (default 1) for an unconditional one.
 
     Args:
-      prompts: one prompt or a list.
+      prompts: one prompt or a list (text models).
+      class_labels: one label or a list, each in 0..num_classes - 1
+        (class-conditional models).
+      num_images: how many images (unconditional models).
       num_inference_steps: network calls (see ``samplers.SamplerConfig``);
         None: every step (T) or, for reveal samplers, one token per call.
-      guidance_scale: classifier-free guidance scale; 1 = off.
+      guidance_scale: classifier-free guidance scale; 1 = off. The
+        unconditional pass reads the learnable null text of a text model or
+        the null class of a class model.
       truncation_rate: truncation r in (0, 1]; 1 = off.
       sampler: "vqdiffusion", "fewer_tokens", "purity" or "paella".
       seed: the result is a deterministic function of it.
-      num_images_per_prompt: images drawn for each prompt.
+      num_images_per_prompt: images drawn for each prompt or label.
       purity_temperature: r of the purity sampler's sharpening.
       typical_mass: tau of the Paella sampler's locally typical sampling.
       output_type: "pil" (PIL images), "np" (HWC float32 in [0, 1]) or
         "tokens" ((h, w) int32 codebook tokens).
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    inputs = self._condition_inputs(prompts, class_labels, num_images, num_images_per_prompt)
     config = self._sampler_config(sampler, num_inference_steps, guidance_scale, truncation_rate,
                                   purity_temperature, typical_mass)
-    return self._run(config, seed, [self.tokenize(prompts)], output_type=output_type)
+    return self._run(config, seed, [inputs], output_type=output_type)
 
-  def inpaint(self, prompts: str | Sequence[str], image: ImageLike, mask: np.ndarray, *,
+  def inpaint(self, prompts: str | Sequence[str] | None, image: ImageLike, mask: np.ndarray, *,
+              class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
               seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
     """Regenerates the region ``mask`` (H, W; True = repaint) of ``image``.
 
     A token is kept when none of its pixels is in the mask; the kept tokens
-    are clamped through the whole run. Options as ``__call__``.
+    are clamped through the whole run. Conditions (``prompts`` or None with
+    ``class_labels`` / ``num_images``) and options as ``__call__``.
     """
     tokens = self.encode_image(image)
     known = ~self._pixels_to_tokens(self._pixel_mask(mask, "mask")).any(axis=(-1, -2))
-    return self._edit(prompts, tokens, known, None, seed, output_type, sampler_options)
+    inputs = self._condition_inputs(prompts, class_labels, num_images)
+    return self._edit(inputs, tokens, known, None, seed, output_type, sampler_options)
 
-  def outpaint(self, prompts: str | Sequence[str], image: ImageLike,
-               pad: tuple[int, int, int, int], *, seed: int = 0, output_type: str = "pil",
+  def outpaint(self, prompts: str | Sequence[str] | None, image: ImageLike,
+               pad: tuple[int, int, int, int], *, class_labels: int | Sequence[int] | None = None,
+               num_images: int | None = None, seed: int = 0, output_type: str = "pil",
                **sampler_options) -> list:
     """Extends ``image`` by ``pad`` = (top, bottom, left, right) pixels.
 
@@ -153,7 +175,9 @@ class Pipeline:
     padding; a transformer's grid is fixed, so the canvas keeps the model's
     size and the image is shifted by (top, left), its far side cropped.
     Padding must be a multiple of the VQ-VAE's downsampling factor.
+    Conditions as ``inpaint``.
     """
+    inputs = self._condition_inputs(prompts, class_labels, num_images)
     factor = self.downsampling_factor
     if any(p < 0 or p % factor for p in pad):
       raise ValueError(f"padding {pad} must be non-negative multiples of {factor} pixels")
@@ -168,22 +192,27 @@ class Pipeline:
       raise ValueError(f"padding {pad} leaves none of the image on the {grid} token canvas")
     canvas[top:top + rows, left:left + cols] = tokens[:rows, :cols]
     known[top:top + rows, left:left + cols] = True
-    return self._edit(prompts, canvas, known, None, seed, output_type, sampler_options)
+    return self._edit(inputs, canvas, known, None, seed, output_type, sampler_options)
 
-  def edit(self, prompts: str | Sequence[str], image: ImageLike, strength: float = 0.5, *,
+  def edit(self, prompts: str | Sequence[str] | None, image: ImageLike, strength: float = 0.5,
+           *, class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
            seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
-    """Text-guided editing: noise ``image``'s tokens to step strength * (T - 1), then denoise."""
+    """Editing: noise ``image``'s tokens to step strength * (T - 1), then denoise.
+
+    Conditions as ``inpaint``.
+    """
     if not 0.0 <= strength <= 1.0:
       raise ValueError(f"strength must be in [0, 1], got {strength}")
+    inputs = self._condition_inputs(prompts, class_labels, num_images)
     start = round(strength * (self.schedule.num_timesteps - 1))
-    return self._edit(prompts, self.encode_image(image), None, start, seed, output_type,
+    return self._edit(inputs, self.encode_image(image), None, start, seed, output_type,
                       sampler_options)
 
   def interpolate(self, prompt_a: str, prompt_b: str, weights: Sequence[float], *,
                   seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
     """One image per weight w, conditioned on (1 - w) * text(a) + w * text(b); same noise."""
     weights = np.asarray(weights, np.float32)
-    ids = self.tokenize([prompt_a, prompt_b])
+    ids = self._text_ids([prompt_a, prompt_b])
     config = self._sampler_config(**self._options(sampler_options))
     return self._run(config, seed, [np.repeat(ids[:1], len(weights), 0),
                                     np.repeat(ids[1:], len(weights), 0)],
@@ -207,7 +236,7 @@ class Pipeline:
     total = cover.sum(0, keepdims=True)
     weights = np.where(total > 0, cover / np.maximum(total, 1e-9), 1.0 / len(prompts))
     config = self._sampler_config(**self._options(sampler_options))
-    return self._run(config, seed, [self.tokenize([p]) for p in prompts],
+    return self._run(config, seed, [self._text_ids([p]) for p in prompts],
                      regions=weights.astype(np.float32), output_type=output_type)
 
   def encode_image(self, image: ImageLike) -> np.ndarray:
@@ -221,6 +250,62 @@ class Pipeline:
       self._cache["encode"] = jax.jit(
           lambda v, x: self.vqvae.apply(v, x * 2.0 - 1.0, method="encode"))
     return np.asarray(self._cache["encode"](self.vqvae_variables, jnp.asarray(pixels[None])))[0]
+
+  # Conditions: what each kind of denoiser reads.
+
+  def _condition_inputs(self, prompts, class_labels, num_images,
+                        per_condition: int = 1) -> np.ndarray:
+    """A request's condition inputs, ``per_condition`` rows for each prompt or label.
+
+    Returns (B, L) text ids, (B,) int32 class labels, or an empty (B, 0)
+    array for an unconditional denoiser (``Denoiser.encode_condition``).
+    """
+    kind = self.denoiser.conditioning
+    given = [name for name, value in (("prompts", prompts), ("class_labels", class_labels),
+                                      ("num_images", num_images)) if value is not None]
+    wanted = CONDITION_ARGUMENT[kind]
+    wrong = [name for name in given if name != wanted]
+    if wrong or (kind != "none" and not given):
+      raise ValueError(f"this denoiser is {self._kind_in_words()}: give {wanted}"
+                       + (f", not {' or '.join(wrong)}" if wrong else ""))
+    if kind == "text":
+      prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+      return self._text_ids([p for p in prompts for _ in range(per_condition)])
+    if kind == "class":
+      return np.repeat(self._checked_labels(class_labels), per_condition)
+    if per_condition != 1:
+      raise ValueError("an unconditional denoiser takes num_images, not num_images_per_prompt")
+    count = 1 if num_images is None else num_images
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+      raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    return np.zeros((int(count), 0), np.int32)
+
+  def _kind_in_words(self) -> str:
+    if self.denoiser.conditioning == "class":
+      return f"class-conditional ({self.denoiser.num_classes} classes)"
+    return {"text": "text-conditioned", "none": "unconditional"}[self.denoiser.conditioning]
+
+  def _checked_labels(self, class_labels) -> np.ndarray:
+    """``class_labels`` as (B,) int32, or a ValueError naming the bad ones."""
+    labels = np.atleast_1d(np.asarray(class_labels))
+    if labels.ndim != 1 or not labels.size or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"class_labels must be a non-empty list of ints, got {class_labels!r}")
+    count = self.denoiser.num_classes
+    bad = [f"class_labels[{i}] = {label}" for i, label in enumerate(labels.tolist())
+           if not 0 <= label < count]
+    if bad:
+      raise ValueError(f"{', '.join(bad)} out of range 0..{count - 1} ({count} classes)")
+    return labels.astype(np.int32)
+
+  def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
+    """(B, L) ids of ``prompts``; a ValueError for a denoiser that reads no text."""
+    if self.denoiser.conditioning != "text":
+      raise ValueError(f"this denoiser is {self._kind_in_words()}: it takes no prompts")
+    if self.tokenize is None:
+      raise ValueError("this pipeline has no tokenizer for its text-conditioned denoiser")
+    if not prompts:
+      raise ValueError("no prompts given")
+    return self.tokenize(prompts)
 
   # Internals.
 
@@ -238,7 +323,7 @@ class Pipeline:
   def _sampler_config(self, sampler, num_inference_steps, guidance_scale, truncation_rate,
                       purity_temperature, typical_mass, start_step=None):
     if guidance_scale != 1.0 and not self.denoiser.has_null_condition:
-      raise ValueError("guidance needs a learnable null text embedding; this denoiser has none")
+      raise ValueError(null_condition_error(self.denoiser.conditioning))
     config = samplers.SamplerConfig(
         name=sampler, num_inference_steps=num_inference_steps,
         truncation_rate=float(truncation_rate), guidance_scale=float(guidance_scale),
@@ -248,17 +333,15 @@ class Pipeline:
     config.steps(self.schedule.num_timesteps, h * w)
     return config
 
-  def _edit(self, prompts, tokens, known, start_step, seed, output_type, options):
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  def _edit(self, inputs, tokens, known, start_step, seed, output_type, options):
     options = self._options(options)
     config = self._sampler_config(**options, start_step=start_step)
-    batch = len(prompts)
+    batch = inputs.shape[0]
     grid = tokens.shape
     tokens = np.broadcast_to(tokens.reshape(1, -1), (batch, tokens.size))
     extra = {"init_tokens": tokens} if start_step is not None else {
         "known_tokens": tokens, "known_mask": np.broadcast_to(known.reshape(1, -1), tokens.shape)}
-    return self._run(config, seed, [self.tokenize(prompts)], extra=extra, grid=grid,
-                     output_type=output_type)
+    return self._run(config, seed, [inputs], extra=extra, grid=grid, output_type=output_type)
 
   def _pixel_mask(self, mask: np.ndarray, what: str) -> np.ndarray:
     """``mask`` as (H, W) bool of the pipeline's image size, or a ValueError naming it."""

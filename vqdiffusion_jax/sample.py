@@ -4,9 +4,13 @@
       --prompt "a big red circle in the center" [--prompt ...] \\
       [--num 4 --steps 25 --guidance 3 --sampler purity --truncation 1 --seed 0] \\
       [--batch_size 64] --out grid.png
+  python -m vqdiffusion_jax.sample --workdir ckpt/imagenet --class_labels 1 207 --guidance 3
+  python -m vqdiffusion_jax.sample --workdir ckpt/ffhq --num_images 16
 
-Each prompt gets ``--num`` images, one grid row per prompt; the prompts are
-written beside the grid (``grid.txt``).
+A text model takes prompts, a class-conditional one ``--class_labels``; each
+prompt or label gets ``--num`` images, one grid row each, and the prompts or
+labels are written beside the grid (``grid.txt``). An unconditional model
+draws ``--num_images`` images in rows of ``--num``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True,
                       help="A training workdir or a converted checkpoint directory.")
-  parser.add_argument("--prompt", action="append", required=True, dest="prompts",
-                      help="A text prompt; repeat for several.")
-  parser.add_argument("--num", type=int, default=4, help="Images per prompt.")
+  condition = parser.add_mutually_exclusive_group(required=True)
+  condition.add_argument("--prompt", action="append", dest="prompts",
+                         help="A text prompt (text models); repeat for several.")
+  condition.add_argument("--class_labels", type=int, nargs="+",
+                         help="Class labels (class-conditional models), e.g. 1 207.")
+  condition.add_argument("--num_images", type=int,
+                         help="How many images to draw from an unconditional model.")
+  parser.add_argument("--num", type=int, default=4,
+                      help="Images per prompt or label (unconditional: images per grid row).")
   parser.add_argument("--steps", type=int, default=None,
                       help="Network calls (default: every step).")
   parser.add_argument("--guidance", type=float, default=1.0,
@@ -38,31 +48,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--raw-weights", action="store_true",
                       help="Use a workdir's raw params instead of their EMA.")
   parser.add_argument("--batch_size", type=int, default=64,
-                      help="Images per sampling call; more prompts are sampled in turns.")
+                      help="Images per sampling call; more are sampled in turns.")
   parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
   outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
-  for name in ("num", "batch_size"):
-    if getattr(args, name) < 1:
+  for name in ("num", "batch_size", "num_images"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
   return args
 
 
+def _options(args: argparse.Namespace) -> dict:
+  return {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
+          "truncation_rate": args.truncation, "sampler": args.sampler}
+
+
 def sample_prompts(pipe: Pipeline, args: argparse.Namespace) -> list:
-  """Every prompt's ``--num`` images, whole prompts per call, with a progress line.
+  """Every prompt's (or label's) ``--num`` images, whole rows per call, with a progress line.
 
   Each call draws from ``seed + index of its first image``, so a request that
   fits one call gives what ``pipe(..., seed=seed)`` gives.
   """
+  name, conditions = (("prompts", args.prompts) if args.prompts is not None
+                      else ("class_labels", args.class_labels))
   per_call = max(1, args.batch_size // args.num)
-  total = len(args.prompts) * args.num
-  progress = outputs.Progress(total, name="sampling", unit="images")
+  progress = outputs.Progress(len(conditions) * args.num, name="sampling", unit="images")
   images = []
-  for start in range(0, len(args.prompts), per_call):
-    images += pipe(args.prompts[start:start + per_call], num_images_per_prompt=args.num,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   truncation_rate=args.truncation, sampler=args.sampler,
-                   seed=args.seed + start * args.num)
+  for start in range(0, len(conditions), per_call):
+    images += pipe(**{name: conditions[start:start + per_call]}, num_images_per_prompt=args.num,
+                   seed=args.seed + start * args.num, **_options(args))
+    progress.update(len(images))
+  progress.close()
+  return images
+
+
+def sample_unconditional(pipe: Pipeline, args: argparse.Namespace) -> list:
+  """``--num_images`` images in calls of ``--batch_size``, each from ``seed + its first index``."""
+  progress = outputs.Progress(args.num_images, name="sampling", unit="images")
+  images = []
+  for start in range(0, args.num_images, args.batch_size):
+    images += pipe(num_images=min(args.batch_size, args.num_images - start),
+                   seed=args.seed + start, **_options(args))
     progress.update(len(images))
   progress.close()
   return images
@@ -72,11 +98,14 @@ def main(argv: Sequence[str] | None = None) -> str:
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights)
-  images = sample_prompts(pipe, args)
+  unconditional = args.num_images is not None
+  images = sample_unconditional(pipe, args) if unconditional else sample_prompts(pipe, args)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  make_grid(images, columns=args.num).save(args.out)
-  with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-    f.write("\n".join(args.prompts) + "\n")
+  make_grid(images, columns=min(args.num, len(images))).save(args.out)
+  if not unconditional:
+    rows = args.prompts if args.prompts is not None else args.class_labels
+    with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
+      f.write("\n".join(map(str, rows)) + "\n")
   print(f"wrote {len(images)} images to {args.out}")
   return args.out
 

@@ -1,6 +1,6 @@
-"""The sampling program: text ids in, tokens and images out, as one function to jit.
+"""The sampling program: a condition in, tokens and images out, as one function to jit.
 
-``program(...)`` returns the whole request (encode the text, run a sampler's
+``program(...)`` returns the whole request (encode the condition, run a sampler's
 loop with guidance, decode the tokens) as a pure function of the params,
 ids and key. ``Pipeline`` compiles one per sampler setting and batch shape;
 the trainer's sample writer compiles one to draw from the EMA weights.
@@ -41,8 +41,10 @@ def program(denoiser: Denoiser, schedule: Schedule, vqvae: VQGAN, config: sample
     ``run(params, text_params, vqvae_variables, ids, rng, weights, extra) ->
     (tokens (B, h * w), images (B, H, W, 3) in [0, 1])``: ``ids`` a list of
     (B, L) text ids (one per prompt of a region request, two to mix, else
-    one), ``weights`` the mix or region weights (or None) and ``extra`` the
-    sampler's keyword inputs (known or initial tokens).
+    one), or one (B,) array of class labels or empty (B, 0) array for an
+    unconditional network (``Denoiser.encode_condition``); ``weights`` the
+    mix or region weights (or None) and ``extra`` the sampler's keyword
+    inputs (known or initial tokens).
   """
   num_tokens = grid[0] * grid[1]
   guided = config.guidance_scale != 1.0
@@ -56,7 +58,7 @@ def program(denoiser: Denoiser, schedule: Schedule, vqvae: VQGAN, config: sample
     return samplers.sample(log_x0, schedule, rng, (batch, num_tokens), config, **extra)
 
   def run(params, text_params, vqvae_variables, ids, rng, weights, extra):
-    features = [denoiser.encode_text(params, text_params, i) for i in ids]
+    features = [denoiser.encode_condition(params, text_params, i) for i in ids]
     if mix:
       w = weights[:, None, None]
       features = [(1.0 - w) * features[0] + w * features[1]]

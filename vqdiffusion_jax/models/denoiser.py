@@ -1,4 +1,4 @@
-"""One interface to every denoiser: text ids in, x0 logits out.
+"""One interface to every denoiser: a condition in (text ids, class labels or none), x0 logits out.
 
 The trainers, the sampling program and the pipeline reach a denoiser only
 through ``Denoiser`` and never ask which network is behind it:
@@ -71,8 +71,20 @@ class Denoiser:
 
   @property
   def has_null_condition(self) -> bool:
-    """Whether there is a learnable null text (classifier-free guidance)."""
+    """Whether there is a null condition for classifier-free guidance.
+
+    A text network has one when it owns the learnable null text; a class
+    network always has its null class (label ``num_classes``, which reads
+    the mean row of every class table); an unconditional one has none.
+    """
+    if self.conditioning == "class":
+      return True
     return self.resizable or self.network.config.has_null_text
+
+  @property
+  def num_classes(self) -> int | None:
+    """Labels of a class-conditional network (0..num_classes - 1); None for the others."""
+    return self.network.config.num_classes if self.conditioning == "class" else None
 
   def condition_shape(self) -> tuple[int, int]:
     """(L, D) of the text features the network reads."""
@@ -115,10 +127,32 @@ class Denoiser:
       raise ValueError("this denoiser has no text encoder; give it text features")
     return jax.lax.stop_gradient(self.frozen_text_encoder(frozen_params, ids))
 
+  def encode_condition(self, params: Any, frozen_params: Any, inputs: jax.Array) -> jax.Array:
+    """The network's condition from what a request gives, by ``conditioning``.
+
+    Args:
+      params: the network's params.
+      frozen_params: a frozen text encoder's params, or None.
+      inputs: (B, L) text ids ("text"), (B,) int class labels ("class"), or
+        an empty (B, 0) array that only carries the batch size ("none").
+
+    Returns:
+      (B, L, D) text features, the labels, or the empty array, which
+      ``logits`` reads as no condition.
+    """
+    if self.conditioning == "text":
+      return self.encode_text(params, frozen_params, inputs)
+    return inputs
+
   def null_condition(self, params: Any, batch_size: int) -> jax.Array:
-    """(B, L, D) learnable null text features, the unconditional branch of guidance."""
+    """The unconditional branch of guidance, batch ``batch_size``.
+
+    (B, L, D) learnable null text features, or (B,) labels of the null class.
+    """
     if not self.has_null_condition:
-      raise ValueError("guidance needs a learnable null text embedding; this denoiser has none")
+      raise ValueError(null_condition_error(self.conditioning))
+    if self.conditioning == "class":
+      return jnp.full((batch_size,), self.num_classes, jnp.int32)
     return self.network.apply({"params": params}, batch_size, method="null_text")
 
   def logits(self, params: Any, x_t: jax.Array, t: jax.Array, condition: Any,
@@ -129,13 +163,24 @@ class Denoiser:
       params: the network's params.
       x_t: (B, N) tokens in [0, K] (K = [MASK]).
       t: (B,) timesteps.
-      condition: text features, class labels or None, by ``conditioning``.
+      condition: text features, class labels or None (or the empty array of
+        ``encode_condition``), by ``conditioning``.
       grid: (h, w) of the N tokens; needed by a resizable network.
       extra: other variable collections of the network, if any.
     """
     variables = {"params": params, **(extra or {})}
+    if self.conditioning == "none":
+      condition = None
     if not self.resizable:
       return self.network.apply(variables, x_t, t, condition)
     batch = x_t.shape[0]
     out = self.network.apply(variables, x_t.reshape(batch, *grid), t, condition)
     return out.reshape(batch, grid[0] * grid[1], -1)
+
+
+def null_condition_error(conditioning: str) -> str:
+  """Why a network conditioned by ``conditioning`` cannot be guided."""
+  if conditioning == "none":
+    return ("classifier-free guidance needs a condition to drop; this denoiser is "
+            "unconditional: use guidance_scale=1")
+  return "guidance needs a learnable null text embedding; this denoiser has none"
