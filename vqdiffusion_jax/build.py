@@ -44,7 +44,7 @@ class VQVAE:
 
   @property
   def codebook_size(self) -> int:
-    return self.module.config.num_embeddings
+    return self.module.config.vocabulary_size
 
   @property
   def grid(self) -> tuple[int, int]:
