@@ -125,22 +125,24 @@ def _conv(w):
   return _contiguous(w.transpose(2, 3, 1, 0))
 
 
-def _check_heads(width, config, what):
-  if width != config.num_heads * config.head_dim:
-    raise ValueError(f"{what} {width} is not {config.num_heads} heads x {config.head_dim}")
+def _check_heads(w, ndim, axis, config):
+  """``w`` has ``ndim`` axes and ``axis`` is num_heads x head_dim wide (else ValueError)."""
+  if w.ndim != ndim or w.shape[axis] != config.num_heads * config.head_dim:
+    raise ValueError(f"{ndim}-d with {config.num_heads} heads x {config.head_dim} along axis "
+                     f"{axis} expected")
 
 
 def _heads_in(config):
   """torch Linear (H*d, in) -> DenseGeneral kernel (in, H, d)."""
   def convert(w):
-    _check_heads(w.shape[0], config, "output width")
+    _check_heads(w, 2, 0, config)
     return _contiguous(w.T.reshape(w.shape[1], config.num_heads, config.head_dim))
   return convert
 
 
 def _heads_bias(config):
   def convert(b):
-    _check_heads(b.shape[0], config, "bias width")
+    _check_heads(b, 1, 0, config)
     return b.reshape(config.num_heads, config.head_dim)
   return convert
 
@@ -148,7 +150,7 @@ def _heads_bias(config):
 def _heads_out(config):
   """torch Linear (D, H*d) -> DenseGeneral kernel (H, d, D)."""
   def convert(w):
-    _check_heads(w.shape[1], config, "input width")
+    _check_heads(w, 2, 1, config)
     return _contiguous(w.T.reshape(config.num_heads, config.head_dim, w.shape[0]))
   return convert
 
