@@ -258,13 +258,10 @@ def _expect_load_error(tmp_path, checkpoint, config, *fragments):
 
 
 def _edited(checkpoint, drop=(), **added):
-  out = dict(checkpoint)
-  for part in ("model", "ema"):
-    prefix = "transformer." if part == "ema" else ""
-    out[part] = {k: v for k, v in checkpoint[part].items()
-                 if prefix + k not in drop and k not in drop}
-  out["model"] = out["model"] | added
-  return out
+  """The checkpoint without the model keys ``drop`` (in the EMA entry too), with ``added``."""
+  ema = {k: v for k, v in checkpoint["ema"].items() if f"transformer.{k}" not in drop}
+  model = {k: v for k, v in checkpoint["model"].items() if k not in drop}
+  return checkpoint | {"model": model | added, "ema": ema}
 
 
 def test_official_checkpoint_errors_name_the_key_and_the_file(official_files, tmp_path):
