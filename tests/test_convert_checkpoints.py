@@ -15,20 +15,21 @@ from diffusers import VQModel
 
 from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
 from tests.test_convert_denoiser import (
+  OFFICIAL_FAMILIES,
   SIZE,
   _diffusers_model,
   _inputs,
   _null_text,
-  _official_checkpoint,
   _ours,
   _reference,
+  official_conditions,
+  official_log_probs,
+  trained_official,
 )
 from tests.test_vqgan import TINY as TINY_VQMODEL
 from vqdiffusion_jax.convert import __main__ as cli
 from vqdiffusion_jax.convert import checkpoints, converted, denoiser
 from vqdiffusion_jax.models import transformer
-
-NULL_TEXT_CONFIG = {"learnable": True, "length": 7}
 
 
 def _same(a, b):
@@ -92,65 +93,75 @@ def test_existing_output_is_kept_unless_overwrite(pipeline_dir, converted_dir, c
   assert not [p for p in os.listdir(os.path.dirname(converted_dir)) if p.startswith(".")]
 
 
-def _save_official(checkpoint, path, tensors_only=True):
-  """torch.save an official-layout checkpoint, as tensors like the real files."""
-  if tensors_only:
-    checkpoint = {k: {n: torch.as_tensor(v) for n, v in part.items()}
-                  if isinstance(part, dict) else part for k, part in checkpoint.items()}
-  torch.save(checkpoint, path)
-  return str(path)
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+  """Official .pth files as the official solver writes them, with their statements."""
+  root = tmp_path_factory.mktemp("official")
+  return {family: (str(root / f"{family}.pth"),
+                   *trained_official(family, str(root / f"{family}.pth"), seed=10 + i))
+          for i, family in enumerate(("class_learnable", "text"))}
 
 
-def test_official_pth_needs_sizes_and_converts_ema_weights(tmp_path):
-  raw, ema = _diffusers_model(3), _diffusers_model(4)
-  config = denoiser.config_from_diffusers(dict(ema.config), null_text_config=NULL_TEXT_CONFIG)
-  checkpoint = _official_checkpoint(raw, ema, torch.randn(7, 24), torch.randn(7, 24))
-  path = _save_official(checkpoint, tmp_path / "official.pth")
+def _tiny_preset(monkeypatch, name, family, **changes):
+  """A preset of the tiny official family's sizes, for the CLI."""
+  config = dataclasses.replace(OFFICIAL_FAMILIES[family][1], **changes)
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  monkeypatch.setitem(transformer.PRESETS, name, fields)
+  return config
+
+
+def test_official_pth_converts_through_the_cli(official_files, tmp_path, monkeypatch, capsys):
+  path, model, ema = official_files["class_learnable"]
   with pytest.raises(ValueError, match="preset"):
     checkpoints.load_denoiser(path)
-  _, params = checkpoints.load_denoiser(path, config=config)
-  _same(params, denoiser.from_official(checkpoint, config))
-  tokens, t, text = _inputs(SIZE * SIZE)
-  assert np.max(np.abs(_ours(config, params, tokens, t, text)
-                       - _reference(ema, tokens, t, text))) < 1e-4
+  config = _tiny_preset(monkeypatch, "tiny_imagenet_learnable", "class_learnable")
+  out, raw_out = str(tmp_path / "ema"), str(tmp_path / "raw")
+  assert cli.main([path, "--out", out, "--preset", "tiny_imagenet_learnable"]) == 0
+  assert cli.main([path, "--out", raw_out, "--preset", "tiny_imagenet_learnable",
+                   "--raw-weights"]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  tokens, t, _ = _inputs(SIZE * SIZE, seed=5)
+  for directory, diffusion in ((out, ema.ema_model), (raw_out, model.transformer)):
+    module, params = checkpoints.load_denoiser(directory)
+    assert module.config == config
+    for labels in official_conditions("class_learnable"):
+      ours = _ours(config, params, tokens, t, labels)
+      assert np.max(np.abs(ours - official_log_probs(diffusion, tokens, t, labels))) < 1e-4
 
 
-def test_official_pth_with_the_wrong_preset_is_a_clear_error(tmp_path, capsys):
-  raw = _diffusers_model(5)
-  path = _save_official(_official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24)),
-                        tmp_path / "official.pth")
-  assert cli.main([path, "--out", str(tmp_path / "out"), "--preset", "base"]) == 2
+def test_official_pth_with_the_wrong_preset_is_a_clear_error(official_files, tmp_path, capsys):
+  path = official_files["text"][0]
+  assert cli.main([path, "--out", str(tmp_path / "out"), "--preset", "coco"]) == 2
   err = capsys.readouterr().err
-  assert "does not match the module" in err and "content_emb.emb.weight" in err
+  assert "does not match the module" in err and path in err
+  assert "transformer.transformer.content_emb.emb.weight" in err and "(2888, 1024)" in err
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_official_pth_without_a_null_text_converts_with_the_flag(tmp_path):
-  raw = _diffusers_model(7)
-  checkpoint = _official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24))
-  for part in ("model", "ema"):
-    checkpoint[part] = {k: v for k, v in checkpoint[part].items()
-                        if not k.endswith("empty_text_embed")}
-  path = _save_official(checkpoint, tmp_path / "no_null.pth")
-  config = denoiser.config_from_diffusers(dict(raw.config))  # learnable_null_text=False
-  want = denoiser.from_official(checkpoint, config)
+def test_official_pth_without_a_null_text_converts_with_the_flag(official_files, tmp_path,
+                                                                 monkeypatch):
+  path, model, _ = official_files["text"]
+  with_null = _tiny_preset(monkeypatch, "tiny_text", "text", learnable_null_text=True)
   out = str(tmp_path / "out")
-  # The sizes come from a config here; the flag is what the CLI adds to a preset.
-  counts = checkpoints.convert(path, out, config=config, learnable_null_text=False)
-  assert counts["denoiser"] == sum(np.size(x) for x in jax.tree.leaves(want))
+  assert cli.main([path, "--out", out, "--preset", "tiny_text"]) == 2  # no empty_text_embed
+  assert cli.main([path, "--out", out, "--preset", "tiny_text", "--no-null-text",
+                   "--raw-weights"]) == 0
   module, params = checkpoints.load_denoiser(out)
-  assert not module.config.has_null_text
-  _same(params, want)
+  assert not module.config.has_null_text and "null_text" not in params
+  _same(params, denoiser.from_official(torch.load(path, weights_only=True), module.config,
+                                       use_ema=False))
+  assert dataclasses.replace(module.config, learnable_null_text=True) == with_null
 
 
-def test_official_pth_with_python_objects_needs_allow_pickle(tmp_path):
-  raw = _diffusers_model(6)
-  config = denoiser.config_from_diffusers(dict(raw.config), null_text_config=NULL_TEXT_CONFIG)
-  checkpoint = _official_checkpoint(raw, raw, torch.randn(7, 24), torch.randn(7, 24))
-  path = _save_official(checkpoint, tmp_path / "pickled.pth", tensors_only=False)
+def test_official_pth_with_python_objects_needs_allow_pickle(official_files, tmp_path):
+  path = official_files["text"][0]
+  config = OFFICIAL_FAMILIES["text"][1]
+  checkpoint = torch.load(path, weights_only=True)
+  pickled = str(tmp_path / "pickled.pth")
+  torch.save(checkpoint | {"statistics": np.arange(3.0)}, pickled)
   with pytest.raises(ValueError, match="allow_pickle=True"):
-    checkpoints.load_denoiser(path, config=config)
-  _, params = checkpoints.load_denoiser(path, config=config, allow_pickle=True)
+    checkpoints.load_denoiser(pickled, config=config)
+  _, params = checkpoints.load_denoiser(pickled, config=config, allow_pickle=True)
   _same(params, denoiser.from_official(checkpoint, config))
 
 

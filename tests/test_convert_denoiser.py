@@ -1,4 +1,11 @@
-"""Denoiser conversion: parity with diffusers' Transformer2DModel, official key layout."""
+"""Denoiser conversion: parity with diffusers' Transformer2DModel and the official model.
+
+Official checkpoints are written the way the official solver writes them, from
+``tests/official_vqdiffusion.py`` (a PyTorch statement of the official module
+tree) after two optimizer steps and EMA updates, and read back through
+``checkpoints.load_denoiser``; the released sizes are checked on the
+statement's abstract (meta device) state dicts.
+"""
 
 import dataclasses
 import functools
@@ -14,22 +21,13 @@ from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
     LearnedClassifierFreeSamplingEmbeddings,
 )
 
-from vqdiffusion_jax.convert import common, denoiser
+from tests import official_vqdiffusion as official
+from vqdiffusion_jax.convert import checkpoints, common, denoiser
 from vqdiffusion_jax.models import transformer
 
 K, SIZE, LAYERS, HEADS, HEAD_DIM, TEXT_LEN, TEXT_DIM, T = 31, 4, 2, 4, 16, 7, 24, 10
 WIDTH = HEADS * HEAD_DIM
 TOLERANCE = 1e-4
-
-# diffusers name -> official name (the inverse of scripts/convert_vq_diffusion_to_diffusers.py).
-TO_OFFICIAL = (
-    ("latent_image_embedding.", "content_emb."), ("transformer_blocks.", "blocks."),
-    (".norm1.", ".ln1."), (".norm2.", ".ln1_1."), (".norm3.", ".ln2."),
-    (".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
-    (".to_out.0.", ".proj."), (".ff.net.0.proj.", ".mlp.0."), (".ff.net.2.", ".mlp.2."),
-)
-HEAD_TO_OFFICIAL = {"norm_out.": "to_logits.0.", "out.": "to_logits.1."}
-
 
 def _diffusers_model(seed, cross_attention_dim=TEXT_DIM, grid=None):
   torch.manual_seed(seed)
@@ -98,19 +96,6 @@ def _assert_same_params(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def _official(state_dict, prefix="transformer.transformer.", self_attn="attn1"):
-  out = {}
-  for key, value in state_dict.items():
-    head = next((h for h in HEAD_TO_OFFICIAL if key.startswith(h)), None)
-    if head:
-      key = HEAD_TO_OFFICIAL[head] + key[len(head):]
-    else:
-      for old, new in TO_OFFICIAL:
-        key = key.replace(old, new)
-    out[prefix + key.replace(".attn1.", f".{self_attn}.")] = value
-  return out
-
-
 def test_load_diffusers_pipeline_directory_matches_diffusers(tmp_path):
   model, null = _diffusers_model(0), _null_text(1)
   model.save_pretrained(tmp_path / "transformer")
@@ -136,108 +121,230 @@ def test_from_diffusers_matches_diffusers(grid, text):
   tokens, t, features = _inputs(grid[0] * grid[1], seed=1, text=text)
   _assert_close(_ours(config, params, tokens, t, features),
                 _reference(model, tokens, t, features))
-  if not text:  # the official unconditional block names its attention "attn"
-    official = denoiser.from_official(_official(model.state_dict(), self_attn="attn"), config)
-    _assert_same_params(official, params)
 
 
-def _official_checkpoint(raw, ema, raw_null, ema_null):
-  junk = np.ones((2, 3), np.float32)
-  model = _official(raw.state_dict()) | {
-      "transformer.empty_text_embed": raw_null, "content_codec.decoder.conv.weight": junk,
-      "transformer.condition_emb.transformer.token_embedding.weight": junk,
-      "transformer.log_cumprod_at": junk, "transformer.Lt_history": junk}
-  ema_state = _official(ema.state_dict(), prefix="transformer.") | {
-      "empty_text_embed": ema_null, "condition_emb.transformer.token_embedding.weight": junk,
-      "log_cumprod_at": junk, "Lt_count": junk}
-  return {"model": model, "ema": ema_state, "epoch": 3}
+# The official model at tiny sizes: each family as the official yaml states it
+# and as our config states it.
+OFFICIAL_SIZES = {"n_layer": LAYERS, "n_embd": WIDTH, "n_head": HEADS, "num_embed": K,
+                  "spatial_size": (SIZE, SIZE), "diffusion_step": T}
+OFFICIAL_GRID = (8, 8)  # position tables bigger than the token grid, as ImageNet / FFHQ have
+TINY_CLIP = {"num_embed": 64, "width": 16, "layers": 1, "heads": 2}
+OUR_SIZES = {"codebook_size": K, "spatial_size": (SIZE, SIZE), "num_layers": LAYERS,
+             "embed_dim": WIDTH, "num_heads": HEADS, "num_timesteps": T}
+OFFICIAL_TEXT_LEN, OFFICIAL_TEXT_DIM = official.EMPTY_TEXT_SHAPE
+_TEXT = {"condition_length": OFFICIAL_TEXT_LEN, "condition_dim": OFFICIAL_TEXT_DIM}
+_CONV = {"mlp_type": "conv", "position_grid": OFFICIAL_GRID}
+OFFICIAL_FAMILIES = {
+    "text_learnable": (
+        lambda: official.text_config(**OFFICIAL_SIZES, learnable_cf=True, clip=TINY_CLIP),
+        transformer.TransformerConfig(**OUR_SIZES, **_TEXT)),
+    "text": (
+        lambda: official.text_config(**OFFICIAL_SIZES, clip=TINY_CLIP),
+        transformer.TransformerConfig(**OUR_SIZES, **_TEXT, learnable_null_text=False)),
+    # imagenet_learnable.pth: 1001 class rows, and an empty_text_embed nobody reads.
+    "class_learnable": (
+        lambda: official.class_config(**OFFICIAL_SIZES, emb_spatial_size=OFFICIAL_GRID,
+                                      class_number=1001, learnable_cf=True),
+        transformer.TransformerConfig(**OUR_SIZES, **_CONV, conditioning="class",
+                                      num_classes=1001)),
+    "class": (
+        lambda: official.class_config(**OFFICIAL_SIZES, emb_spatial_size=OFFICIAL_GRID),
+        transformer.TransformerConfig(**OUR_SIZES, **_CONV, conditioning="class",
+                                      num_classes=1000)),
+    "unconditional": (
+        lambda: official.unconditional_config(**OFFICIAL_SIZES, emb_spatial_size=OFFICIAL_GRID),
+        transformer.TransformerConfig(**OUR_SIZES, **_CONV, conditioning="none")),
+}
 
 
-def test_from_official_takes_ema_weights():
-  raw, ema = _diffusers_model(3), _diffusers_model(4)
-  raw_null = torch.randn(TEXT_LEN, TEXT_DIM, dtype=torch.float64)
-  ema_null = torch.randn(TEXT_LEN, TEXT_DIM, dtype=torch.float64)
-  checkpoint = _official_checkpoint(raw, ema, raw_null, ema_null)
-  config = denoiser.config_from_diffusers(
-      dict(ema.config), null_text_config={"learnable": True, "length": TEXT_LEN})
-  params = denoiser.from_official(checkpoint, config)
-  tokens, t, text = _inputs(SIZE * SIZE, seed=2)
-  _assert_close(_ours(config, params, tokens, t, text), _reference(ema, tokens, t, text))
-  np.testing.assert_allclose(params["null_text"], ema_null.numpy(), rtol=1e-7)
-  raw_params = denoiser.from_official(checkpoint, config, use_ema=False)
-  _assert_same_params(raw_params, denoiser.from_diffusers(
-      raw.state_dict(), config, {"embeddings": raw_null}))
-  # A bare DALLE-level state dict and a scanned config read the same weights.
-  scanned_config = dataclasses.replace(config, scan_layers=True)
-  scanned = denoiser.from_official(checkpoint["model"], scanned_config)
-  _assert_same_params(transformer.unstack_layers(scanned), raw_params)
+def official_conditions(family, seed=4):
+  """Condition batches to compare on. The official AdaLN decides "past the table"
+  by the batch's first label, so the mean-row null (label 1000 of 1000 rows)
+  comes as a batch of its own."""
+  if family.startswith("text"):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(2, OFFICIAL_TEXT_LEN, OFFICIAL_TEXT_DIM)).astype(np.float32)]
+  if family == "class_learnable":
+    return [np.array([7, 1000])]
+  if family == "class":
+    return [np.array([7, 999]), np.array([1000, 1000])]
+  return [None]
 
 
-def _expect_error(state, config, key):
-  with pytest.raises(common.ConversionError, match=key.replace(".", r"\.")):
-    denoiser.from_official(state, config)
+def trained_official(family, path, seed=0):
+  """The official model after two AdamW steps with EMA updates, saved as the solver does.
+
+  Returns:
+    (model, ema): the DALLE-level statement and its ``official.EMA``.
+  """
+  torch.manual_seed(seed)
+  model = official.build_model(OFFICIAL_FAMILIES[family][0]())
+  ema = official.EMA(model, decay=0.9)
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(trainable, lr=0.05, betas=(0.9, 0.96), weight_decay=4.5e-2)
+  for iteration in range(2):
+    for p in trainable:
+      p.grad = torch.randn_like(p)
+    optimizer.step()
+    ema.update(iteration)
+  official.save_checkpoint(path, model, ema, optimizer, last_epoch=0, last_iter=1)
+  return model, ema
 
 
-def test_from_official_names_bad_keys():
-  model = _diffusers_model(5)
-  config = denoiser.config_from_diffusers(dict(model.config))
-  state = _official(model.state_dict())
-  denoiser.from_official(state, config)
-  missing = "transformer.transformer.blocks.1.attn2.key.weight"
-  _expect_error({k: v for k, v in state.items() if k != missing}, config, missing)
-  extra = "transformer.transformer.blocks.0.attn1.extra"
-  _expect_error(state | {extra: torch.zeros(3)}, config, extra)
-  stray = "transformer.unknown_buffer"
-  _expect_error(state | {stray: torch.zeros(3)}, config, stray)
-  wrong = "transformer.transformer.to_logits.1.bias"
-  _expect_error(state | {wrong: torch.zeros(K + 1)}, config, wrong)
-  needs_null = dataclasses.replace(config, learnable_null_text=True)
-  _expect_error(state, needs_null, "transformer.empty_text_embed")
+def official_log_probs(diffusion, tokens, t, condition):
+  """The official log p(x_0 | x_t), class-last, through ``predict_start``."""
+  with torch.no_grad():
+    log_x_t = official.index_to_log_onehot(torch.from_numpy(tokens), diffusion.num_classes)
+    if condition is None:
+      cond_emb = None
+    elif condition.ndim == 1:  # labels through the identity ClassEmbedding, as sample() does
+      cond_emb = diffusion.condition_emb(torch.from_numpy(condition)).float()
+    else:
+      cond_emb = torch.from_numpy(condition)
+    out = diffusion.predict_start(log_x_t, cond_emb, torch.from_numpy(t))
+  return out[:, :-1].numpy().transpose(0, 2, 1)
 
 
-CLASS_CONFIG = transformer.TransformerConfig(
-    codebook_size=K, spatial_size=(SIZE, SIZE), num_layers=LAYERS, embed_dim=WIDTH,
-    num_heads=HEADS, num_timesteps=T, conditioning="class", num_classes=6, mlp_type="conv",
-    position_grid=(8, 8))
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("official")
+  return {family: (str(root / f"{family}.pth"),
+                   *trained_official(family, str(root / f"{family}.pth"), seed=i))
+          for i, family in enumerate(OFFICIAL_FAMILIES)}
 
 
-def _official_class_state(config, rng):
-  """Torch-shaped random tensors under the official Condition2ImageTransformer names."""
-  d, hidden = config.embed_dim, config.mlp_ratio * config.embed_dim
-  shapes = {"content_emb.emb.weight": (K + 1, d), "content_emb.height_emb.weight": (8, d),
-            "content_emb.width_emb.weight": (8, d), "to_logits.0.weight": (d,),
-            "to_logits.0.bias": (d,), "to_logits.1.weight": (K, d), "to_logits.1.bias": (K,)}
-  for i in range(config.num_layers):
-    block = f"blocks.{i}"
-    for norm, rows in (("ln1", config.num_timesteps), ("ln2", config.num_classes)):
-      shapes |= {f"{block}.{norm}.emb.weight": (rows, d),
-                 f"{block}.{norm}.linear.weight": (2 * d, d),
-                 f"{block}.{norm}.linear.bias": (2 * d,)}
-    for proj in ("query", "key", "value", "proj"):
-      shapes |= {f"{block}.attn.{proj}.weight": (d, d), f"{block}.attn.{proj}.bias": (d,)}
-    shapes |= {f"{block}.mlp.conv1.weight": (hidden, d, 3, 3),
-               f"{block}.mlp.conv1.bias": (hidden,),
-               f"{block}.mlp.conv2.weight": (d, hidden, 3, 3), f"{block}.mlp.conv2.bias": (d,)}
-  return {f"transformer.transformer.{k}": rng.normal(size=s).astype(np.float32)
-          for k, s in shapes.items()}
+@pytest.mark.parametrize("family", list(OFFICIAL_FAMILIES))
+def test_official_checkpoint_matches_the_official_log_probs(official_files, family):
+  path, model, ema = official_files[family]
+  config = OFFICIAL_FAMILIES[family][1]
+  module, ema_params = checkpoints.load_denoiser(path, config=config)
+  assert module.config == config
+  _, raw_params = checkpoints.load_denoiser(path, config=config, use_ema=False)
+  tokens, t, _ = _inputs(SIZE * SIZE, seed=3)
+  for condition in official_conditions(family):
+    want_ema = official_log_probs(ema.ema_model, tokens, t, condition)
+    want_raw = official_log_probs(model.transformer, tokens, t, condition)
+    assert np.max(np.abs(want_ema - want_raw)) > 1e-2  # the two weight sets differ
+    _assert_close(_ours(config, ema_params, tokens, t, condition), want_ema)
+    _assert_close(_ours(config, raw_params, tokens, t, condition), want_raw)
+  assert ("null_text" in ema_params) == config.has_null_text
+  if config.has_null_text:
+    for params, diffusion in ((ema_params, ema.ema_model), (raw_params, model.transformer)):
+      np.testing.assert_array_equal(params["null_text"],
+                                    diffusion.empty_text_embed.detach().float().numpy())
 
 
-def test_from_official_class_conditional_conv_mlp_matches_torch():
-  rng = np.random.default_rng(6)
-  state = _official_class_state(CLASS_CONFIG, rng)
-  params = denoiser.from_official(state, CLASS_CONFIG)
+def test_official_state_dicts_at_every_level_read_the_same_weights(official_files):
+  path, _, _ = official_files["class_learnable"]
+  config = OFFICIAL_FAMILIES["class_learnable"][1]
+  checkpoint = torch.load(path, weights_only=True)
+  want = denoiser.from_official(checkpoint, config)
+  # The EMA entry alone is a DiffusionTransformer state dict.
+  _assert_same_params(denoiser.from_official(checkpoint["ema"], config), want)
+  inner = {k[len("transformer."):]: v for k, v in checkpoint["ema"].items()
+           if k.startswith("transformer.")}
+  _assert_same_params(denoiser.from_official(inner, config), want)
+  scanned = denoiser.from_official(checkpoint, dataclasses.replace(config, scan_layers=True))
+  _assert_same_params(transformer.unstack_layers(scanned), want)
+
+
+def _expect_load_error(tmp_path, checkpoint, config, *fragments):
+  path = str(tmp_path / "edited.pth")
+  torch.save(checkpoint, path)
+  with pytest.raises(common.ConversionError) as error:
+    checkpoints.load_denoiser(path, config=config)
+  for fragment in (path, *fragments):
+    assert fragment in str(error.value)
+
+
+def _edited(checkpoint, drop=(), **added):
+  """The checkpoint without the model keys ``drop`` (in the EMA entry too), with ``added``."""
+  ema = {k: v for k, v in checkpoint["ema"].items() if f"transformer.{k}" not in drop}
+  model = {k: v for k, v in checkpoint["model"].items() if k not in drop}
+  return checkpoint | {"model": model | added, "ema": ema}
+
+
+def test_official_checkpoint_errors_name_the_key_and_the_file(official_files, tmp_path):
+  path, _, _ = official_files["text_learnable"]
+  config = OFFICIAL_FAMILIES["text_learnable"][1]
+  checkpoint = torch.load(path, weights_only=True)
   block = "transformer.transformer.blocks.1"
-  np.testing.assert_array_equal(params["block_1"]["mlp_norm"]["embedding"],
-                                state[f"{block}.ln2.emb.weight"])
-  # The official conv_mlp: 'b (h w) c -> b c h w', conv3x3, GELU2, conv3x3, back.
-  x = rng.normal(size=(2, SIZE * SIZE, WIDTH)).astype(np.float32)
-  w1, b1, w2, b2 = (torch.from_numpy(state[f"{block}.mlp.{n}"])
-                    for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"))
-  grid = torch.from_numpy(x).reshape(2, SIZE, SIZE, WIDTH).permute(0, 3, 1, 2)
-  hidden = torch.nn.functional.conv2d(grid, w1, b1, padding=1)
-  hidden = hidden * torch.sigmoid(1.702 * hidden)
-  expected = torch.nn.functional.conv2d(hidden, w2, b2, padding=1)
-  expected = expected.permute(0, 2, 3, 1).reshape(2, SIZE * SIZE, WIDTH).numpy()
-  mlp = transformer.ConvMlp(4, (SIZE, SIZE))
-  ours = jax.jit(mlp.apply)({"params": params["block_1"]["mlp"]}, x)
-  np.testing.assert_allclose(ours, expected, atol=TOLERANCE * np.abs(expected).max())
+  extra = {f"{block}.attn2.extra": torch.zeros(3), "transformer.unknown_buffer": torch.zeros(3)}
+  _expect_load_error(tmp_path, _edited(checkpoint, **extra), config, *extra)
+  missing = f"{block}.attn2.key.weight"
+  _expect_load_error(tmp_path, _edited(checkpoint, drop={missing}), config, missing)
+  wrong = {"transformer.transformer.to_logits.1.bias": torch.zeros(K + 1)}
+  edited = _edited(checkpoint, drop=set(wrong), **wrong)
+  _expect_load_error(tmp_path, edited, config, *wrong, f"({K + 1},)")
+  # A mask buffer is skipped only for a block the config has.
+  one_layer = dataclasses.replace(config, num_layers=1)
+  _expect_load_error(tmp_path, checkpoint, one_layer, f"{block}.attn2.mask")
+  no_null = dataclasses.replace(config, learnable_null_text=False)
+  _expect_load_error(tmp_path, checkpoint, no_null, "transformer.empty_text_embed",
+                     "learnable_null_text=False")
+  null_path, _, _ = official_files["text"]
+  _expect_load_error(tmp_path, torch.load(null_path, weights_only=True), config,
+                     "transformer.empty_text_embed", "missing")
+
+
+@functools.lru_cache
+def _released_shapes(name):
+  """The state dict of a released file's model at full size, as ShapeDtypeStructs.
+
+  Built on torch's meta device (nothing allocated); the EMA entry is the
+  DiffusionTransformer's state dict, as the solver saves it.
+  """
+  with torch.device("meta"):
+    model = official.build_model(official.RELEASED[name]())
+  def abstract(state):
+    return {k: jax.ShapeDtypeStruct(tuple(v.shape), np.float32 if v.is_floating_point()
+                                    else np.int64) for k, v in state.items()}
+  return {"model": abstract(model.state_dict()), "ema": abstract(model.transformer.state_dict())}
+
+
+def _convert_abstract(name, config):
+  return jax.eval_shape(functools.partial(denoiser.from_official, config=config),
+                        _released_shapes(name))
+
+
+# Released files by official yaml: COCO, CUB-200 and CC share config_text.yaml.
+RELEASED_GROUPS = [("coco", "cub200", "cc"), ("coco_learnable", "cc_learnable"), ("ithq",),
+                   ("imagenet",), ("imagenet_learnable",), ("ffhq",)]
+
+
+def test_released_groups_cover_every_released_file():
+  assert sorted(sum(RELEASED_GROUPS, ())) == sorted(official.RELEASED)
+
+
+@pytest.mark.parametrize("names", RELEASED_GROUPS, ids=lambda names: names[0])
+def test_released_checkpoints_convert_at_full_size_with_their_preset(names):
+  for name in names:
+    assert official.RELEASED[name]() == official.RELEASED[names[0]]()
+    assert transformer.PRESETS[name] == transformer.PRESETS[names[0]]
+  config = transformer.preset(names[0])
+  # assemble checks every parameter's key and shape against the module's tree.
+  converted = _convert_abstract(names[0], config)
+  model = _released_shapes(names[0])["model"]
+  inner = "transformer.transformer."
+  assert converted["token_embed"]["tokens"].shape == model[f"{inner}content_emb.emb.weight"].shape
+  blocks = {k.split(".")[3] for k in model if k.startswith(f"{inner}blocks.")}
+  assert len(blocks) == config.num_layers
+  if config.conditioning == "class":
+    assert converted["block_0"]["mlp_norm"]["embedding"].shape == (
+        model[f"{inner}blocks.0.ln2.emb.weight"].shape)
+
+
+@pytest.mark.parametrize("name, wrong, fragments", [
+    ("coco", "ithq", ("transformer.transformer.content_emb.emb.weight", "(2888, 1024)",
+                      "transformer.transformer.blocks.35.ln1.emb.weight")),
+    ("coco_learnable", "coco", ("transformer.empty_text_embed", "_learnable preset")),
+    ("imagenet_learnable", "imagenet", ("transformer.transformer.blocks.0.ln2.emb.weight",
+                                        "(1001, 512)", "(1000, 512)")),
+    ("ffhq", "imagenet", ("transformer.transformer.blocks.0.ln2.weight",
+                          "transformer.transformer.blocks.0.ln2.emb.weight")),
+])
+def test_a_wrong_preset_names_the_mismatched_keys(name, wrong, fragments):
+  with pytest.raises(common.ConversionError) as error:
+    _convert_abstract(name, transformer.preset(wrong))
+  for fragment in fragments:
+    assert fragment in str(error.value)

@@ -1,10 +1,13 @@
 """Converts a PyTorch VQ-Diffusion checkpoint into our Orbax directory.
 
-  python -m vqdiffusion_jax.convert SRC --out DIR [--preset base] [--raw-weights]
+  python -m vqdiffusion_jax.convert SRC --out DIR [--preset coco_learnable] [--raw-weights]
 
 SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ-VAE, text
 encoder), a diffusers Transformer2DModel directory, or an official
-microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
+microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``: the released
+file's name without ``.pth`` / ``_pretrained``, e.g. ``coco``,
+``coco_learnable``, ``cub200``, ``cc``, ``cc_learnable``, ``ithq``,
+``imagenet``, ``imagenet_learnable``, ``ffhq``; see ``transformer.PRESETS``).
 """
 
 import argparse
@@ -20,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                                    description=__doc__.splitlines()[0])
   parser.add_argument("src", help="checkpoint directory or official .pth file")
   parser.add_argument("--out", required=True, help="directory to write")
-  parser.add_argument("--preset", choices=sorted(transformer.PRESETS),
-                      help="sizes of an official .pth checkpoint")
+  parser.add_argument("--preset", choices=sorted(transformer.PRESETS), metavar="NAME",
+                      help="sizes of an official .pth, by released file or text size: "
+                           f"{', '.join(sorted(transformer.PRESETS))}")
   parser.add_argument("--raw-weights", action="store_true",
                       help="official .pth: take the raw weights instead of the EMA ones")
   parser.add_argument("--allow-pickle", action="store_true",

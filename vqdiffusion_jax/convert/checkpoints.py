@@ -127,7 +127,8 @@ def load_denoiser(path: str | os.PathLike, *, preset: str | None = None,
     cfg, params = denoiser.load_diffusers(path, **overrides)
   else:
     cfg = _official_config(path, preset, config, **overrides)
-    params = denoiser.from_official(_load_official(path, allow_pickle), cfg, use_ema=use_ema)
+    params = denoiser.from_official(_load_official(path, allow_pickle), cfg, use_ema=use_ema,
+                                    name=f"{denoiser.OFFICIAL_NAME} {path}")
   return transformer.VQDiffusionTransformer(cfg), params
 
 

@@ -9,20 +9,31 @@ Two layouts are read:
   embedding is the ``embeddings`` tensor of the pipeline's
   ``LearnedClassifierFreeSamplingEmbeddings``. ``load_diffusers`` reads a
   ``save_pretrained`` directory.
-* official (microsoft/VQ-Diffusion ``.pth``): ``{"model": ..., "ema": ...}``
-  or a bare state dict. Denoiser keys are
-  ``transformer.transformer.{content_emb, blocks.{i}, to_logits}.*`` and
-  ``transformer.empty_text_embed``; the EMA entry holds the
-  ``DiffusionTransformer`` alone, so its keys lack the leading
-  ``transformer.``. Block modules: ``ln1`` (AdaLN before self-attention),
-  ``attn1`` / ``ln1_1`` / ``attn2`` (text) or ``attn`` (class, none), ``ln2``
-  (LayerNorm, or the class AdaLN), ``mlp.{0,2}`` or ``mlp.{conv1,conv2}``.
-  The CLIP encoder (``transformer.condition_emb.*``), the VQ codec
-  (``content_codec.*``) and the diffusion buffers (``transformer.log_at`` ...)
-  are not part of the denoiser and are ignored by name.
+* official (microsoft/VQ-Diffusion ``.pth``, as its solver saves it):
+  ``{"model": ..., "ema": ..., "last_epoch": ..., "optimizer_and_scheduler":
+  ...}`` or a bare state dict. ``model`` is the DALLE's state dict (text
+  ``DALLE``, class ``C_DALLE``, unconditional ``UC_DALLE``), ``ema`` that of
+  its ``DiffusionTransformer`` alone, so its keys lack the leading
+  ``transformer.``. Denoiser keys are
+  ``transformer.transformer.{content_emb, blocks.{i}, to_logits}.*`` and, for
+  text models trained with ``learnable_cf``, ``transformer.empty_text_embed``.
+  Block modules: ``ln1`` (AdaLN before self-attention), ``attn1`` / ``ln1_1``
+  / ``attn2`` (text) or ``attn`` (class, none), ``ln2`` (LayerNorm, or the
+  class AdaLN), ``mlp.{0,2}`` or ``mlp.{conv1,conv2}``.
+
+  Skipped by name: the CLIP encoder (``transformer.condition_emb.*``), the VQ
+  codec (``content_codec.*``), the DiffusionTransformer's buffers
+  (``transformer.log_at`` ... ``Lt_count``), every text block's causal
+  ``attn2.mask`` buffer (registered, never read), and, in a class-conditional
+  or unconditional model, ``empty_text_embed`` (imagenet_learnable.pth carries
+  it; the class model never reads it: its null condition is class 1000, a
+  learned row of a 1001-row table, or past a 1000-row table the mean row).
+  Any other key is an error.
 
 Both produce plain (``block_{i}``) params and stack them when the config
 scans its layers; every key and shape is checked by ``common.assemble``.
+The official reader also takes jax arrays, so ``jax.eval_shape`` of
+``from_official`` checks a checkpoint's keys and shapes without its data.
 """
 
 from __future__ import annotations
@@ -43,6 +54,9 @@ OFFICIAL_BUFFERS = (
     "log_at", "log_bt", "log_ct", "log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct",
     "log_1_min_ct", "log_1_min_cumprod_ct", "Lt_history", "Lt_count",
 )
+OFFICIAL_MASK = "mask"  # CrossAttention's causal mask buffer
+OFFICIAL_NULL_TEXT = "empty_text_embed"  # DiffusionTransformer's learnable null text
+OFFICIAL_NAME = "official VQ-Diffusion checkpoint"
 NULL_TEXT_KEY = "embeddings"  # LearnedClassifierFreeSamplingEmbeddings
 PIPELINE_NULL_TEXT = "learned_classifier_free_sampling_embeddings"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -89,25 +103,63 @@ OFFICIAL = _Layout(
     head="to_logits.1")
 
 
+# Layout changes written with array methods, so they run on NumPy arrays and
+# on jax tracers alike (``jax.eval_shape`` of a conversion).
+
+
+def _contiguous(x):
+  return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x
+
+
+def _same(w):
+  return w
+
+
+def _linear(w):
+  """torch Linear weight (out, in) -> Dense kernel (in, out)."""
+  return _contiguous(w.T)
+
+
+def _conv(w):
+  """torch Conv2d weight (O, I, kH, kW) -> Conv kernel (kH, kW, I, O)."""
+  return _contiguous(w.transpose(2, 3, 1, 0))
+
+
+def _check_heads(w, ndim, axis, config):
+  """``w`` has ``ndim`` axes and ``axis`` is num_heads x head_dim wide (else ValueError)."""
+  if w.ndim != ndim or w.shape[axis] != config.num_heads * config.head_dim:
+    raise ValueError(f"{ndim}-d with {config.num_heads} heads x {config.head_dim} along axis "
+                     f"{axis} expected")
+
+
 def _heads_in(config):
   """torch Linear (H*d, in) -> DenseGeneral kernel (in, H, d)."""
-  return lambda w: common.linear(w).reshape(-1, config.num_heads, config.head_dim)
+  def convert(w):
+    _check_heads(w, 2, 0, config)
+    return _contiguous(w.T.reshape(w.shape[1], config.num_heads, config.head_dim))
+  return convert
 
 
 def _heads_bias(config):
-  return lambda b: np.asarray(b).reshape(config.num_heads, config.head_dim)
+  def convert(b):
+    _check_heads(b, 1, 0, config)
+    return b.reshape(config.num_heads, config.head_dim)
+  return convert
 
 
 def _heads_out(config):
   """torch Linear (D, H*d) -> DenseGeneral kernel (H, d, D)."""
-  return lambda w: common.linear(w).reshape(config.num_heads, config.head_dim, -1)
+  def convert(w):
+    _check_heads(w, 2, 1, config)
+    return _contiguous(w.T.reshape(config.num_heads, config.head_dim, w.shape[0]))
+  return convert
 
 
 def _ada_rules(ours, theirs, layout):
   return {
-      (*ours, "embedding"): (f"{theirs}.{layout.ada_table}.weight", common.same),
-      (*ours, "modulation", "kernel"): (f"{theirs}.{layout.ada_linear}.weight", common.linear),
-      (*ours, "modulation", "bias"): (f"{theirs}.{layout.ada_linear}.bias", common.same),
+      (*ours, "embedding"): (f"{theirs}.{layout.ada_table}.weight", _same),
+      (*ours, "modulation", "kernel"): (f"{theirs}.{layout.ada_linear}.weight", _linear),
+      (*ours, "modulation", "bias"): (f"{theirs}.{layout.ada_linear}.bias", _same),
   }
 
 
@@ -117,24 +169,24 @@ def _attention_rules(ours, theirs, layout, config):
     rules[(*ours, name, "kernel")] = (f"{theirs}.{key}.weight", _heads_in(config))
     rules[(*ours, name, "bias")] = (f"{theirs}.{key}.bias", _heads_bias(config))
   rules[(*ours, "out", "kernel")] = (f"{theirs}.{layout.out}.weight", _heads_out(config))
-  rules[(*ours, "out", "bias")] = (f"{theirs}.{layout.out}.bias", common.same)
+  rules[(*ours, "out", "bias")] = (f"{theirs}.{layout.out}.bias", _same)
   return rules
 
 
 def _affine_rules(ours, theirs):
-  return {(*ours, "scale"): (f"{theirs}.weight", common.same),
-          (*ours, "bias"): (f"{theirs}.bias", common.same)}
+  return {(*ours, "scale"): (f"{theirs}.weight", _same),
+          (*ours, "bias"): (f"{theirs}.bias", _same)}
 
 
 def _mlp_rules(ours, theirs, layout, config):
   if config.mlp_type == "conv":
-    pairs = (("conv1", "mlp.conv1", common.conv), ("conv2", "mlp.conv2", common.conv))
+    pairs = (("conv1", "mlp.conv1", _conv), ("conv2", "mlp.conv2", _conv))
   else:
-    pairs = (("fc1", layout.fc1, common.linear), ("fc2", layout.fc2, common.linear))
+    pairs = (("fc1", layout.fc1, _linear), ("fc2", layout.fc2, _linear))
   rules = {}
   for name, key, transform in pairs:
     rules[(*ours, name, "kernel")] = (f"{theirs}.{key}.weight", transform)
-    rules[(*ours, name, "bias")] = (f"{theirs}.{key}.bias", common.same)
+    rules[(*ours, name, "bias")] = (f"{theirs}.{key}.bias", _same)
   return rules
 
 
@@ -161,17 +213,17 @@ def _rules(config, layout, prefix="", null_text_key=None):
   """{our param path: (source key, transform)} for a whole plain-layout model."""
   embedding = prefix + layout.embedding
   rules = {
-      ("token_embed", "tokens"): (f"{embedding}.{layout.token_table}.weight", common.same),
-      ("token_embed", "rows"): (f"{embedding}.{layout.row_table}.weight", common.same),
-      ("token_embed", "cols"): (f"{embedding}.{layout.col_table}.weight", common.same),
-      ("head", "kernel"): (f"{prefix}{layout.head}.weight", common.linear),
-      ("head", "bias"): (f"{prefix}{layout.head}.bias", common.same),
+      ("token_embed", "tokens"): (f"{embedding}.{layout.token_table}.weight", _same),
+      ("token_embed", "rows"): (f"{embedding}.{layout.row_table}.weight", _same),
+      ("token_embed", "cols"): (f"{embedding}.{layout.col_table}.weight", _same),
+      ("head", "kernel"): (f"{prefix}{layout.head}.weight", _linear),
+      ("head", "bias"): (f"{prefix}{layout.head}.bias", _same),
   }
   rules |= _affine_rules(("head_norm",), prefix + layout.head_norm)
   for i in range(config.num_layers):
     rules |= _block_rules(i, layout, config, prefix)
   if config.has_null_text:
-    rules[("null_text",)] = (null_text_key, common.same)
+    rules[("null_text",)] = (null_text_key, _same)
   return rules
 
 
@@ -295,7 +347,7 @@ def load_diffusers_pipeline(pipeline_dir: str, **overrides):
   return load_diffusers(os.path.join(pipeline_dir, "transformer"), null_text_dir, **overrides)
 
 
-def _select_official(checkpoint: Mapping[str, object], use_ema: bool) -> dict:
+def _select_official(checkpoint: Mapping[str, object], use_ema: bool, name: str) -> dict:
   """The model-level state dict of an official checkpoint, EMA weights laid over."""
   if "model" not in checkpoint:
     return dict(checkpoint)
@@ -304,61 +356,86 @@ def _select_official(checkpoint: Mapping[str, object], use_ema: bool) -> dict:
     # The EMA copy is of model.transformer (the DiffusionTransformer) alone.
     state |= {f"transformer.{k}": v for k, v in checkpoint["ema"].items()}
   elif use_ema:
-    warnings.warn("official checkpoint has no 'ema' entry; converting the raw weights",
-                  stacklevel=3)
+    warnings.warn(f"{name} has no 'ema' entry; converting the raw weights", stacklevel=3)
   return state
 
 
-def _official_prefix(source: Mapping[str, object]) -> str:
-  """Where the Text2ImageTransformer sits: under DALLE, DiffusionTransformer or at the top."""
+def _official_arrays(state: Mapping[str, object]) -> dict:
+  """torch tensors -> NumPy (float32 for floating ones); NumPy / jax arrays as they are."""
+  tensors = {k: v for k, v in state.items() if hasattr(v, "detach")}
+  return {**state, **common.to_numpy(tensors)}
+
+
+def _official_prefix(source: Mapping[str, object], name: str) -> str:
+  """Where the image transformer sits: under DALLE, DiffusionTransformer or at the top."""
   for prefix in ("transformer.transformer.", "transformer.", ""):
     if f"{prefix}{OFFICIAL.embedding}.{OFFICIAL.token_table}.weight" in source:
       return prefix
-  raise common.ConversionError("no content_emb.emb.weight under any known prefix: "
+  raise common.ConversionError(f"{name}: no content_emb.emb.weight under any known prefix: "
                                "not an official VQ-Diffusion checkpoint")
 
 
-def official_ignore(parent: str) -> Callable[[str], bool]:
+def official_ignore(config: transformer.TransformerConfig, prefix: str,
+                    parent: str) -> Callable[[str], bool]:
   """Keys of an official checkpoint outside the denoiser, by name.
 
   Args:
+    config: our config (its layers and conditioning name the skipped keys).
+    prefix: the image transformer's prefix ("transformer.transformer." in a
+      full model).
     parent: the DiffusionTransformer's prefix ("transformer." in a full model).
 
   Returns:
-    A predicate: the CLIP text encoder, the VQ codec, the diffusion buffers.
+    A predicate: the CLIP text encoder, the VQ codec, the diffusion buffers,
+    the text blocks' causal masks, and a null text that a class-conditional
+    or unconditional model never reads.
   """
-  buffers = {parent + name for name in OFFICIAL_BUFFERS}
-  return lambda key: (key.startswith(f"{parent}condition_emb.") or key in buffers
-                      or key.startswith("content_codec."))
+  skipped = {parent + name for name in OFFICIAL_BUFFERS}
+  if config.conditioning == "text":
+    skipped |= {f"{prefix}{OFFICIAL.block.format(i=i)}.{OFFICIAL.cross_attn}.{OFFICIAL_MASK}"
+                for i in range(config.num_layers)}
+  else:
+    skipped.add(parent + OFFICIAL_NULL_TEXT)
+  outside = (f"{parent}condition_emb.", "content_codec.")
+  return lambda key: key in skipped or key.startswith(outside)
+
+
+def _check_null_text(source, config, key, name):
+  if config.conditioning == "text" and not config.learnable_null_text and key in source:
+    raise common.ConversionError(
+        f"{name} holds a learnable null text ({key!r}) but the config has "
+        "learnable_null_text=False: use a *_learnable preset (or drop --no-null-text)")
 
 
 def from_official(checkpoint: Mapping[str, object], config: transformer.TransformerConfig, *,
-                  use_ema: bool = True):
+                  use_ema: bool = True, name: str = OFFICIAL_NAME):
   """Params from an official microsoft/VQ-Diffusion checkpoint.
 
   Args:
     checkpoint: the loaded ``.pth`` (a dict with ``model`` and usually
       ``ema``) or a bare state dict (of the DALLE model, the
-      DiffusionTransformer, or the Text2ImageTransformer).
-    config: our config matching the checkpoint's yaml (e.g. ``preset("base")``;
-      ``learnable_null_text=False`` for checkpoints trained without
-      ``learnable_cf``).
+      DiffusionTransformer, or the image transformer). Values are torch
+      tensors, NumPy arrays or jax arrays (``jax.eval_shape`` over
+      ``ShapeDtypeStruct``s checks keys and shapes without data).
+    config: our config matching the checkpoint's yaml (``transformer.PRESETS``
+      names one per released file, e.g. ``preset("coco_learnable")``).
     use_ema: take the EMA weights when the checkpoint has them (what the
       official inference does).
+    name: what error messages call the checkpoint (e.g. its path).
 
   Returns:
     The params tree (NumPy float32), stacked if ``config.scan_layers``.
 
   Raises:
-    ConversionError: on missing, unused or mis-shaped keys.
+    ConversionError: on missing, unknown or mis-shaped keys, naming them.
   """
-  state = _select_official(checkpoint, use_ema)
-  source = common.to_numpy(state)
-  prefix = _official_prefix(source)
+  source = _official_arrays(_select_official(checkpoint, use_ema, name))
+  prefix = _official_prefix(source, name)
   parent = prefix[:-len("transformer.")] if prefix else ""
-  rules = _rules(config, OFFICIAL, prefix, null_text_key=f"{parent}empty_text_embed")
-  return _assemble(config, rules, source, "official VQ-Diffusion checkpoint",
-                   ignore=official_ignore(parent))
+  null_text_key = parent + OFFICIAL_NULL_TEXT
+  _check_null_text(source, config, null_text_key, name)
+  rules = _rules(config, OFFICIAL, prefix, null_text_key=null_text_key)
+  return _assemble(config, rules, source, name, ignore=official_ignore(config, prefix, parent))
 
 
 def _read_diffusers(directory: str) -> dict[str, np.ndarray]:

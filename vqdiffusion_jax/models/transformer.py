@@ -156,21 +156,39 @@ class TransformerConfig:
     return self.conditioning == "text" and self.learnable_null_text
 
 
+# Official sizes (microsoft/VQ-Diffusion configs/*.yaml and
+# OUTPUT/pretrained_model/config_*.yaml); the time steps (100), the text
+# features (77 x 512) and the MLP ratio (4) are the config defaults.
+_TEXT = {"codebook_size": 2887, "spatial_size": (32, 32), "num_layers": 19, "embed_dim": 1024,
+         "num_heads": 16}
+# ITHQ, trained with activation checkpointing.
+_ITHQ = {"codebook_size": 4096, "spatial_size": (32, 32), "num_layers": 36, "embed_dim": 1408,
+         "num_heads": 16, "remat": True}
+# ImageNet / FFHQ: 16 x 16 tokens read 32 x 32 position tables; conv MLP.
+_IMAGENET = {"codebook_size": 974, "spatial_size": (16, 16), "num_layers": 24, "embed_dim": 512,
+             "num_heads": 16, "conditioning": "class", "num_classes": 1000, "mlp_type": "conv",
+             "position_grid": (32, 32)}
+_FFHQ = {"codebook_size": 1024, "spatial_size": (16, 16), "num_layers": 20, "embed_dim": 512,
+         "num_heads": 16, "conditioning": "none", "mlp_type": "conv", "position_grid": (32, 32)}
+_NO_NULL_TEXT = {"learnable_null_text": False}
+
 PRESETS = {
-    # CUB-200 / MSCOCO / Conceptual Captions (configs/coco.yaml and friends).
-    "base": {"codebook_size": 2887, "spatial_size": (32, 32), "num_layers": 19,
-             "embed_dim": 1024, "num_heads": 16},
-    # ITHQ (configs/ithq.yaml), trained with activation checkpointing.
-    "large": {"codebook_size": 4096, "spatial_size": (32, 32), "num_layers": 36,
-              "embed_dim": 1408, "num_heads": 16, "remat": True},
-    # ImageNet class-conditional (configs/imagenet.yaml).
-    "imagenet": {"codebook_size": 974, "spatial_size": (16, 16), "num_layers": 24,
-                 "embed_dim": 512, "num_heads": 16, "conditioning": "class",
-                 "num_classes": 1000, "mlp_type": "conv", "position_grid": (32, 32)},
-    # FFHQ unconditional (configs/ffhq.yaml).
-    "ffhq": {"codebook_size": 1024, "spatial_size": (16, 16), "num_layers": 20,
-             "embed_dim": 512, "num_heads": 16, "conditioning": "none", "mlp_type": "conv",
-             "position_grid": (32, 32)},
+    # By released file:
+    "coco": _TEXT | _NO_NULL_TEXT,  # coco_pretrained.pth (config_text.yaml)
+    "coco_learnable": _TEXT,  # coco_learnable.pth (learnable null text)
+    "cub200": _TEXT | _NO_NULL_TEXT,  # cub_pretrained.pth
+    "cc": _TEXT | _NO_NULL_TEXT,  # CC_pretrained.pth
+    "cc_learnable": _TEXT,  # cc_learnable.pth
+    "ithq": _ITHQ,  # ithq_learnable.pth (configs/ithq.yaml, learnable null text)
+    # imagenet_pretrained.pth (config_imagenet.yaml): the null label 1000 reads
+    # the mean row of the 1000-row class tables.
+    "imagenet": _IMAGENET,
+    # imagenet_learnable.pth: class tables of 1001 rows, the null class 1000 learned.
+    "imagenet_learnable": _IMAGENET | {"num_classes": 1001},
+    "ffhq": _FFHQ,  # configs/ffhq.yaml, unconditional
+    # By size: the text models with a learnable null text.
+    "base": _TEXT,
+    "large": _ITHQ,
 }
 
 
@@ -178,12 +196,19 @@ def preset(name: str, **overrides) -> TransformerConfig:
   """The official sizes.
 
   Args:
-    name: one of ``PRESETS``: "base", "large", "imagenet", "ffhq".
+    name: one of ``PRESETS``: a released file's ("coco", "coco_learnable",
+      "cub200", "cc", "cc_learnable", "ithq", "imagenet",
+      "imagenet_learnable", "ffhq") or a text size ("base", "large").
     **overrides: fields to change (e.g. ``dtype=jnp.bfloat16``).
 
   Returns:
     The config.
+
+  Raises:
+    ValueError: for an unknown name.
   """
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
   return TransformerConfig(**{**PRESETS[name], **overrides})
 
 
