@@ -146,7 +146,7 @@ OFFICIAL_FAMILIES = {
         lambda: official.class_config(**OFFICIAL_SIZES, emb_spatial_size=OFFICIAL_GRID,
                                       class_number=1001, learnable_cf=True),
         transformer.TransformerConfig(**OUR_SIZES, **_CONV, conditioning="class",
-                                      num_classes=1001)),
+                                      learnable_null_class=True)),
     "class": (
         lambda: official.class_config(**OFFICIAL_SIZES, emb_spatial_size=OFFICIAL_GRID),
         transformer.TransformerConfig(**OUR_SIZES, **_CONV, conditioning="class",

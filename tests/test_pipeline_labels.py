@@ -34,7 +34,8 @@ def _random(tree, seed, scale=0.5):
 def _denoiser(conditioning, seed):
   config = TransformerConfig(codebook_size=16, spatial_size=(4, 4), num_layers=1, embed_dim=16,
                              num_heads=2, condition_dim=8, condition_length=3, num_timesteps=6,
-                             conditioning=conditioning, num_classes=NUM_CLASSES)
+                             conditioning=conditioning, num_classes=NUM_CLASSES,
+                             learnable_null_class=conditioning == "class")
   params = Denoiser(VQDiffusionTransformer(config)).init(jax.random.key(seed))["params"]
   return config, _random(nn.meta.unbox(params), seed)
 
@@ -84,6 +85,8 @@ def _tokens(pipe, **kwargs):
 def test_a_class_directory_loads_without_a_text_encoder(class_pipe, uncond_pipe):
   assert class_pipe.denoiser.conditioning == "class" and class_pipe.tokenize is None
   assert class_pipe.denoiser.num_classes == NUM_CLASSES and class_pipe.text_params is None
+  # The null class is a learned row after the labels' rows.
+  assert class_pipe.params["block_0"]["mlp_norm"]["embedding"].shape[0] == NUM_CLASSES + 1
   assert uncond_pipe.denoiser.conditioning == "none" and not uncond_pipe.denoiser.has_null_condition
   assert class_pipe.image_size == SIZE and class_pipe.latent_grid == (4, 4)
 

@@ -74,8 +74,9 @@ class Denoiser:
     """Whether there is a null condition for classifier-free guidance.
 
     A text network has one when it owns the learnable null text; a class
-    network always has its null class (label ``num_classes``, which reads
-    the mean row of every class table); an unconditional one has none.
+    network always has its null class (label ``num_classes``: a learned row
+    with ``learnable_null_class``, else the mean row of every class table);
+    an unconditional one has none.
     """
     if self.conditioning == "class":
       return True

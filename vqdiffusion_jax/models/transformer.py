@@ -71,8 +71,10 @@ class TransformerConfig:
     condition_length: text length L ("text"), the null embedding's length.
     num_timesteps: T, rows of the timestep tables.
     conditioning: "text" (cross-attention), "class" (class AdaLN) or "none".
-    num_classes: rows of the class table ("class"; label num_classes and up
-      read its mean row).
+    num_classes: labels of a "class" model (0..num_classes - 1); label
+      num_classes is the null class used by guidance.
+    learnable_null_class: the class tables have a learned null row (row
+      num_classes); without it the null label reads their mean row.
     mlp_type: "fc" (Linear) or "conv" (official conv_mlp, 3x3 convolutions).
     position_grid: (rows, cols) of the position tables when they differ from
       ``spatial_size``; None: the token grid.
@@ -109,6 +111,7 @@ class TransformerConfig:
   num_timesteps: int = 100
   conditioning: str = "text"
   num_classes: int = 1000
+  learnable_null_class: bool = False
   mlp_type: str = "fc"
   position_grid: tuple[int, int] | None = None
   learnable_null_text: bool = True
@@ -152,6 +155,11 @@ class TransformerConfig:
     return tuple(self.position_grid or self.spatial_size)
 
   @property
+  def class_rows(self) -> int:
+    """Rows of the class tables: one per label, plus the learned null row if any."""
+    return self.num_classes + int(self.learnable_null_class)
+
+  @property
   def has_null_text(self) -> bool:
     return self.conditioning == "text" and self.learnable_null_text
 
@@ -184,7 +192,7 @@ PRESETS = {
     # the mean row of the 1000-row class tables.
     "imagenet": _IMAGENET,
     # imagenet_learnable.pth: class tables of 1001 rows, the null class 1000 learned.
-    "imagenet_learnable": _IMAGENET | {"num_classes": 1001},
+    "imagenet_learnable": _IMAGENET | {"learnable_null_class": True},
     "ffhq": _FFHQ,  # configs/ffhq.yaml, unconditional
     # By size: the text models with a learnable null text.
     "base": _TEXT,
@@ -395,7 +403,7 @@ class Block(nn.Module):
                              matmul_dtype, cfg.attention, grads, name="cross_attn")
       h = h + cross_attn(normed, condition.astype(dtype))
     if cfg.conditioning == "class":
-      normed = AdaLayerNorm(cfg.num_classes, axes.VOCAB, dtype, matmul_dtype, grads,
+      normed = AdaLayerNorm(cfg.class_rows, axes.VOCAB, dtype, matmul_dtype, grads,
                             name="mlp_norm")(h, condition)
     else:
       normed = _layer_norm(True, "mlp_norm", dtype)(h)
