@@ -1,12 +1,15 @@
 """Samplers: shapes, determinism, no [MASK] left, inpainting, reveal counts, guidance."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
+from tests import official_sampling
 from vqdiffusion_jax.diffusion import discrete, guidance, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 
@@ -141,12 +144,95 @@ def test_purity_prior_prefers_pure_positions():
   np.testing.assert_allclose(pure[chosen].mean(), 16 / 17, atol=0.03)
 
 
-def test_sharpen_matches_definition():
-  log_p = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(2).normal(size=(5, K))))
-  r = 0.7
-  purity = np.exp(np.asarray(log_p).max(-1, keepdims=True))
-  expected = (1 + r * purity) * np.asarray(log_p)
-  np.testing.assert_allclose(samplers.sharpen(log_p, r), expected, rtol=1e-6)
+def _official(num_timesteps, num_tokens, *, prior_rule=2, prior_weight=1.0):
+  official = official_sampling.OfficialSampling(num_timesteps, K + 1, num_tokens)
+  official.prior_rule, official.prior_weight = prior_rule, prior_weight
+  return official
+
+
+def _purity_inputs(batch=3, num_tokens=10, seed=4):
+  """x0 log-probs clamped as the official's, and tokens with [MASK]s and revealed tokens."""
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(batch, num_tokens, K)) * np.linspace(0.5, 2.0, num_tokens)[:, None]
+  logits[:, -1, 0] += 10.0
+  log_x0 = np.asarray(discrete.x0_log_probs(jnp.asarray(logits, jnp.float32)))
+  x = np.where(rng.random((batch, num_tokens)) < 0.6, K, rng.integers(0, K, (batch, num_tokens)))
+  x[:, -1] = rng.integers(0, K, batch)  # the purest position is already revealed
+  x[:, 0] = K
+  return log_x0, x
+
+
+def _class_first(array):
+  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(array), -1, 1)))
+
+
+@pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 3.0])
+def test_purity_sharpening_and_weights_match_official(r):
+  log_x0, x = _purity_inputs()
+  official = _official(T, x.shape[1], prior_weight=r)
+  log_x = official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1)
+  score = official.prior_score(log_x, _class_first(log_x0))
+  ours = samplers.purity(jnp.asarray(log_x0[..., :K]))
+  np.testing.assert_allclose(ours, score.numpy(), rtol=1e-6)
+  assert float(np.max(ours[:, :-1])) < 0.99  # normalised by a revealed position's purity
+  prob = official.adjusted(_class_first(log_x0), score).numpy()
+  sharpened = samplers.sharpen(jnp.asarray(log_x0[..., :K]), r)
+  np.testing.assert_allclose(sharpened, np.moveaxis(prob, 1, -1)[..., :K], atol=1e-4)
+  weights = official.choice_weights(log_x, score).numpy()
+  np.testing.assert_allclose(samplers.reveal_weights(jnp.asarray(log_x0), jnp.asarray(x),
+                                                     mask_index=K, purity_prior=True),
+                             weights, rtol=1e-6)
+  official.prior_rule = 1  # fewer tokens: uniform over [MASK] positions, no sharpening
+  uniform_weights = official.choice_weights(log_x, official.prior_score(log_x, None)).numpy()
+  np.testing.assert_array_equal(samplers.reveal_weights(jnp.asarray(log_x0), jnp.asarray(x),
+                                                        mask_index=K, purity_prior=False),
+                                uniform_weights)
+
+
+def _pair_probabilities(weights):
+  """Exact P(chosen set = {i, j}) of two draws without replacement in proportion to weights."""
+  total = weights.sum()
+  pairs = {}
+  for i, j in itertools.permutations(np.flatnonzero(weights), 2):
+    key = (min(i, j), max(i, j))
+    pairs[key] = pairs.get(key, 0.0) + weights[i] / total * weights[j] / (total - weights[i])
+  return pairs
+
+
+def _pair_frequencies(revealed):
+  keys, counts = np.unique(np.sort(np.argwhere(revealed)[:, 1].reshape(-1, 2), axis=1), axis=0,
+                           return_counts=True)
+  return {tuple(k): c / len(revealed) for k, c in zip(keys, counts, strict=True)}
+
+
+def test_purity_reveals_the_official_positions_and_tokens():
+  draws = 20000
+  log_x0, x = _purity_inputs(batch=1, num_tokens=6, seed=5)
+  x[0] = [K, K, 3, K, K, 5]
+  official = _official(T, 6)
+  log_x = official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1)
+  score = official.prior_score(log_x, _class_first(log_x0))
+  exact = _pair_probabilities(official.choice_weights(log_x, score).numpy()[0].astype(np.float64))
+  keys = jax.random.split(jax.random.key(0), draws)
+  ours = np.asarray(jax.jit(jax.vmap(lambda key: samplers.reveal_round(
+      key, jnp.asarray(log_x0), jnp.asarray(x), jnp.array([2]), mask_index=K,
+      purity_prior=True)[0]))(keys))
+  torch.manual_seed(0)
+  batch_log_x = log_x.expand(draws, -1, -1).clone()
+  out, sampled = official.p_sample(batch_log_x, _class_first(log_x0).expand(draws, -1, -1),
+                                   torch.full((draws,), 5), [0] * draws, 2)
+  theirs = official_sampling.log_onehot_to_index(out).numpy()
+  assert set(sampled) == {2}
+  for name, tokens in (("ours", ours), ("official", theirs)):
+    frequencies = _pair_frequencies(tokens != x)
+    assert set(frequencies) <= set(exact), name
+    for pair, p in exact.items():
+      assert abs(frequencies.get(pair, 0.0) - p) < 0.015, (name, pair, p)
+  # Position 0 is revealed often: its tokens follow the official sharpened distribution.
+  prob = np.exp(official.adjusted(_class_first(log_x0), score).numpy()[0, :K, 0])
+  for tokens in (ours, theirs):
+    drawn = tokens[:, 0][tokens[:, 0] != K]
+    np.testing.assert_allclose(np.bincount(drawn, minlength=K) / len(drawn), prob, atol=0.02)
 
 
 def test_typical_filter_against_numpy():
