@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests import official_sampling
+from tests import dense, official_sampling
 from vqdiffusion_jax.diffusion import discrete, guidance, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 
@@ -32,7 +32,8 @@ def uniform(x_t, t):
 
 
 ALL = [("vqdiffusion", 7, MASK_SCHEDULE), ("vqdiffusion", T, MASK_SCHEDULE),
-       ("vqdiffusion", 1, MASK_SCHEDULE), ("fewer_tokens", 5, MASK_SCHEDULE),
+       ("vqdiffusion", 1, MASK_SCHEDULE), ("vqdiffusion_fast", 5, MASK_SCHEDULE),
+       ("fewer_tokens", 5, MASK_SCHEDULE),
        ("purity", 4, MASK_SCHEDULE), ("paella", 6, UNIFORM_SCHEDULE),
        ("vqdiffusion", 9, UNIFORM_SCHEDULE)]
 
@@ -172,7 +173,7 @@ def test_purity_sharpening_and_weights_match_official(r):
   official = _official(T, x.shape[1], prior_weight=r)
   log_x = official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1)
   score = official.prior_score(log_x, _class_first(log_x0))
-  ours = samplers.purity(jnp.asarray(log_x0[..., :K]))
+  ours = samplers.relative_purity(jnp.asarray(log_x0[..., :K]))
   np.testing.assert_allclose(ours, score.numpy(), rtol=1e-6)
   assert float(np.max(ours[:, :-1])) < 0.99  # normalised by a revealed position's purity
   prob = official.adjusted(_class_first(log_x0), score).numpy()
@@ -233,6 +234,91 @@ def test_purity_reveals_the_official_positions_and_tokens():
   for tokens in (ours, theirs):
     drawn = tokens[:, 0][tokens[:, 0] != K]
     np.testing.assert_allclose(np.bincount(drawn, minlength=K) / len(drawn), prob, atol=0.02)
+
+
+@pytest.mark.parametrize("num_timesteps", [2, 10, 37, 100])
+def test_official_fast_steps_match_official_list(num_timesteps):
+  official = _official(num_timesteps, N)
+  for steps in range(1, num_timesteps + 1):
+    visited, posterior = samplers.official_fast_steps(num_timesteps - 1, steps)
+    skip_step = -(-num_timesteps // steps) - 1
+    expected = official.sample_fast_steps(skip_step)
+    np.testing.assert_array_equal(np.stack([visited, posterior], 1), np.array(expected))
+
+def test_every_official_speed_has_its_number_of_steps():
+  official = _official(100, N)
+  for speed in range(2, 11):  # the official infer_speed 2..10 with T = 100
+    visited, _ = samplers.official_fast_steps(99, -(-100 // speed))
+    assert [int(v) for v in visited] == [i for i, _ in official.sample_fast_steps(speed - 1)]
+
+
+POSTERIOR_STEP = jax.jit(functools.partial(samplers.posterior_step, MASK_SCHEDULE))
+
+
+def _fast_inputs(seed=6):
+  rng = np.random.default_rng(seed)
+  log_x0 = np.asarray(discrete.x0_log_probs(jnp.asarray(rng.normal(size=(2, N, K)) * 2.0,
+                                                        jnp.float32)))
+  x = np.where(rng.random((2, N)) < 0.5, K, rng.integers(0, K, (2, N)))
+  return log_x0, x
+
+
+@pytest.mark.parametrize("steps", [10, 7, 4])
+def test_official_fast_moves_match_official_sample_fast(steps):
+  official = _official(T, N)
+  log_x0, x = _fast_inputs()
+  speed = -(-T // steps)  # strides 2, 3 and 5; with 5, step 4 moves to 3, then 0 to x_0
+  network, source, target = samplers.reverse_moves("vqdiffusion_fast", T - 1, steps)
+  matrices = dense.step_matrices(MASK_SCHEDULE)
+  size = K + 1
+  for (index, _), t, frm, to in zip(official.sample_fast_steps(speed - 1), network, source,
+                                    target, strict=True):
+    assert index == t
+    theirs, _ = official.sample_fast_step(
+        official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1),
+        _class_first(log_x0), index, speed - 1)
+    theirs = np.exp(np.moveaxis(theirs.numpy(), 1, -1))
+    ours = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                            jnp.full((2,), frm), jnp.full((2,), to))))
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+    # On explicit matrices: the one-step posterior of step frm, whatever step x_t was at.
+    qbar = [dense.product(matrices[:u + 1], size) for u in (to, frm)]
+    for b, n in itertools.product(range(2), range(N)):
+      expected = dense.posterior(np.exp(log_x0[b, n, :K].astype(np.float64)), x[b, n], qbar[0],
+                                 matrices[frm], qbar[1])
+      np.testing.assert_allclose(ours[b, n], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_and_official_skips_differ_by_the_posterior_step():
+  log_x0, x = _fast_inputs(7)
+  network, source, target = samplers.reverse_moves("vqdiffusion_fast", T - 1, 5)
+  exact = samplers.reverse_moves("vqdiffusion", T - 1, 5)
+  np.testing.assert_array_equal(exact[0], [19, 14, 10, 5, 0])
+  np.testing.assert_array_equal(network, [19, 15, 11, 7, 3, 0])
+  np.testing.assert_array_equal(source, [16, 12, 8, 4, 3, 0])
+  np.testing.assert_array_equal(target, source - 1)
+  matrices = dense.step_matrices(MASK_SCHEDULE)
+  t, s = 19, 15  # the first official move, from x_19 to x_15
+  exact_move = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                                 jnp.full((2,), t), jnp.full((2,), s))))
+  expected = dense.posterior(np.exp(log_x0[0, 0, :K].astype(np.float64)), x[0, 0],
+                             dense.product(matrices[:s + 1], K + 1),
+                             dense.product(matrices[s + 1:t + 1], K + 1),
+                             dense.product(matrices[:t + 1], K + 1))
+  np.testing.assert_allclose(exact_move[0, 0], expected, rtol=1e-5, atol=1e-7)
+  official_move = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                                    jnp.full((2,), 16), jnp.full((2,), 15))))
+  assert np.abs(official_move - exact_move).max() > 0.05
+
+
+def test_vqdiffusion_fast_calls_the_network_at_the_official_steps():
+  calls = []
+  config = samplers.SamplerConfig("vqdiffusion_fast", 6)
+  jax.jit(lambda key: samplers.sample(_recording(uniform, calls), MASK_SCHEDULE, key, (B, N),
+                                      config))(jax.random.key(0))
+  jax.effects_barrier()
+  official = _official(T, N)
+  assert [int(t[0]) for _, t in calls] == [i for i, _ in official.sample_fast_steps(3)]
 
 
 def test_typical_filter_against_numpy():

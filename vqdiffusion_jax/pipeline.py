@@ -119,7 +119,8 @@ class Pipeline:
         None: every step (T) or, for reveal samplers, one token per call.
       guidance_scale: classifier-free guidance scale; 1 = off.
       truncation_rate: truncation r in (0, 1]; 1 = off.
-      sampler: "vqdiffusion", "fewer_tokens", "purity" or "paella".
+      sampler: "vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity" or
+        "paella" (``samplers.SAMPLERS``).
       seed: the result is a deterministic function of it.
       num_images_per_prompt: images drawn for each prompt.
       purity_temperature: r of the purity sampler's sharpening.

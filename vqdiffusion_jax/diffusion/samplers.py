@@ -368,8 +368,8 @@ def _reverse_process(log_x0_fn, schedule, rng, x, moves, known_tokens, known_mas
   return jax.lax.fori_loop(0, len(moves[0]), body, (x, rng))[0]
 
 
-def purity(log_x0: jax.Array) -> jax.Array:
-  """Each position's largest x0 probability over the image's largest, (B, N).
+def relative_purity(log_x0: jax.Array) -> jax.Array:
+  """Each position's purity (``guidance.purity``) over the image's largest, (B, N).
 
   Args:
     log_x0: (B, N, K) codebook log-probs; every position counts towards the
@@ -391,7 +391,7 @@ def sharpen(log_x0: jax.Array, temperature: float) -> jax.Array:
   """
   if temperature <= 0:
     return log_x0
-  scaled = (1.0 + temperature * purity(log_x0))[..., None] * log_x0
+  scaled = (1.0 + temperature * relative_purity(log_x0))[..., None] * log_x0
   return jnp.clip(jax.nn.log_softmax(scaled, axis=-1), LOG_PROB_MIN, 0.0)
 
 
@@ -399,10 +399,10 @@ def reveal_weights(log_x0: jax.Array, x: jax.Array, *, mask_index: int,
                    purity_prior: bool) -> jax.Array:
   """(B, N) weights for choosing positions to reveal: 0 where x is not [MASK].
 
-  Purity (``purity``) with ``purity_prior``, else 1: positions are drawn in
+  ``relative_purity`` with ``purity_prior``, else 1: positions are drawn in
   proportion to these, without replacement.
   """
-  weight = purity(log_x0[..., :mask_index]) if purity_prior else jnp.ones(x.shape)
+  weight = relative_purity(log_x0[..., :mask_index]) if purity_prior else jnp.ones(x.shape)
   return jnp.where(x == mask_index, weight, 0.0)
 
 
