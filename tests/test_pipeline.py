@@ -41,8 +41,8 @@ def test_loads_a_chosen_checkpoint_step(pipe, tiny_workdir):
 
 
 @pytest.mark.parametrize(("sampler", "steps", "scale"), [
-    ("vqdiffusion", None, 1.0), ("vqdiffusion", 3, 2.0), ("fewer_tokens", 8, 2.0),
-    ("purity", 16, 3.0), ("paella", 4, 2.0)])
+    ("vqdiffusion", None, 1.0), ("vqdiffusion", 3, 2.0), ("vqdiffusion_fast", 4, 2.0),
+    ("fewer_tokens", 8, 2.0), ("purity", 16, 3.0), ("paella", 4, 2.0)])
 def test_every_sampler_gives_pil_images_deterministic_per_seed(pipe, sampler, steps, scale):
   options = {"num_inference_steps": steps, "guidance_scale": scale, "sampler": sampler}
   images = pipe([PROMPT, "a small blue square on the left"], seed=1, **options)

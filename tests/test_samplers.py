@@ -1,12 +1,15 @@
 """Samplers: shapes, determinism, no [MASK] left, inpainting, reveal counts, guidance."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
+from tests import dense, official_sampling
 from vqdiffusion_jax.diffusion import discrete, guidance, samplers
 from vqdiffusion_jax.diffusion import schedule as schedules
 
@@ -29,7 +32,8 @@ def uniform(x_t, t):
 
 
 ALL = [("vqdiffusion", 7, MASK_SCHEDULE), ("vqdiffusion", T, MASK_SCHEDULE),
-       ("vqdiffusion", 1, MASK_SCHEDULE), ("fewer_tokens", 5, MASK_SCHEDULE),
+       ("vqdiffusion", 1, MASK_SCHEDULE), ("vqdiffusion_fast", 5, MASK_SCHEDULE),
+       ("fewer_tokens", 5, MASK_SCHEDULE),
        ("purity", 4, MASK_SCHEDULE), ("paella", 6, UNIFORM_SCHEDULE),
        ("vqdiffusion", 9, UNIFORM_SCHEDULE)]
 
@@ -141,12 +145,181 @@ def test_purity_prior_prefers_pure_positions():
   np.testing.assert_allclose(pure[chosen].mean(), 16 / 17, atol=0.03)
 
 
-def test_sharpen_matches_definition():
-  log_p = jax.nn.log_softmax(jnp.asarray(np.random.default_rng(2).normal(size=(5, K))))
-  r = 0.7
-  purity = np.exp(np.asarray(log_p).max(-1, keepdims=True))
-  expected = (1 + r * purity) * np.asarray(log_p)
-  np.testing.assert_allclose(samplers.sharpen(log_p, r), expected, rtol=1e-6)
+def _official(num_timesteps, num_tokens, *, prior_rule=2, prior_weight=1.0):
+  official = official_sampling.OfficialSampling(num_timesteps, K + 1, num_tokens)
+  official.prior_rule, official.prior_weight = prior_rule, prior_weight
+  return official
+
+
+def _purity_inputs(batch=3, num_tokens=10, seed=4):
+  """x0 log-probs clamped as the official's, and tokens with [MASK]s and revealed tokens."""
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(batch, num_tokens, K)) * np.linspace(0.5, 1.5, num_tokens)[:, None]
+  logits[:, -1, 0] += 4.0
+  log_x0 = np.asarray(discrete.x0_log_probs(jnp.asarray(logits, jnp.float32)))
+  x = np.where(rng.random((batch, num_tokens)) < 0.6, K, rng.integers(0, K, (batch, num_tokens)))
+  x[:, -1] = rng.integers(0, K, batch)  # the purest position is already revealed
+  x[:, 0] = K
+  return log_x0, x
+
+
+def _class_first(array):
+  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(array), -1, 1)))
+
+
+@pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 3.0])
+def test_purity_sharpening_and_weights_match_official(r):
+  log_x0, x = _purity_inputs()
+  official = _official(T, x.shape[1], prior_weight=r)
+  log_x = official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1)
+  score = official.prior_score(log_x, _class_first(log_x0))
+  ours = samplers.relative_purity(jnp.asarray(log_x0[..., :K]))
+  np.testing.assert_allclose(ours, score.numpy(), rtol=1e-6)
+  raw = np.exp(log_x0[..., :K].max(-1))
+  assert (raw.argmax(-1) == x.shape[1] - 1).all() and raw.max() < 0.99  # revealed, not 1
+  prob = official.adjusted(_class_first(log_x0), score).numpy()
+  sharpened = samplers.sharpen(jnp.asarray(log_x0[..., :K]), r)
+  np.testing.assert_allclose(sharpened, np.moveaxis(prob, 1, -1)[..., :K], atol=1e-4)
+  weights = official.choice_weights(log_x, score).numpy()
+  np.testing.assert_allclose(samplers.reveal_weights(jnp.asarray(log_x0), jnp.asarray(x),
+                                                     mask_index=K, purity_prior=True),
+                             weights, rtol=1e-6)
+  official.prior_rule = 1  # fewer tokens: uniform over [MASK] positions, no sharpening
+  uniform_weights = official.choice_weights(log_x, official.prior_score(log_x, None)).numpy()
+  np.testing.assert_array_equal(samplers.reveal_weights(jnp.asarray(log_x0), jnp.asarray(x),
+                                                        mask_index=K, purity_prior=False),
+                                uniform_weights)
+
+
+def _pair_probabilities(weights):
+  """Exact P(chosen set = {i, j}) of two draws without replacement in proportion to weights."""
+  total = weights.sum()
+  pairs = {}
+  for i, j in itertools.permutations(np.flatnonzero(weights), 2):
+    key = (min(i, j), max(i, j))
+    pairs[key] = pairs.get(key, 0.0) + weights[i] / total * weights[j] / (total - weights[i])
+  return pairs
+
+
+def _pair_frequencies(revealed):
+  keys, counts = np.unique(np.sort(np.argwhere(revealed)[:, 1].reshape(-1, 2), axis=1), axis=0,
+                           return_counts=True)
+  return {tuple(k): c / len(revealed) for k, c in zip(keys, counts, strict=True)}
+
+
+def test_purity_reveals_the_official_positions_and_tokens():
+  draws = 20000
+  log_x0, x = _purity_inputs(batch=1, num_tokens=6, seed=5)
+  x[0] = [K, K, 3, K, K, 5]
+  official = _official(T, 6)
+  log_x = official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1)
+  score = official.prior_score(log_x, _class_first(log_x0))
+  exact = _pair_probabilities(official.choice_weights(log_x, score).numpy()[0].astype(np.float64))
+  keys = jax.random.split(jax.random.key(0), draws)
+  ours = np.asarray(jax.jit(jax.vmap(lambda key: samplers.reveal_round(
+      key, jnp.asarray(log_x0), jnp.asarray(x), jnp.array([2]), mask_index=K,
+      purity_prior=True)[0]))(keys))
+  torch.manual_seed(0)
+  batch_log_x = log_x.expand(draws, -1, -1).clone()
+  out, sampled = official.p_sample(batch_log_x, _class_first(log_x0).expand(draws, -1, -1),
+                                   torch.full((draws,), 5), [0] * draws, 2)
+  theirs = official_sampling.log_onehot_to_index(out).numpy()
+  assert set(sampled) == {2}
+  for name, tokens in (("ours", ours), ("official", theirs)):
+    frequencies = _pair_frequencies(tokens != x)
+    assert set(frequencies) <= set(exact), name
+    for pair, p in exact.items():
+      assert abs(frequencies.get(pair, 0.0) - p) < 0.015, (name, pair, p)
+  # Position 3 is revealed most: its tokens follow the official sharpened distribution.
+  prob = np.exp(official.adjusted(_class_first(log_x0), score).numpy()[0, :K, 3])
+  for tokens in (ours, theirs):
+    drawn = tokens[:, 3][tokens[:, 3] != K]
+    np.testing.assert_allclose(np.bincount(drawn, minlength=K) / len(drawn), prob, atol=0.015)
+
+
+@pytest.mark.parametrize("num_timesteps", [2, 10, 37, 100])
+def test_official_fast_steps_match_official_list(num_timesteps):
+  official = _official(num_timesteps, N)
+  for steps in range(1, num_timesteps + 1):
+    visited, posterior = samplers.official_fast_steps(num_timesteps - 1, steps)
+    skip_step = -(-num_timesteps // steps) - 1
+    expected = official.sample_fast_steps(skip_step)
+    np.testing.assert_array_equal(np.stack([visited, posterior], 1), np.array(expected))
+
+def test_every_official_speed_has_its_number_of_steps():
+  official = _official(100, N)
+  for speed in range(2, 11):  # the official infer_speed 2..10 with T = 100
+    visited, _ = samplers.official_fast_steps(99, -(-100 // speed))
+    assert [int(v) for v in visited] == [i for i, _ in official.sample_fast_steps(speed - 1)]
+
+
+POSTERIOR_STEP = jax.jit(functools.partial(samplers.posterior_step, MASK_SCHEDULE))
+
+
+def _fast_inputs(seed=6):
+  rng = np.random.default_rng(seed)
+  log_x0 = np.asarray(discrete.x0_log_probs(jnp.asarray(rng.normal(size=(2, N, K)) * 2.0,
+                                                        jnp.float32)))
+  x = np.where(rng.random((2, N)) < 0.5, K, rng.integers(0, K, (2, N)))
+  return log_x0, x
+
+
+@pytest.mark.parametrize("steps", [10, 7, 4])
+def test_official_fast_moves_match_official_sample_fast(steps):
+  official = _official(T, N)
+  log_x0, x = _fast_inputs()
+  speed = -(-T // steps)  # strides 2, 3 and 5; with 5, step 4 moves to 3, then 0 to x_0
+  network, source, target = samplers.reverse_moves("vqdiffusion_fast", T - 1, steps)
+  matrices = dense.step_matrices(MASK_SCHEDULE)
+  size = K + 1
+  for (index, _), t, frm, to in zip(official.sample_fast_steps(speed - 1), network, source,
+                                    target, strict=True):
+    assert index == t
+    theirs, _ = official.sample_fast_step(
+        official_sampling.index_to_log_onehot(torch.from_numpy(x), K + 1),
+        _class_first(log_x0), index, speed - 1)
+    theirs = np.exp(np.moveaxis(theirs.numpy(), 1, -1))
+    ours = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                            jnp.full((2,), frm), jnp.full((2,), to))))
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+    # On explicit matrices: the one-step posterior of step frm, whatever step x_t was at.
+    qbar = [dense.product(matrices[:u + 1], size) for u in (to, frm)]
+    for b, n in itertools.product(range(2), range(N)):
+      expected = dense.posterior(np.exp(log_x0[b, n, :K].astype(np.float64)), x[b, n], qbar[0],
+                                 matrices[frm], qbar[1])
+      np.testing.assert_allclose(ours[b, n], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_and_official_skips_differ_by_the_posterior_step():
+  log_x0, x = _fast_inputs(7)
+  network, source, target = samplers.reverse_moves("vqdiffusion_fast", T - 1, 5)
+  exact = samplers.reverse_moves("vqdiffusion", T - 1, 5)
+  np.testing.assert_array_equal(exact[0], [19, 14, 10, 5, 0])
+  np.testing.assert_array_equal(network, [19, 15, 11, 7, 3, 0])
+  np.testing.assert_array_equal(source, [16, 12, 8, 4, 3, 0])
+  np.testing.assert_array_equal(target, source - 1)
+  matrices = dense.step_matrices(MASK_SCHEDULE)
+  t, s = 19, 15  # the first official move, from x_19 to x_15
+  exact_move = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                                 jnp.full((2,), t), jnp.full((2,), s))))
+  expected = dense.posterior(np.exp(log_x0[0, 0, :K].astype(np.float64)), x[0, 0],
+                             dense.product(matrices[:s + 1], K + 1),
+                             dense.product(matrices[s + 1:t + 1], K + 1),
+                             dense.product(matrices[:t + 1], K + 1))
+  np.testing.assert_allclose(exact_move[0, 0], expected, rtol=1e-5, atol=1e-7)
+  official_move = np.exp(np.asarray(POSTERIOR_STEP(jnp.asarray(log_x0), jnp.asarray(x),
+                                                    jnp.full((2,), 16), jnp.full((2,), 15))))
+  assert np.abs(official_move - exact_move).max() > 0.05
+
+
+def test_vqdiffusion_fast_calls_the_network_at_the_official_steps():
+  calls = []
+  config = samplers.SamplerConfig("vqdiffusion_fast", 6)
+  jax.jit(lambda key: samplers.sample(_recording(uniform, calls), MASK_SCHEDULE, key, (B, N),
+                                      config))(jax.random.key(0))
+  jax.effects_barrier()
+  official = _official(T, N)
+  assert [int(t[0]) for _, t in calls] == [i for i, _ in official.sample_fast_steps(3)]
 
 
 def test_typical_filter_against_numpy():

@@ -138,7 +138,8 @@ class Pipeline:
         unconditional pass reads the learnable null text of a text model or
         the null class of a class model.
       truncation_rate: truncation r in (0, 1]; 1 = off.
-      sampler: "vqdiffusion", "fewer_tokens", "purity" or "paella".
+      sampler: "vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity" or
+        "paella" (``samplers.SAMPLERS``).
       seed: the result is a deterministic function of it.
       num_images_per_prompt: images drawn for each prompt or label.
       purity_temperature: r of the purity sampler's sharpening.

@@ -7,9 +7,9 @@ Modules:
     sampling and the official training loss.
   guidance: truncation, classifier-free guidance and purity on x0 log-probs.
   importance: the importance sampler of training timesteps.
-  samplers: every sampler (reverse process with skip steps, fewer tokens,
-    purity, Paella renoising), each one compiled loop, with guidance,
-    truncation, inpainting and editing.
+  samplers: every sampler (reverse process with exact or official skip
+    steps, fewer tokens, the official purity prior, Paella renoising), each
+    one compiled loop, with guidance, truncation, inpainting and editing.
 """
 
 from vqdiffusion_jax.diffusion import discrete, guidance, importance, samplers, schedule

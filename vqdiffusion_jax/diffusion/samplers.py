@@ -14,14 +14,22 @@ Samplers (``SamplerConfig.name``):
   ``num_inference_steps`` evenly spaced steps (any number from 1 to T) and
   moving between visited steps t -> s by the skip-step posterior
   ``q(x_s | x_t, x~_0)``; the last move draws x_0 and never yields [MASK].
-* ``fewer_tokens``: Improved VQ-Diffusion's fewer-tokens sampling: each call
-  reveals exactly ``ceil(N / num_inference_steps)`` of the [MASK] positions
-  (the last call the rest), chosen uniformly, at the step t whose cbar_t is
-  nearest to the masked fraction.
-* ``purity``: as ``fewer_tokens`` but positions are chosen with probability
-  proportional to their purity (largest x0 probability; Gumbel top-k, so
-  without replacement) and revealed from the sharpened distribution
-  ``softmax((1 + r * purity) * log p)``.
+* ``vqdiffusion_fast``: the official ``sample_fast``: it visits every
+  ``stride``-th step from the start, and step 0 (``official_fast_steps``);
+  at a visited step t the network sees t, but the tokens move by the
+  one-step posterior of step ``t - stride + 1`` (of t itself once
+  ``t < stride``), as if x_t were at that step, to the step below it.
+* ``fewer_tokens``: Improved VQ-Diffusion's fewer-tokens sampling (the
+  official ``prior_rule`` 1): each call reveals exactly
+  ``ceil(N / num_inference_steps)`` of the [MASK] positions (the last call
+  the rest), chosen uniformly, drawn from the x0 prediction, at the step t
+  whose cbar_t is nearest to the masked fraction.
+* ``purity``: the official purity prior (``prior_rule`` 2, ``prior_weight``
+  r): as ``fewer_tokens`` but with each position's purity (its largest x0
+  probability) divided by the image's largest over all positions: positions
+  are chosen with probability proportional to it (Gumbel top-k, so without
+  replacement, as ``torch.multinomial``) and revealed from the sharpened
+  distribution ``softmax((1 + r * purity) * log p)``.
 * ``paella``: the renoising sampler of Paella: from noise tokens, predict and
   sample every token (locally typical sampling with mass ``typical_mass``),
   then return the fraction ``1 - abar_s`` of positions to their initial
@@ -49,7 +57,8 @@ from vqdiffusion_jax.diffusion.schedule import Schedule
 LogX0Fn = Callable[[jax.Array, jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-SAMPLERS = ("vqdiffusion", "fewer_tokens", "purity", "paella")
+SAMPLERS = ("vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity", "paella")
+REVEAL_SAMPLERS = ("fewer_tokens", "purity")
 
 # "auto" network batches on CPU hold at most this many tokens (batch x N) per call.
 CPU_TOKENS_PER_CALL = 2048
@@ -64,10 +73,13 @@ class SamplerConfig:
     num_inference_steps: network calls: visited steps (``vqdiffusion``,
       ``paella``; 1..T, or 1..start_step + 1 when editing) or reveal rounds
       (``fewer_tokens``, ``purity``; 1..N). None means T (resp. N).
+      ``vqdiffusion_fast`` visits every ``ceil(T / num_inference_steps)``-th
+      step, and step 0, which can be one call more.
     truncation_rate: keep the most likely classes covering this mass (0, 1].
     guidance_scale: classifier-free guidance scale, 1 = off (used by
       ``conditioned_log_x0``; kept here so one object describes a run).
-    purity_temperature: r in the purity sharpening ``(1 + r * purity)``.
+    purity_temperature: r >= 0 in the purity sharpening ``(1 + r * purity)``;
+      0 chooses positions by purity without sharpening.
     typical_mass: tau of locally typical sampling (``paella``), (0, 1].
     start_step: editing: start at this step from noised ``init_tokens``.
   """
@@ -87,11 +99,12 @@ class SamplerConfig:
     start = num_timesteps - 1 if self.start_step is None else self.start_step
     if not 0 <= start < num_timesteps:
       raise ValueError(f"start_step {self.start_step} is outside 0..{num_timesteps - 1}")
-    limit = num_tokens if self.name in ("fewer_tokens", "purity") else start + 1
+    reveal = self.name in REVEAL_SAMPLERS
+    limit = num_tokens if reveal else start + 1
     steps = limit if self.num_inference_steps is None else int(self.num_inference_steps)
     if not 1 <= steps <= limit:
-      unit = f"reveal rounds for {num_tokens} tokens" if limit == num_tokens and self.name in (
-          "fewer_tokens", "purity") else f"visited steps from step {start}"
+      unit = f"reveal rounds for {num_tokens} tokens" if reveal else (
+          f"visited steps from step {start}")
       raise ValueError(f"num_inference_steps={steps} is out of range 1..{limit} ({unit})")
     if not 0.0 < self.truncation_rate <= 1.0:
       raise ValueError(f"truncation_rate must be in (0, 1], got {self.truncation_rate}")
@@ -99,6 +112,8 @@ class SamplerConfig:
       raise ValueError(f"typical_mass must be in (0, 1], got {self.typical_mass}")
     if self.guidance_scale < 0:
       raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+    if self.purity_temperature < 0:
+      raise ValueError(f"purity_temperature must be >= 0, got {self.purity_temperature}")
     return steps
 
 
@@ -109,6 +124,31 @@ def inference_timesteps(start: int, num_steps: int) -> np.ndarray:
   if num_steps == 1:
     return np.array([start])
   return np.floor(np.linspace(start, 0, num_steps) + 0.5).astype(np.int32)
+
+
+def official_fast_steps(start: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """The steps the official ``sample_fast`` visits and the step of each one's posterior.
+
+  The stride is ``ceil((start + 1) / num_steps)`` (the official ``skip_step``
+  is one less): steps start, start - stride, ... and 0. At visited step t the
+  tokens move by the one-step posterior of step ``t - stride + 1`` when that
+  is above 0, else of t itself, to the step below that one (-1 is x_0).
+
+  Args:
+    start: the first visited step, T - 1 when sampling from all-[MASK].
+    num_steps: 1..start + 1; the number of visited steps is this or one more.
+
+  Returns:
+    (visited steps, posterior steps), int32, both descending.
+  """
+  if not 1 <= num_steps <= start + 1:
+    raise ValueError(f"cannot visit {num_steps} steps in 0..{start}")
+  stride = -(-(start + 1) // num_steps)
+  visited = np.arange(start, -1, -stride)
+  if visited[-1] != 0:
+    visited = np.append(visited, 0)
+  posterior = np.where(visited > stride - 1, visited - (stride - 1), visited)
+  return visited.astype(np.int32), posterior.astype(np.int32)
 
 
 def reveal_quota(call: jax.Array, per_call: int, num_masked: jax.Array) -> jax.Array:
@@ -280,37 +320,100 @@ def _step_pairs(timesteps: np.ndarray) -> tuple[jax.Array, jax.Array]:
           jnp.asarray(np.append(timesteps[1:], -1), jnp.int32))
 
 
-def _reverse_process(log_x0_fn, schedule, rng, x, timesteps, known_tokens, known_mask):
-  batch = x.shape[0]
-  current, following = _step_pairs(timesteps)
+def reverse_moves(name: str, start: int, num_steps: int) -> tuple[np.ndarray, ...]:
+  """(network step, posterior from, posterior to) per call of a reverse-process sampler.
+
+  ``vqdiffusion`` moves between its evenly spaced visited steps by the exact
+  skip-step posterior; ``vqdiffusion_fast`` by the official one-step rule
+  (``official_fast_steps``). A move to -1 draws x_0.
+  """
+  if name == "vqdiffusion_fast":
+    visited, posterior = official_fast_steps(start, num_steps)
+    return visited, posterior, posterior - 1
+  visited = inference_timesteps(start, num_steps)
+  return visited, visited, np.append(visited[1:], -1).astype(np.int32)
+
+
+def posterior_step(schedule: Schedule, log_x0: jax.Array, x_t: jax.Array, t: jax.Array,
+                   s: jax.Array) -> jax.Array:
+  """log q(x_s | x_t, x~_0) for tokens x_t taken at step t; never [MASK] at s = -1.
+
+  Args:
+    schedule: the noise schedule.
+    log_x0: (B, N, K + 1) x0 log-probs.
+    x_t: (B, N) tokens.
+    t: (B,) step x_t is taken at, 0..T-1.
+    s: (B,) step to move to, -1..t-1.
+
+  Returns:
+    (B, N, K + 1) log-probs of x_s.
+  """
   mask_class = jnp.arange(schedule.num_classes) == schedule.mask_index
+  log_p = discrete.q_posterior_tokens(schedule, log_x0, x_t, t, s)
+  return jnp.where((s[:, None, None] < 0) & mask_class, -jnp.inf, log_p)
+
+
+def _reverse_process(log_x0_fn, schedule, rng, x, moves, known_tokens, known_mask):
+  batch = x.shape[0]
+  network, source, target = (jnp.asarray(m, jnp.int32) for m in moves)
 
   def body(i, carry):
     x, key = carry
     key, draw = jax.random.split(key)
-    t, s = jnp.full((batch,), current[i]), jnp.full((batch,), following[i])
-    log_p = discrete.q_posterior_tokens(schedule, log_x0_fn(x, t), x, t, s)
-    log_p = jnp.where((s[:, None, None] < 0) & mask_class, -jnp.inf, log_p)
+    t, frm, to = (jnp.full((batch,), m[i]) for m in (network, source, target))
+    log_p = posterior_step(schedule, log_x0_fn(x, t), x, frm, to)
     x = discrete.sample_categorical(draw, log_p).astype(jnp.int32)
     return _clamp(x, known_tokens, known_mask), key
 
-  return jax.lax.fori_loop(0, len(timesteps), body, (x, rng))[0]
+  return jax.lax.fori_loop(0, len(moves[0]), body, (x, rng))[0]
+
+
+def relative_purity(log_x0: jax.Array) -> jax.Array:
+  """Each position's purity (``guidance.purity``) over the image's largest, (B, N).
+
+  Args:
+    log_x0: (B, N, K) codebook log-probs; every position counts towards the
+      image's largest, revealed ones included.
+  """
+  pure = jnp.exp(jnp.max(log_x0, axis=-1))
+  return pure / (jnp.max(pure, axis=-1, keepdims=True) + 1e-10)
 
 
 def sharpen(log_x0: jax.Array, temperature: float) -> jax.Array:
-  """Purity sharpening ``(1 + r * purity) * log p`` of (..., K) codebook log-probs."""
-  purity = jnp.exp(jnp.max(log_x0, axis=-1, keepdims=True))
-  return (1.0 + temperature * purity) * log_x0
+  """Purity sharpening: ``log softmax((1 + r * purity) * log p)`` clamped to [-70, 0].
+
+  Args:
+    log_x0: (B, N, K) codebook log-probs.
+    temperature: r; 0 returns ``log_x0`` unchanged.
+
+  Returns:
+    (B, N, K) normalised log-probs.
+  """
+  if temperature <= 0:
+    return log_x0
+  scaled = (1.0 + temperature * relative_purity(log_x0))[..., None] * log_x0
+  return jnp.clip(jax.nn.log_softmax(scaled, axis=-1), LOG_PROB_MIN, 0.0)
+
+
+def reveal_weights(log_x0: jax.Array, x: jax.Array, *, mask_index: int,
+                   purity_prior: bool) -> jax.Array:
+  """(B, N) weights for choosing positions to reveal: 0 where x is not [MASK].
+
+  ``relative_purity`` with ``purity_prior``, else 1: positions are drawn in
+  proportion to these, without replacement.
+  """
+  weight = relative_purity(log_x0[..., :mask_index]) if purity_prior else jnp.ones(x.shape)
+  return jnp.where(x == mask_index, weight, 0.0)
 
 
 def reveal_round(rng: jax.Array, log_x0: jax.Array, x: jax.Array, quota: jax.Array, *,
                  mask_index: int, purity_prior: bool, temperature: float = 1.0) -> jax.Array:
   """Replaces exactly ``quota`` [MASK] positions per sample by drawn tokens.
 
-  Positions are chosen uniformly or, with ``purity_prior``, with probability
-  proportional to purity (Gumbel top-k: sequential draws without
-  replacement), and drawn from the x0 distribution, sharpened by purity when
-  ``purity_prior``. Other positions are returned unchanged.
+  Positions are chosen with probability proportional to ``reveal_weights``
+  (Gumbel top-k: sequential draws without replacement), and drawn from the
+  x0 distribution, sharpened by purity (``sharpen``) when ``purity_prior``.
+  Other positions are returned unchanged.
 
   Args:
     rng: PRNG key.
@@ -325,13 +428,12 @@ def reveal_round(rng: jax.Array, log_x0: jax.Array, x: jax.Array, quota: jax.Arr
     (B, N) tokens.
   """
   pick, draw = jax.random.split(rng)
+  weights = reveal_weights(log_x0, x, mask_index=mask_index, purity_prior=purity_prior)
   log_x0 = log_x0[..., :mask_index]
-  is_mask = x == mask_index
-  score = jax.random.gumbel(pick, x.shape)
   if purity_prior:
-    score = score + jnp.max(log_x0, axis=-1)
     log_x0 = sharpen(log_x0, temperature)
-  score = jnp.where(is_mask, score, -jnp.inf)
+  is_mask = x == mask_index
+  score = jnp.where(is_mask, jnp.log(weights) + jax.random.gumbel(pick, x.shape), -jnp.inf)
   rank = jnp.argsort(jnp.argsort(-score, axis=-1), axis=-1)
   reveal = is_mask & (rank < quota[:, None])
   tokens = discrete.sample_categorical(draw, log_x0).astype(x.dtype)
@@ -422,9 +524,9 @@ def sample(log_x0_fn: LogX0Fn, schedule: Schedule, rng: jax.Array, shape: tuple[
   log_x0_fn = _truncated(log_x0_fn, config.truncation_rate)
   start = schedule.num_timesteps - 1 if config.start_step is None else config.start_step
 
-  if config.name == "vqdiffusion":
-    return _reverse_process(log_x0_fn, schedule, rng, x, inference_timesteps(start, num_steps),
-                            known_tokens, known_mask)
+  if config.name in ("vqdiffusion", "vqdiffusion_fast"):
+    return _reverse_process(log_x0_fn, schedule, rng, x,
+                            reverse_moves(config.name, start, num_steps), known_tokens, known_mask)
   if config.name == "paella":
     return _renoising(log_x0_fn, schedule, rng, x, noise, inference_timesteps(start, num_steps),
                       config.typical_mass, known_tokens, known_mask)
