@@ -3,8 +3,9 @@
   python -m vqdiffusion_jax.convert SRC --out DIR [--preset base] [--raw-weights]
 
 SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ-VAE, text
-encoder), a diffusers Transformer2DModel directory, or an official
-microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``).
+encoder, and the schedule of its scheduler/), a diffusers Transformer2DModel
+directory, or an official microsoft/VQ-Diffusion ``.pth`` (which needs
+``--preset``).
 """
 
 import argparse
