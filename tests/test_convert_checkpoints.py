@@ -10,23 +10,19 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
-from diffusers import VQModel
 
 from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
 from tests.test_convert_denoiser import (
   OFFICIAL_FAMILIES,
   SIZE,
-  _diffusers_model,
   _inputs,
-  _null_text,
   _ours,
   _reference,
   official_conditions,
   official_log_probs,
   trained_official,
 )
-from tests.test_vqgan import TINY as TINY_VQMODEL
+from tests.test_diffusers_pipeline import tiny_pipeline
 from vqdiffusion_jax.convert import __main__ as cli
 from vqdiffusion_jax.convert import checkpoints, converted, denoiser
 from vqdiffusion_jax.models import transformer
@@ -38,18 +34,11 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-  """A tiny random diffusers VQDiffusionPipeline directory, and its denoiser."""
-  root = tmp_path_factory.mktemp("pipeline")
-  model = _diffusers_model(0)
-  model.save_pretrained(root / "transformer")
-  _null_text(1).save_pretrained(root / denoiser.PIPELINE_NULL_TEXT)
-  torch.manual_seed(2)
-  VQModel(**TINY_VQMODEL).save_pretrained(root / "vqvae")
-  transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT_CONFIG)).save_pretrained(
-      root / "text_encoder")
-  TOKENIZER.save_pretrained(root / "tokenizer")
-  (root / "model_index.json").write_text(json.dumps({"_class_name": "VQDiffusionPipeline"}))
-  return str(root), model
+  """A tiny random VQDiffusionPipeline, written by its save_pretrained, and its transformer."""
+  root = str(tmp_path_factory.mktemp("pipeline") / "vq_diffusion")
+  pipe = tiny_pipeline()
+  pipe.save_pretrained(root)
+  return root, pipe.transformer
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +55,9 @@ def test_pipeline_converts_every_component(pipeline_dir, converted_dir):
   module, params = checkpoints.load_denoiser(converted_dir)
   _, want = checkpoints.load_denoiser(src)
   _same(params, want)
-  tokens, t, text = _inputs(SIZE * SIZE)
+  tokens, t, _ = _inputs(SIZE * SIZE)
+  text = np.random.default_rng(1).normal(
+      size=(2, TOKENIZER.model_max_length, TEXT_CONFIG["hidden_size"])).astype(np.float32)
   ours = _ours(module.config, params, tokens, t, text)
   assert np.max(np.abs(ours - _reference(model, tokens, t, text))) < 1e-4
   _same(checkpoints.load_vqvae(converted_dir)[1], checkpoints.load_vqvae(src)[1])

@@ -13,12 +13,15 @@ says which networks to build (``build``), and the checkpoints' arrays are
 restored as they were saved (``Checkpointer.restore_arrays``), verified.
 A converted directory (``python -m vqdiffusion_jax.convert``) or a diffusers
 ``VQDiffusionPipeline`` directory holds the denoiser, the VQ-VAE and, for a
-text-conditioned denoiser, the CLIP text tower and its tokenizer; a
-class-conditional or unconditional denoiser needs no text side.
+text-conditioned denoiser, the CLIP text tower and its tokenizer (a
+class-conditional or unconditional denoiser needs no text side); its schedule
+and the tokenizer's padding are ``checkpoints.pipeline_settings`` (a diffusers
+pipeline's scheduler config and ``_encode_prompt`` padding).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -27,7 +30,7 @@ import ml_collections
 
 from vqdiffusion_jax import build, config_schema
 from vqdiffusion_jax.convert import checkpoints, converted
-from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.models.denoiser import Denoiser
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 
@@ -95,18 +98,25 @@ def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, A
 def _converted_parts(path: str, dtype: Any) -> dict[str, Any]:
   kwargs = {} if dtype is None else {"dtype": dtype}
   network, params = checkpoints.load_denoiser(path, **kwargs)
-  vqvae, vqvae_params = checkpoints.load_vqvae(path, **kwargs)
   cfg = network.config
-  return {**_converted_text_side(path, network, kwargs), "params": params,
-          "schedule": schedules.mask_and_replace(cfg.num_timesteps, cfg.codebook_size),
+  settings = checkpoints.pipeline_settings(path, cfg)
+  vqvae, vqvae_params = checkpoints.load_vqvae(path, **kwargs)
+  if vqvae.config.vocabulary_size != cfg.codebook_size:
+    raise ValueError(f"{path}: the VQ-VAE has {vqvae.config.vocabulary_size} codes but the "
+                     f"denoiser predicts {cfg.codebook_size}")
+  return {**_converted_text_side(path, network, settings, kwargs), "params": params,
+          "schedule": checkpoints.make_schedule(settings["schedule"], cfg.codebook_size),
           "vqvae": vqvae, "vqvae_variables": {"params": vqvae_params},
           "image_size": cfg.spatial_size[0] * vqvae.config.downsampling_factor}
 
 
-def _converted_text_side(path: str, network: Any, kwargs: dict) -> dict[str, Any]:
+def _converted_text_side(path: str, network: Any, settings: dict,
+                         kwargs: dict) -> dict[str, Any]:
   """The denoiser with its CLIP text encoder, or alone when it reads labels or nothing."""
   if network.config.conditioning != "text":
     return {"denoiser": Denoiser(network), "tokenize": None, "text_params": None}
   clip, clip_params, hf_tokenizer = checkpoints.load_text_encoder(path, **kwargs)
+  tokenize = functools.partial(clip_convert.tokenize, hf_tokenizer, max_length=clip.max_positions,
+                               convention=settings["tokenizer_convention"])
   return {"denoiser": Denoiser(network, frozen_text_encoder=build.clip_features(clip)),
-          "tokenize": build.clip_tokenize(clip, hf_tokenizer), "text_params": clip_params}
+          "tokenize": tokenize, "text_params": clip_params}

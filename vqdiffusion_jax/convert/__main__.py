@@ -3,11 +3,12 @@
   python -m vqdiffusion_jax.convert SRC --out DIR [--preset coco_learnable] [--raw-weights]
 
 SRC: a diffusers VQDiffusionPipeline directory (denoiser, VQ-VAE, text
-encoder), a diffusers Transformer2DModel directory, or an official
-microsoft/VQ-Diffusion ``.pth`` (which needs ``--preset``: the released
-file's name without ``.pth`` / ``_pretrained``, e.g. ``coco``,
-``coco_learnable``, ``cub200``, ``cc``, ``cc_learnable``, ``ithq``,
-``imagenet``, ``imagenet_learnable``, ``ffhq``; see ``transformer.PRESETS``).
+encoder, and the schedule of its scheduler/), a diffusers Transformer2DModel
+directory, or an official microsoft/VQ-Diffusion ``.pth`` (which needs
+``--preset``: the released file's name without ``.pth`` / ``_pretrained``,
+e.g. ``coco``, ``coco_learnable``, ``cub200``, ``cc``, ``cc_learnable``,
+``ithq``, ``imagenet``, ``imagenet_learnable``, ``ffhq``; see
+``transformer.PRESETS``).
 """
 
 import argparse

@@ -4,14 +4,22 @@ Sources, recognised by what the path holds:
 
 * our converted directory (``converted.py``): ``config.json`` with
   ``"format": "vqdiffusion_jax"``;
-* a diffusers ``VQDiffusionPipeline`` directory (``model_index.json``, with
-  ``transformer/``, ``vqvae/``, ``text_encoder/``, ``tokenizer/`` and
+* a diffusers ``VQDiffusionPipeline`` directory (``model_index.json`` naming
+  that class, with ``transformer/``, ``vqvae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/`` and
   ``learned_classifier_free_sampling_embeddings/`` subdirectories);
 * a diffusers ``Transformer2DModel`` directory (denoiser only);
 * an official microsoft/VQ-Diffusion ``.pth`` file (denoiser only; its sizes
   are not stored in it, so a preset or config must be given);
 * for the VQ-VAE alone (``load_vqvae``), an official image codec's PyTorch file
   with its taming config YAML and token remap (``vqvae.load_official_codec``).
+
+Besides the networks, a pipeline needs its noise schedule and how its
+tokenizer pads (``pipeline_settings``): a diffusers pipeline's come from
+``scheduler/scheduler_config.json`` (checked against the transformer) and
+diffusers' ``_encode_prompt``; the other sources use the official schedule
+over the denoiser's T steps and the official padding. ``convert`` stores
+them in the converted directory.
 """
 
 from __future__ import annotations
@@ -28,10 +36,18 @@ import jax.numpy as jnp
 
 from vqdiffusion_jax.convert import clip, converted, denoiser, vqvae
 from vqdiffusion_jax.convert.common import ConversionError
+from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
 # Config fields chosen at load time, not properties of the weights.
 RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "scan_layers", "weight_grads")
+
+PIPELINE_CLASS = "VQDiffusionPipeline"
+SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
+SCHEDULER_CLASS = "VQDiffusionScheduler"
+# VQDiffusionScheduler config field -> schedule.mask_and_replace argument, and its default.
+SCHEDULER_FIELDS = {"alpha_cum_start": ("att_1", 0.99999), "alpha_cum_end": ("att_T", 0.000009),
+                    "gamma_cum_start": ("ctt_1", 0.000009), "gamma_cum_end": ("ctt_T", 0.99999)}
 
 
 def _config_dict(config: Any) -> dict:
@@ -59,7 +75,11 @@ def _source_kind(path: str) -> str:
     return "official"
   if converted.is_converted(path):
     return "converted"
-  if os.path.isfile(os.path.join(path, "model_index.json")):
+  index = os.path.join(path, "model_index.json")
+  if os.path.isfile(index):
+    name = _read_json(index).get("_class_name")
+    if name != PIPELINE_CLASS:
+      raise ValueError(f"{index} describes a {name!r}, not a diffusers {PIPELINE_CLASS}")
     return "diffusers_pipeline"
   config = os.path.join(path, "config.json")
   if os.path.isfile(config) and _read_json(config).get("_class_name") == "Transformer2DModel":
@@ -67,6 +87,73 @@ def _source_kind(path: str) -> str:
   raise ValueError(f"{path} is not a checkpoint we know: expected our converted directory, a "
                    "diffusers VQDiffusionPipeline or Transformer2DModel directory, or an "
                    "official VQ-Diffusion .pth file")
+
+
+def diffusers_schedule(pipeline_dir: str, config: transformer.TransformerConfig) -> dict:
+  """A diffusers pipeline's noise schedule, checked against its transformer.
+
+  Args:
+    pipeline_dir: a ``VQDiffusionPipeline`` directory.
+    config: the transformer's config (K and its T timestep embeddings).
+
+  Returns:
+    ``{"name": "mask_and_replace", "num_timesteps": T, **arguments}``, the
+    arguments of ``schedule.mask_and_replace`` (see ``make_schedule``).
+
+  Raises:
+    FileNotFoundError: no ``scheduler/scheduler_config.json``.
+    ValueError: another scheduler, or one whose classes or steps differ from
+      the transformer's.
+  """
+  path = os.path.join(pipeline_dir, SCHEDULER_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {SCHEDULER_CONFIG} in the diffusers pipeline {pipeline_dir}")
+  values = _read_json(path)
+  if values.get("_class_name") != SCHEDULER_CLASS:
+    raise ValueError(f"{path}: scheduler {values.get('_class_name')!r}, expected "
+                     f"{SCHEDULER_CLASS}")
+  classes = values.get("num_vec_classes")
+  if classes != config.codebook_size + 1:
+    raise ValueError(f"{path}: num_vec_classes is {classes} but the transformer has "
+                     f"{config.codebook_size + 1} vector embeddings (K + [MASK])")
+  steps = values.get("num_train_timesteps", 100)
+  if steps != config.num_timesteps:
+    raise ValueError(f"{path}: num_train_timesteps is {steps} but the transformer embeds "
+                     f"{config.num_timesteps} timesteps (num_embeds_ada_norm)")
+  arguments = {ours: float(values.get(theirs, default))
+               for theirs, (ours, default) in SCHEDULER_FIELDS.items()}
+  return {"name": "mask_and_replace", "num_timesteps": steps, **arguments}
+
+
+def pipeline_settings(path: str | os.PathLike,
+                      config: transformer.TransformerConfig) -> dict[str, Any]:
+  """How a checkpoint's parts sample together: its schedule and tokenizer padding.
+
+  Args:
+    path: any source ``load_denoiser`` reads.
+    config: its denoiser's config.
+
+  Returns:
+    ``{"schedule": ..., "tokenizer_convention": ...}``: the schedule as
+    ``diffusers_schedule`` describes it, the convention as ``clip.tokenize``
+    names it ("diffusers" for a diffusers pipeline, else "official").
+  """
+  path = os.fspath(path)
+  kind = _source_kind(path)
+  if kind == "diffusers_pipeline":
+    return {"schedule": diffusers_schedule(path, config), "tokenizer_convention": "diffusers"}
+  default = {"schedule": {"name": "mask_and_replace", "num_timesteps": config.num_timesteps},
+             "tokenizer_convention": "official"}
+  if kind == "converted":
+    return {**default, **converted.read_config(path).get("pipeline", {})}
+  return default
+
+
+def make_schedule(settings: dict[str, Any], codebook_size: int) -> schedules.Schedule:
+  """The ``Schedule`` that ``pipeline_settings(...)["schedule"]`` describes."""
+  arguments = dict(settings)
+  return schedules.make(arguments.pop("name"), arguments.pop("num_timesteps"), codebook_size,
+                        **arguments)
 
 
 def _load_official(path: str, allow_pickle: bool) -> dict:
@@ -199,7 +286,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
   """Converts a checkpoint into our directory format (see ``converted.py``).
 
   A diffusers pipeline gives the denoiser, the VQ-VAE and the text
-  encoder with its tokenizer; the other sources give the denoiser.
+  encoder with its tokenizer; the other sources give the denoiser. The
+  ``pipeline_settings`` (schedule, tokenizer padding) are stored with them.
 
   Args:
     src: the source checkpoint (see ``load_denoiser``).
@@ -216,6 +304,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
   module, params = load_denoiser(src, preset=preset, config=config, use_ema=use_ema,
                                  allow_pickle=allow_pickle, **overrides)
   components = {"denoiser": (_config_dict(module.config), params)}
+  settings = pipeline_settings(src, module.config)
   tokenizer = None
   if _source_kind(src) == "diffusers_pipeline":
     if os.path.isdir(os.path.join(src, "vqvae")):
@@ -225,5 +314,5 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
       text_module, text_params, tokenizer = load_text_encoder(src)
       components["text_encoder"] = (_config_dict(text_module), text_params)
   converted.save(out, components, source=os.path.abspath(src), tokenizer=tokenizer,
-                 overwrite=overwrite)
+                 pipeline=settings, overwrite=overwrite)
   return {name: sum(x.size for x in jax.tree.leaves(p)) for name, (_, p) in components.items()}

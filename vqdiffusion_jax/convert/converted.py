@@ -8,6 +8,9 @@ Layout of a directory written by ``save``::
                     blocks are stored one by one (``block_{i}``), never stacked
   DIR/tokenizer/    the text encoder's tokenizer files, when there is one
 
+``config.json`` may also hold ``"pipeline"``: how the parts are used together
+(the noise schedule, the tokenizer's padding convention).
+
 The directory is assembled under a temporary name beside ``DIR`` and moved
 into place in one rename, so an interrupted conversion never leaves a
 half-written ``DIR``.
@@ -45,7 +48,8 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 
 def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]], *,
-         source: str, tokenizer: Any = None, overwrite: bool = False) -> None:
+         source: str, tokenizer: Any = None, pipeline: Mapping[str, Any] | None = None,
+         overwrite: bool = False) -> None:
   """Writes components' configs and params to ``out_dir``, atomically.
 
   Args:
@@ -53,6 +57,7 @@ def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]],
     components: name -> (JSON-serialisable config, params tree).
     source: where the weights came from, recorded in the config.
     tokenizer: a Hugging Face tokenizer to save under ``tokenizer/``.
+    pipeline: JSON settings that join the components (see the module docstring).
     overwrite: replace an existing ``out_dir``.
 
   Raises:
@@ -73,6 +78,8 @@ def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]],
       tokenizer.save_pretrained(os.path.join(staging, TOKENIZER_DIR))
     config = {"format": FORMAT, "version": VERSION, "source": source,
               "components": {name: cfg for name, (cfg, _) in components.items()}}
+    if pipeline is not None:
+      config["pipeline"] = dict(pipeline)
     with open(os.path.join(staging, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2)
     if os.path.exists(out_dir):
