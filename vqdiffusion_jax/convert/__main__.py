@@ -9,6 +9,13 @@ directory, or an official microsoft/VQ-Diffusion ``.pth`` (which needs
 e.g. ``coco``, ``coco_learnable``, ``cub200``, ``cc``, ``cc_learnable``,
 ``ithq``, ``imagenet``, ``imagenet_learnable``, ``ffhq``; see
 ``transformer.PRESETS``).
+
+An official ``.pth`` becomes a whole sampling directory with its codec's
+taming YAML and remap (its weights are in the ``.pth``) and a local CLIP::
+
+  python -m vqdiffusion_jax.convert coco_learnable.pth --preset coco_learnable \
+      --vqvae-config taming_f8_8192_openimages.yaml \
+      --vqvae-remap taming_vqvae_2887.pt --clip clip-vit-base-patch32 --out coco
 """
 
 import argparse
@@ -33,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="official .pth holding Python objects: unpickle them (trusted files)")
   parser.add_argument("--no-null-text", action="store_true",
                       help="official .pth trained without learnable_cf (no empty_text_embed)")
+  parser.add_argument("--vqvae", metavar="PATH",
+                      help="the VQ-VAE when SRC has none: a codec's PyTorch file (with "
+                           "--vqvae-config) or a diffusers VQModel directory; an official "
+                           ".pth holds its codec, so --vqvae-config alone takes it from SRC")
+  parser.add_argument("--vqvae-config", metavar="YAML",
+                      help="the codec's taming config, e.g. taming_f8_8192_openimages.yaml")
+  parser.add_argument("--vqvae-remap", metavar="PT",
+                      help="the codec's official token remap, e.g. taming_vqvae_2887.pt")
+  parser.add_argument("--clip", metavar="DIR",
+                      help="a Hugging Face CLIP directory (weights and tokenizer) for a text "
+                           "model, e.g. a local copy of openai/clip-vit-base-patch32")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
@@ -40,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     counts = checkpoints.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
-                              overwrite=args.overwrite,
+                              overwrite=args.overwrite, vqvae=args.vqvae,
+                              vqvae_config=args.vqvae_config, vqvae_remap=args.vqvae_remap,
+                              clip_dir=args.clip,
                               **({"learnable_null_text": False} if args.no_null_text else {}))
   except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
     print(f"error: {error}", file=sys.stderr)
@@ -48,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
   for name, count in counts.items():
     print(f"{name}: {count:,} parameters")
   print(f"wrote {args.out}")
+  missing = checkpoints.missing_for_sampling(args.out)
+  if missing:
+    print(f"note: {args.out} has no {' and no '.join(missing)} yet, so it cannot sample; "
+          "name them with --vqvae-config / --vqvae and --clip")
   return 0
 
 

@@ -282,11 +282,18 @@ def _unboxed(tree):
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | None = None,
             config: transformer.TransformerConfig | None = None, use_ema: bool = True,
             allow_pickle: bool = False, overwrite: bool = False,
-            **overrides) -> dict[str, int]:
+            vqvae: str | os.PathLike | None = None,
+            vqvae_config: str | os.PathLike | None = None,
+            vqvae_remap: str | os.PathLike | None = None,
+            clip_dir: str | os.PathLike | None = None, **overrides) -> dict[str, int]:
   """Converts a checkpoint into our directory format (see ``converted.py``).
 
   A diffusers pipeline gives the denoiser, the VQ-VAE and the text
-  encoder with its tokenizer; the other sources give the denoiser. The
+  encoder with its tokenizer. The other sources give the denoiser, and the
+  rest of a sampling directory is named beside it: the VQ-VAE (an official
+  model ``.pth`` holds its codec's weights, which its taming YAML and token
+  remap complete; or a separate codec file or diffusers ``VQModel``
+  directory) and, for a text model, a Hugging Face CLIP directory. The
   ``pipeline_settings`` (schedule, tokenizer padding) are stored with them.
 
   Args:
@@ -294,25 +301,98 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
     out: the directory to write.
     preset, config, use_ema, allow_pickle: as in ``load_denoiser``.
     overwrite: replace an existing ``out``.
+    vqvae: the VQ-VAE's source when ``src`` has none: a codec's PyTorch file
+      or a ``VQModel`` directory; by default ``src`` itself when
+      ``vqvae_config`` is given.
+    vqvae_config: a PyTorch codec's taming config YAML.
+    vqvae_remap: the official token remap of the codec (e.g.
+      ``taming_vqvae_2887.pt``), when it has one.
+    clip_dir: a Hugging Face CLIP directory (weights and tokenizer) for a
+      text model that does not bring its text encoder.
     **overrides: denoiser config fields, e.g. ``learnable_null_text=False``
       for official checkpoints trained without ``learnable_cf``.
 
   Returns:
     Parameter counts by component.
+
+  Raises:
+    ValueError: parts that do not fit together (a VQ-VAE whose code count
+      is not the denoiser's, a CLIP of the wrong width or length, a text
+      encoder for a model that reads none), naming the files.
   """
   src = os.fspath(src)
+  kind = _source_kind(src)
   module, params = load_denoiser(src, preset=preset, config=config, use_ema=use_ema,
                                  allow_pickle=allow_pickle, **overrides)
   components = {"denoiser": (_config_dict(module.config), params)}
   settings = pipeline_settings(src, module.config)
   tokenizer = None
-  if _source_kind(src) == "diffusers_pipeline":
+  named = {"vqvae": vqvae, "vqvae_config": vqvae_config, "clip_dir": clip_dir}
+  if kind == "diffusers_pipeline":
+    given = [name for name, value in named.items() if value is not None]
+    if given:
+      raise ValueError(f"{src} is a whole diffusers pipeline; {', '.join(given)} cannot replace "
+                       "its parts")
     if os.path.isdir(os.path.join(src, "vqvae")):
       vq_module, vq_params = load_vqvae(src)
       components["vqvae"] = (_config_dict(vq_module.config), vq_params)
     if os.path.isdir(os.path.join(src, "text_encoder")):
       text_module, text_params, tokenizer = load_text_encoder(src)
       components["text_encoder"] = (_config_dict(text_module), text_params)
+  else:
+    vq_source = _vqvae_source(src, kind, vqvae, vqvae_config)
+    if vq_source is not None:
+      vq_module, vq_params = load_vqvae(vq_source, config_yaml=vqvae_config, remap=vqvae_remap,
+                                        allow_pickle=allow_pickle)
+      _check_codes(module.config, vq_module.config, src, vq_source)
+      components["vqvae"] = (_config_dict(vq_module.config), vq_params)
+    if clip_dir is not None:
+      text_module, text_params, tokenizer = load_text_encoder(clip_dir)
+      _check_text_encoder(module.config, text_module, src, os.fspath(clip_dir))
+      components["text_encoder"] = (_config_dict(text_module), text_params)
   converted.save(out, components, source=os.path.abspath(src), tokenizer=tokenizer,
                  pipeline=settings, overwrite=overwrite)
   return {name: sum(x.size for x in jax.tree.leaves(p)) for name, (_, p) in components.items()}
+
+
+def missing_for_sampling(path: str | os.PathLike) -> list[str]:
+  """The components our converted directory ``path`` still lacks before it can sample."""
+  components = converted.read_config(path)["components"]
+  needed = ["vqvae"]
+  if components["denoiser"].get("conditioning", "text") == "text":
+    needed.append("text_encoder")
+  return [name for name in needed if name not in components]
+
+
+def _vqvae_source(src: str, kind: str, vqvae, vqvae_config) -> str | None:
+  if vqvae is not None:
+    return os.fspath(vqvae)
+  if vqvae_config is None:
+    return None
+  if kind != "official":
+    raise ValueError(f"vqvae_config names a codec's YAML but {src} holds no codec; name the "
+                     "codec file too (vqvae, --vqvae)")
+  return src
+
+
+def _check_codes(config: transformer.TransformerConfig, vq_config: Any, src: str,
+                 vq_source: str) -> None:
+  if vq_config.vocabulary_size != config.codebook_size:
+    remapped = (f" ({vq_config.num_embeddings} remapped to {vq_config.used_codes})"
+                if vq_config.used_codes else "")
+    raise ValueError(f"the VQ-VAE of {vq_source} has {vq_config.vocabulary_size} codes"
+                     f"{remapped} but the denoiser of {src} predicts {config.codebook_size}; "
+                     "check the codec and its remap (--vqvae-remap)")
+
+
+def _check_text_encoder(config: transformer.TransformerConfig, text_module: Any, src: str,
+                        clip_dir: str) -> None:
+  if config.conditioning != "text":
+    raise ValueError(f"the denoiser of {src} is {config.conditioning}-conditioned; it reads no "
+                     f"text, so {clip_dir} (--clip) has no place beside it")
+  found = (text_module.hidden_size, text_module.max_positions)
+  wanted = (config.condition_dim, config.condition_length)
+  if found != wanted:
+    raise ValueError(f"the CLIP text encoder of {clip_dir} gives {found[1]} features of width "
+                     f"{found[0]}; the denoiser of {src} attends to {wanted[1]} of width "
+                     f"{wanted[0]}")
