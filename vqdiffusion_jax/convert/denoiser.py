@@ -43,6 +43,8 @@ OFFICIAL_BUFFERS = (
     "log_at", "log_bt", "log_ct", "log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct",
     "log_1_min_ct", "log_1_min_cumprod_ct", "Lt_history", "Lt_count",
 )
+# The causal mask buffer every official CrossAttention registers (unused by its forward).
+CROSS_ATTENTION_MASK = ".attn2.mask"
 NULL_TEXT_KEY = "embeddings"  # LearnedClassifierFreeSamplingEmbeddings
 PIPELINE_NULL_TEXT = "learned_classifier_free_sampling_embeddings"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -325,11 +327,12 @@ def official_ignore(parent: str) -> Callable[[str], bool]:
     parent: the DiffusionTransformer's prefix ("transformer." in a full model).
 
   Returns:
-    A predicate: the CLIP text encoder, the VQ codec, the diffusion buffers.
+    A predicate: the CLIP text encoder, the VQ codec, the diffusion buffers,
+    the cross-attention masks.
   """
   buffers = {parent + name for name in OFFICIAL_BUFFERS}
   return lambda key: (key.startswith(f"{parent}condition_emb.") or key in buffers
-                      or key.startswith("content_codec."))
+                      or key.startswith("content_codec.") or key.endswith(CROSS_ATTENTION_MASK))
 
 
 def from_official(checkpoint: Mapping[str, object], config: transformer.TransformerConfig, *,
