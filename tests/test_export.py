@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from diffusers import Transformer2DModel, VQDiffusionPipeline, VQModel
+from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler, VQModel
 from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
   LearnedClassifierFreeSamplingEmbeddings,
 )
@@ -23,6 +23,7 @@ from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, quantizer, transformer
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.denoiser import Denoiser
+from vqdiffusion_jax.models.paella import PaellaPredictor
 from vqdiffusion_jax.models.text_encoder import TextEncoder
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
 from vqdiffusion_jax.pipeline import Pipeline
@@ -99,8 +100,13 @@ def exported(source, tmp_path_factory):
   return out
 
 
-def test_diffusers_directory_loads_with_every_key(exported):
-  pipe = VQDiffusionPipeline.from_pretrained(exported)
+@pytest.fixture(scope="module")
+def torch_pipeline(exported):
+  return VQDiffusionPipeline.from_pretrained(exported)
+
+
+def test_diffusers_directory_loads_with_every_key(exported, torch_pipeline):
+  pipe = torch_pipeline
   assert pipe.scheduler.config.num_vec_classes == K + 1
   for cls, sub in ((Transformer2DModel, "transformer"), (VQModel, "vqvae"),
                    (LearnedClassifierFreeSamplingEmbeddings,
@@ -143,9 +149,9 @@ def _max_diff(a, b):
   return diff
 
 
-def test_diffusers_pipeline_matches_ours(source, exported):
+def test_diffusers_pipeline_matches_ours(source, torch_pipeline):
   _, parts = source
-  pipe = VQDiffusionPipeline.from_pretrained(exported)
+  pipe = torch_pipeline
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, K + 1, size=(2, SIZE * SIZE))
   tokens[:, ::3] = K
@@ -296,6 +302,9 @@ def test_parts_without_a_pytorch_counterpart_are_named(source):
     export.diffusers_modules(class_pipeline, denoiser_only=True)
   with pytest.raises(convert_export.ExportError, match="patch VQ-VAE"):
     convert_export.vqvae_to_diffusers(VQGANConfig(patch_size=4), pipeline.vqvae_variables)
+  paella = PaellaPredictor(codebook_size=K, num_timesteps=T, condition_dim=8, condition_length=4)
+  with pytest.raises(convert_export.ExportError, match="Paella"):
+    export.official_checkpoint(_pipeline(TEXT, None, denoiser_network=paella))
   with pytest.raises(convert_export.ExportError, match="VQDiffusionScheduler"):
     convert_export.scheduler_config(schedules.cosine(T, K))
   pooled = dataclasses.replace(TEXT, pooled_text=True)
@@ -303,6 +312,20 @@ def test_parts_without_a_pytorch_counterpart_are_named(source):
     convert_export.denoiser_to_official(pipeline.params, pooled, pipeline.schedule)
   with pytest.raises(convert_export.ExportError, match=r"empty_text_embed is \(77, 512\)"):
     convert_export.denoiser_to_official(pipeline.params, TEXT, pipeline.schedule)
+
+
+OTHER_ENDS = {"att_1": 0.999, "att_T": 1e-3, "ctt_1": 1e-4, "ctt_T": 0.99}
+
+
+@pytest.mark.parametrize("ends", [{}, OTHER_ENDS], ids=["official", "other_ends"])
+def test_a_linear_schedule_becomes_the_same_vq_diffusion_scheduler(ends):
+  ours = schedules.mask_and_replace(T, K, **ends)
+  theirs = VQDiffusionScheduler(**convert_export.scheduler_config(ours))
+  for name in ("log_at", "log_bt", "log_ct"):
+    np.testing.assert_allclose(getattr(theirs, name).numpy(), getattr(ours, name), rtol=1e-5)
+  for name in ("log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct"):
+    np.testing.assert_allclose(getattr(theirs, name).numpy()[:T], getattr(ours, name)[:T],
+                               rtol=1e-5)
 
 
 def test_an_ema_codebook_is_exported_from_its_statistics():

@@ -270,29 +270,39 @@ def _same_tables(a: schedules.Schedule, b: schedules.Schedule) -> bool:
                          atol=1e-6) for f in fields)
 
 
+def _linear_ends(schedule: schedules.Schedule) -> dict[str, float]:
+  """abar and cbar at the first and last step, the parameters of the linear schedule."""
+  last = schedule.num_timesteps - 1
+  at, ct = np.exp(np.asarray(schedule.log_cumprod_at)), np.exp(np.asarray(schedule.log_cumprod_ct))
+  return {"att_1": float(at[0]), "att_T": float(at[last]), "ctt_1": float(ct[0]),
+          "ctt_T": float(ct[last])}
+
+
 def scheduler_config(schedule: schedules.Schedule) -> dict[str, Any]:
   """The ``VQDiffusionScheduler`` config with the same tables as ``schedule``.
 
   diffusers' scheduler is the official linear (``alpha1``) schedule, set by
-  the cumulative keep and mask probabilities at the first and last step.
+  the cumulative keep and mask probabilities at the first and last step: the
+  official defaults when they fit, else the ends read off the tables (to six
+  digits when those fit).
 
   Raises:
     ExportError: the schedule is not of that family (e.g. cosine, uniform).
   """
   steps, size = schedule.num_timesteps, schedule.codebook_size
-  ends = lambda table: tuple(float(np.exp(np.asarray(table)[i])) for i in (0, steps - 1))  # noqa: E731
-  candidates = [{"att_1": 0.99999, "att_T": 0.000009, "ctt_1": 0.000009, "ctt_T": 0.99999}]
-  (att_1, att_t), (ctt_1, ctt_t) = ends(schedule.log_cumprod_at), ends(schedule.log_cumprod_ct)
-  candidates.append({"att_1": att_1, "att_T": att_t, "ctt_1": ctt_1, "ctt_T": ctt_t})
-  for ends_ in candidates:
+  defaults = {"att_1": 0.99999, "att_T": 0.000009, "ctt_1": 0.000009, "ctt_T": 0.99999}
+  read = _linear_ends(schedule)
+  # Ends read off float32 tables carry rounding; the 6-digit values are what a config names.
+  rounded = {name: float(f"{value:.6g}") for name, value in read.items()}
+  for ends in (defaults, rounded, read):
     try:
-      rebuilt = schedules.mask_and_replace(steps, size, **ends_)
-    except ValueError:
+      rebuilt = schedules.mask_and_replace(steps, size, **ends)
+    except ValueError:  # the ends of a schedule of another family
       continue
     if _same_tables(schedule, rebuilt):
       return {"num_vec_classes": size + 1, "num_train_timesteps": steps,
-              "alpha_cum_start": ends_["att_1"], "alpha_cum_end": ends_["att_T"],
-              "gamma_cum_start": ends_["ctt_1"], "gamma_cum_end": ends_["ctt_T"]}
+              "alpha_cum_start": ends["att_1"], "alpha_cum_end": ends["att_T"],
+              "gamma_cum_start": ends["ctt_1"], "gamma_cum_end": ends["ctt_T"]}
   raise ExportError("the noise schedule is not the linear mask-and-replace schedule that "
                     "diffusers' VQDiffusionScheduler implements")
 
