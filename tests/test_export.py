@@ -335,3 +335,16 @@ def test_an_ema_codebook_is_exported_from_its_statistics():
   np.testing.assert_array_equal(state["quantize.embedding.weight"],
                                 variables[quantizer.STATS]["quantize"]["codebook"])
   assert config["num_vq_embeddings"] == K and config["vq_embed_dim"] == VQ.embed_dim
+
+
+def test_invert_names_parameters_and_transforms_it_cannot_export():
+  params = {"dense": {"kernel": np.ones((2, 3)), "extra": np.ones(2)}}
+  rules = {("dense", "kernel"): ("dense.weight", convert_export.common.linear)}
+  with pytest.raises(convert_export.ExportError, match=r"counterpart: \['dense/extra'\]"):
+    convert_export.invert(rules, params, what="toy")
+  del params["dense"]["extra"]
+  np.testing.assert_array_equal(convert_export.invert(rules, params, what="toy")["dense.weight"],
+                                np.ones((3, 2)))
+  doubled = {("dense", "kernel"): ("dense.weight", lambda w: 2 * w)}
+  with pytest.raises(convert_export.ExportError, match="no inverse"):
+    convert_export.invert(doubled, params, what="toy")
