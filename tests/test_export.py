@@ -340,3 +340,21 @@ def test_invert_names_parameters_and_transforms_it_cannot_export():
   doubled = {("dense", "kernel"): ("dense.weight", lambda w: 2 * w)}
   with pytest.raises(convert_export.ExportError, match="no inverse"):
     convert_export.invert(doubled, params, what="toy")
+
+
+def test_a_training_workdir_exports_its_denoiser(tiny_workdir, tmp_path, capsys):
+  """The embedded default trains its own text encoder: the transformer alone goes out."""
+  out = str(tmp_path / "denoiser")
+  assert export.main([tiny_workdir, "--to", "diffusers", "--out", out]) == 2
+  assert "word-level text encoder" in capsys.readouterr().err and not os.path.exists(out)
+  assert export.main([tiny_workdir, "--to", "diffusers", "--out", out, "--denoiser-only"]) == 0
+  pipe = Pipeline.from_pretrained(tiny_workdir)
+  config, params = pipe.denoiser.network.config, pipe.params["denoiser"]
+  model = Transformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, config.codebook_size + 1, size=(2, config.num_tokens))
+  t = np.array([0, config.num_timesteps - 1])
+  text = rng.normal(size=(2, config.condition_length, config.condition_dim)).astype(np.float32)
+  ours = jax.nn.log_softmax(transformer.VQDiffusionTransformer(config).apply(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(t), jnp.asarray(text)), -1)
+  assert _max_diff(ours, _torch_log_probs(model, tokens, t, text)) < TOLERANCE
