@@ -1,5 +1,6 @@
 """The official VQ-Diffusion image codecs: taming GumbelVQ / VQModel checkpoints, configs and
-token remaps, converted and checked against a PyTorch statement of the official code."""
+token remaps, and ITHQ's PatchVQGAN, converted and checked against PyTorch statements of the
+official code."""
 
 import dataclasses
 import json
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the official spelling)
 import yaml
 
+from tests import official_patch_vqgan as patch_official
 from tests import official_taming as official
 from vqdiffusion_jax.convert import checkpoints, converted
 from vqdiffusion_jax.convert import vqvae as vqvae_convert
@@ -274,6 +276,31 @@ FULL_SIZE = {"f8_gumbel_8192": (F8_DD, 8192, 256, True),
                            16384, 256, False)}
 
 
+def _assert_rules_cover(shapes: dict, config):
+  """Every parameter of our eval_shape tree comes from one statement key of the right shape,
+  and every statement key but the ignored ones is used."""
+  module = VQGAN(config)
+  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0),
+                                     jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
+                      ["params"])
+  codebook = "quantize.embedding" if "quantize.embedding" in shapes else None
+  rules = (vqvae_convert.taming_rules(abstract, config) if codebook is None
+           else vqvae_convert.taming_rules(abstract, config, codebook))
+  target = {path: leaf.shape for path, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract)[0]
+            for path in [tuple(k.key for k in path)]}
+  for path, shape in target.items():
+    key, transform = rules[path]
+    assert key in shapes, f"{'/'.join(path)} <- {key} not in the statement"
+    converted_shape = transform(np.broadcast_to(np.int8(0), shapes[key])).shape
+    assert converted_shape == tuple(shape), (key, converted_shape, shape)
+  used = {key for key, _ in rules.values()}
+  ignored = ("quantize.cluster_size", "quantize.embedding_avg")
+  assert sorted(k for k in shapes if k not in used and not k.startswith("loss.")
+                and k not in ignored) == []
+  assert len(target) == len(used)
+
+
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
 def test_full_size_rules_on_abstract_shapes(name):
   """Every key of the real configs' statement maps onto our eval_shape tree, nothing built."""
@@ -285,19 +312,134 @@ def test_full_size_rules_on_abstract_shapes(name):
   config = vqvae_convert.config_from_taming(ddconfig, n_embed=n_embed, embed_dim=embed_dim,
                                             gumbel=gumbel_vq)
   assert config.encoder_attention_levels == (len(ddconfig["ch_mult"]) - 1,)
-  module = VQGAN(config)
-  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0),
-                                     jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
-                      ["params"])
-  rules = vqvae_convert.taming_rules(abstract, config)
-  target = {path: leaf.shape for path, leaf in
-            jax.tree_util.tree_flatten_with_path(abstract)[0]
-            for path in [tuple(k.key for k in path)]}
-  for path, shape in target.items():
-    key, transform = rules[path]
-    assert key in shapes, f"{'/'.join(path)} <- {key} not in the statement"
-    converted_shape = transform(np.broadcast_to(np.int8(0), shapes[key])).shape
-    assert converted_shape == tuple(shape), (key, converted_shape, shape)
-  used = {key for key, _ in rules.values()}
-  assert sorted(k for k in shapes if k not in used and not k.startswith("loss.")) == []
-  assert len(target) == len(used)
+  _assert_rules_cover(shapes, config)
+
+
+# ITHQ: PatchVQGAN with an EMA codebook, its config.yaml in the official layout
+# (OUTPUT/pretrained_model/taming_dvae/config.yaml), shrunk. The encoder attends at [8, 4]
+# (level 1) and the decoder at [16, 8] (level 0), so the two placements are read apart.
+PATCH = "image_synthesis.modeling.codecs.image_codec.patch_vqgan."
+PATCH_ENCODER = {"activate_output": False, "attn_resolutions": [[8, 4]], "ch": 32,
+                 "ch_mult": [1, 2], "dropout": 0.0, "in_channels": 3, "num_res_blocks": 1,
+                 "out_ch": 3, "resolution": [16, 8], "z_channels": 8}
+PATCH_DECODER = {"attn_resolutions": [[16, 8]], "ch": 32, "ch_mult": [1, 2], "dropout": 0.0,
+                 "num_res_blocks": 1, "out_ch": 3, "resolution": [16, 8], "z_channels": 8}
+ITHQ_DECODER = {"attn_resolutions": [[32, 32]], "ch": 64, "ch_mult": [1, 2, 4, 8],
+                "dropout": 0.0, "num_res_blocks": 2, "out_ch": 3, "resolution": [256, 256],
+                "z_channels": 256}
+ITHQ_ENCODER = {**ITHQ_DECODER, "activate_output": False, "in_channels": 3}
+
+
+def _patch_yaml(encoder=PATCH_ENCODER, decoder=PATCH_DECODER, n_embed=N_EMBED, embed_dim=4,
+                **extra):
+  return {"model": {"target": PATCH + "PatchVQGAN", "params": {
+      "decoder_config": {"params": decoder, "target": PATCH + "Decoder"},
+      "embed_dim": embed_dim,
+      "encoder_config": {"params": encoder, "target": PATCH + "Encoder"},
+      "n_embed": n_embed, "quantizer_type": "EMAVQ", "trainable": True, **extra}}}
+
+
+def _move_ema(quantize: torch.nn.Module, seed: int):
+  """Trained-looking EMA buffers: counts and sums, then one training step of the official
+  update, so ``embedding``, ``embedding_avg`` and ``cluster_size`` all differ from init."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    quantize.cluster_size.copy_(torch.rand(quantize.n_e, generator=generator) * 2 + 1)
+    quantize.embedding_avg.copy_(quantize.embedding * quantize.cluster_size[:, None])
+    quantize.train()
+    quantize(torch.randn(2, quantize.e_dim, 4, 4, generator=generator))
+    quantize.eval()
+
+
+@pytest.fixture(scope="module")
+def ithq(tmp_path_factory):
+  """An ITHQ-style codec saved as ``ithq_vqvae.pth`` ({"model": ...}) with its config.yaml."""
+  root = tmp_path_factory.mktemp("ithq")
+  config = _patch_yaml()
+  torch.manual_seed(7)
+  model = _perturb(patch_official.PatchVQGAN(**config["model"]["params"]), seed=7)
+  _move_ema(model.quantize, seed=8)
+  files = {"checkpoint": _write(root / "ithq_vqvae.pth", {"model": model.state_dict()}),
+           "config": _write(root / "config.yaml", config)}
+  module, params = vqvae_convert.load_official_codec(files["checkpoint"], files["config"])
+  codec = patch_official.PatchVQVAE(model, token_shape=[8, 8])
+  return {"model": model, "codec": codec, "module": module, "params": params,
+          "functions": _jitted(module), **files}
+
+
+def test_ithq_codec_gives_the_official_tokens_and_images(ithq):
+  quantize = ithq["model"].quantize
+  assert not torch.allclose(quantize.embedding, quantize.embedding_avg)
+  config = ithq["module"].config
+  assert (config.encoder_attention_levels, config.decoder_attention_levels) == ((1,), (0,))
+  assert config.used_codes == 0 and "remap" not in ithq["params"]
+  np.testing.assert_array_equal(ithq["params"]["quantize"]["codebook"], quantize.embedding)
+  tokens = _check_parity(ithq["codec"], ithq["params"], ithq["functions"], _images(5),
+                         used=N_EMBED)
+  assert len(np.unique(tokens)) > 4
+
+
+def test_ithq_decoder_matches_before_the_clamp(ithq):
+  model = ithq["model"]
+  tokens = torch.randint(0, N_EMBED, (2, 8, 8), generator=torch.Generator().manual_seed(9))
+  with torch.no_grad():
+    z = model.quantize.get_codebook_entry(tokens.reshape(-1), shape=(2, 8, 8))
+    reference = model.decoder(model.post_quant_conv(z)).permute(0, 2, 3, 1).numpy()
+  ours = np.asarray(ithq["functions"][1](ithq["params"], jnp.asarray(tokens.numpy())))
+  np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_ithq_codec_inside_an_official_model_checkpoint(ithq, tmp_path):
+  state = official.DALLE(ithq["codec"]).state_dict()
+  assert {"content_codec.enc.quantize.embedding", "content_codec.dec.quantize.embedding_avg",
+          "content_codec.dec.decoder.up.0.attn.1.q.weight"} <= set(state)
+  checkpoint = _write(tmp_path / "ithq_learnable.pth", {"model": state, "epoch": 9})
+  module, params = checkpoints.load_vqvae(checkpoint, config_yaml=ithq["config"])
+  assert module.config == ithq["module"].config
+  jax.tree.map(np.testing.assert_array_equal, params, ithq["params"])
+
+
+def test_ithq_mismatches_are_named_with_the_file(ithq, tmp_path):
+  big = _write(tmp_path / "big.yaml", _patch_yaml(n_embed=2 * N_EMBED))
+  with pytest.raises(ConversionError, match=rf"ithq_vqvae\.pth: quantize\.embedding holds "
+                                            rf"{N_EMBED} codes.*big\.yaml"):
+    vqvae_convert.load_official_codec(ithq["checkpoint"], big)
+  state = ithq["model"].state_dict()
+  del state["quantize.embedding"]
+  cut = _write(tmp_path / "cut.pth", {"model": state})
+  with pytest.raises(ConversionError, match=r"cut\.pth(.|\n)*quantize\.embedding"):
+    vqvae_convert.load_official_codec(cut, ithq["config"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quantizer_dis_type": "cosine"}, r"quantizer_dis_type='cosine'"),
+    ({"quantizer_type": "VQ"}, r"quantizer_type='VQ'"),
+    ({"decoder": {**PATCH_DECODER, "z_channels": 16}}, r"latent_channels 8 vs 16"),
+    ({"encoder": {**PATCH_ENCODER, "scale_by_2": [True, False]}}, r"scale_by_2"),
+])
+def test_ithq_configs_we_cannot_hold_are_named(ithq, tmp_path, change, message):
+  path = _write(tmp_path / "odd.yaml", _patch_yaml(**change))
+  with pytest.raises(ConversionError, match=rf"odd\.yaml.*{message}"):
+    vqvae_convert.load_official_codec(ithq["checkpoint"], path)
+
+
+def test_ithq_full_size_config_on_abstract_shapes(tmp_path):
+  """The official config.yaml's PatchVQGAN on the meta device against our eval_shape tree."""
+  path = _write(tmp_path / "config.yaml", _patch_yaml(ITHQ_ENCODER, ITHQ_DECODER, n_embed=4096,
+                                                      embed_dim=128))
+  config = vqvae_convert.read_codec_config(path)
+  assert config.encoder_attention_levels == config.decoder_attention_levels == (3,)
+  assert (config.num_embeddings, config.embed_dim, config.latent_channels) == (4096, 128, 256)
+  with torch.device("meta"):
+    params = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["params"]
+    model = patch_official.PatchVQGAN(**params)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  assert shapes["quantize.embedding"] == (4096, 128)
+  _assert_rules_cover(shapes, config)
+
+
+def test_activate_output_has_no_effect(tmp_path):
+  """Both official encoders take ``activate_output`` into ``**ignore_kwargs``."""
+  plain = vqvae_convert.read_codec_config(_write(tmp_path / "plain.yaml", _patch_yaml()))
+  flagged = _patch_yaml({**PATCH_ENCODER, "activate_output": True})
+  assert vqvae_convert.read_codec_config(_write(tmp_path / "flagged.yaml", flagged)) == plain

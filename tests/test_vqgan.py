@@ -126,15 +126,6 @@ def test_taming_layout_gives_the_same_model(reference):
   np.testing.assert_allclose(np.asarray(images), reference["decoded"], atol=1e-4, rtol=0)
 
 
-def test_vq_diffusion_ema_codebook_buffers(reference):
-  state_dict = _taming_state_dict(reference["model"])
-  codebook = state_dict.pop("quantize.embedding.weight")
-  state_dict.update({"quantize.embedding": codebook, "quantize.cluster_size": np.ones(64),
-                     "quantize.embedding_avg": codebook})
-  _, params = vqvae_convert.from_taming(state_dict, reference["module"].config)
-  np.testing.assert_array_equal(params["quantize"]["codebook"], codebook)
-
-
 def test_taming_extra_and_missing_keys_are_named(reference):
   state_dict = _taming_state_dict(reference["model"])
   del state_dict["encoder.mid.attn_1.q.bias"]

@@ -24,7 +24,10 @@ Every conversion goes through ``common.assemble`` against the module's ``eval_sh
 (plain, inside a Net2NetTransformer under ``first_stage_model.``, or inside an official
 model ``.pth`` under ``content_codec.``), its YAML config (``VQModel`` or ``GumbelVQ``,
 whose quantizer is a ``quantize.proj`` 1x1 conv to K logits plus a ``quantize.embed``
-table) and the official token remap file; the remap travels in ``params["remap"]``.
+table) and the official token remap file; the remap travels in ``params["remap"]``. ITHQ's
+codec is a ``PatchVQGAN`` (``config_from_patch_vqgan``): its ``config.yaml`` gives encoder and
+decoder configs separately, and ``ithq_vqvae.pth`` holds ``{"model": state_dict}`` with the
+codebook in the EMA buffer ``quantize.embedding``.
 """
 
 from __future__ import annotations
@@ -226,8 +229,10 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
   """``VQGANConfig`` from a taming ``ddconfig`` (or VQ-Diffusion encoder params).
 
   Args:
-    ddconfig: ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
-      ``resolution``, ``z_channels``, ``in_channels``, ``out_ch`` (others checked below).
+    ddconfig: ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions`` (sizes, or
+      ``[h, w]`` pairs as VQ-Diffusion writes them), ``resolution`` (a size or a pair),
+      ``z_channels``, ``in_channels``, ``out_ch`` (others checked below;
+      ``activate_output`` is accepted and, as in both official encoders, has no effect).
     n_embed: codebook size.
     embed_dim: codebook vector width.
     norm_num_groups: taming hard-codes 32.
@@ -241,8 +246,7 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
       reads ``z_channels`` from the ``embed_dim``-wide ``quant_conv`` output).
   """
   unsupported = {"double_z": False, "scale_by_2": None, "resamp_with_conv": True,
-                 "dropout": 0.0, "give_pre_end": False, "tanh_out": False,
-                 "activate_output": False}
+                 "dropout": 0.0, "give_pre_end": False, "tanh_out": False}
   problems = [f"{key}={ddconfig[key]!r}" for key, fine in unsupported.items()
               if key in ddconfig and ddconfig[key] != fine]
   if gumbel and int(ddconfig["z_channels"]) != int(embed_dim):
@@ -250,12 +254,6 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
                     f"embed_dim={embed_dim}")
   if problems:
     raise ConversionError("unsupported taming VQGAN options: " + ", ".join(problems))
-  resolution = ddconfig["resolution"]
-  size = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution] * 2
-  attn = [list(r) if isinstance(r, (list, tuple)) else [r, r]
-          for r in ddconfig["attn_resolutions"]]
-  levels = len(ddconfig["ch_mult"])
-  attention_levels = tuple(i for i in range(levels) if [s // 2**i for s in size] in attn)
   return VQGANConfig(
       in_channels=int(ddconfig.get("in_channels", 3)),
       out_channels=int(ddconfig.get("out_ch", 3)),
@@ -263,31 +261,103 @@ def config_from_taming(ddconfig: Mapping[str, Any], *, n_embed: int, embed_dim: 
       layers_per_block=int(ddconfig["num_res_blocks"]),
       latent_channels=int(ddconfig["z_channels"]),
       num_embeddings=int(n_embed), embed_dim=int(embed_dim), norm_num_groups=norm_num_groups,
-      encoder_attention_levels=attention_levels, decoder_attention_levels=attention_levels,
+      encoder_attention_levels=_attention_levels(ddconfig, decoder=False),
+      decoder_attention_levels=_attention_levels(ddconfig, decoder=True),
       mid_block_attention=True, ema=False, gumbel=gumbel, used_codes=int(used_codes))
+
+
+def _attention_levels(ddconfig: Mapping[str, Any], *, decoder: bool) -> tuple[int, ...]:
+  """The levels whose ``[h, w]`` the encoder (halving from ``resolution``) or the decoder
+  (doubling from ``resolution // 2 ** (levels - 1)``) finds in ``attn_resolutions``."""
+  resolution = ddconfig["resolution"]
+  size = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution] * 2
+  attn = [list(r) if isinstance(r, (list, tuple)) else [r, r]
+          for r in ddconfig["attn_resolutions"]]
+  levels = len(ddconfig["ch_mult"])
+  lowest = [s // 2 ** (levels - 1) for s in size]
+  sizes = ([[s * 2 ** (levels - 1 - i) for s in lowest] for i in range(levels)] if decoder
+           else [[s // 2**i for s in size] for i in range(levels)])
+  return tuple(i for i in range(levels) if [int(s) for s in sizes[i]] in attn)
+
+
+def config_from_patch_vqgan(params: Mapping[str, Any], *, used_codes: int = 0) -> VQGANConfig:
+  """``VQGANConfig`` from the params of VQ-Diffusion's ``PatchVQGAN`` (the ITHQ codec).
+
+  ``PatchVQGAN`` builds its encoder and decoder from separate configs
+  (``patch_vqgan.Encoder`` / ``patch_vqgan.Decoder``, taming's layers with ``[h, w]``
+  resolutions) and quantizes with ``EMAVectorQuantizer``: the nearest code in squared L2
+  distance among the rows of its ``embedding`` buffer, looked up as they are. That is our
+  plain quantizer with the buffer as the codebook.
+
+  Args:
+    params: ``model.params`` of the official ``config.yaml``: ``encoder_config``,
+      ``decoder_config`` (each ``{"target", "params"}``), ``n_embed``, ``embed_dim``,
+      ``quantizer_type`` and ``quantizer_dis_type``.
+    used_codes: the compact vocabulary size of a code remap (0: none).
+
+  Raises:
+    ConversionError: a missing field, other encoder / decoder classes, a quantizer other
+      than ``EMAVQ`` with the ``euclidean`` distance, or encoder and decoder sizes that
+      one ``VQGANConfig`` cannot hold (``ch``, ``ch_mult``, ``num_res_blocks``,
+      ``z_channels`` must agree).
+  """
+  missing = [k for k in ("encoder_config", "decoder_config", "n_embed", "embed_dim")
+             if k not in params]
+  if missing:
+    raise ConversionError(f"the PatchVQGAN params lack {missing}")
+  problems = []
+  for field, cls in (("encoder_config", "Encoder"), ("decoder_config", "Decoder")):
+    section = params[field] if isinstance(params[field], Mapping) else {}
+    target = str(section.get("target", ""))
+    if target.rpartition(".")[2] != cls or not isinstance(section.get("params"), Mapping):
+      problems.append(f"{field} must be a patch_vqgan.{cls} with params, got {target!r}")
+  quantizer = (params.get("quantizer_type", "VQ"), params.get("quantizer_dis_type", "euclidean"))
+  if quantizer != ("EMAVQ", "euclidean"):
+    problems.append(f"quantizer_type={quantizer[0]!r} with quantizer_dis_type={quantizer[1]!r} "
+                    "(supported: 'EMAVQ' with 'euclidean')")
+  if problems:
+    raise ConversionError("unsupported PatchVQGAN config: " + "; ".join(problems))
+  sizes = {"n_embed": int(params["n_embed"]), "embed_dim": int(params["embed_dim"]),
+           "used_codes": used_codes}
+  encoder = config_from_taming(params["encoder_config"]["params"], **sizes)
+  decoder = config_from_taming({"in_channels": encoder.in_channels,
+                                **params["decoder_config"]["params"]}, **sizes)
+  shared = ("block_out_channels", "layers_per_block", "latent_channels")
+  differ = [f"{name} {getattr(encoder, name)} vs {getattr(decoder, name)}" for name in shared
+            if getattr(encoder, name) != getattr(decoder, name)]
+  if differ:
+    raise ConversionError("the PatchVQGAN encoder and decoder differ in " + ", ".join(differ))
+  return dataclasses.replace(encoder, out_channels=decoder.out_channels,
+                             decoder_attention_levels=decoder.decoder_attention_levels)
 
 
 def load_official_codec(checkpoint: str | os.PathLike, config_yaml: str | os.PathLike,
                         remap: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
                         allow_pickle: bool = False) -> tuple[VQGAN, dict[str, Any]]:
-  """Loads an image codec of microsoft/VQ-Diffusion (its taming VQGAN and token remap).
+  """Loads an image codec of microsoft/VQ-Diffusion (its VQGAN and token remap).
 
   The official ``TamingGumbelVQVAE`` (COCO, CUB-200, Conceptual Captions: GumbelVQ f8,
   8,192 codes, remap ``taming_vqvae_2887.pt``), ``TamingVQVAE`` (ImageNet: VQModel f16,
-  16,384 codes, remap ``taming_vqvae_974.pt``) and ``TamingFFHQVQVAE`` (FFHQ: the
-  ``first_stage_model`` of a taming Net2NetTransformer, 1,024 codes, no remap). The
-  returned module's ``encode`` takes images in [-1, 1] (the official maps its [0, 1]
-  input by ``2x - 1``) and gives remapped tokens; ``decode`` takes them and returns
-  unclamped images (the official clamps to [-1, 1]). A GumbelVQ's tokens are the most
-  likely codes, where the official samples them with Gumbel noise.
+  16,384 codes, remap ``taming_vqvae_974.pt``), ``TamingFFHQVQVAE`` (FFHQ: the
+  ``first_stage_model`` of a taming Net2NetTransformer, 1,024 codes, no remap) and
+  ``PatchVQVAE`` (ITHQ: a ``PatchVQGAN`` f8 with an EMA codebook, 4,096 codes, no remap).
+  The returned module's ``encode`` takes images in [-1, 1] (each official codec divides
+  its [0, 255] input by 255 and maps it by ``2x - 1``) and gives remapped tokens;
+  ``decode`` takes them and returns unclamped images (the official clamps to [-1, 1]
+  before mapping back to [0, 255]). A GumbelVQ's tokens are the most likely codes, where
+  the official samples them with Gumbel noise.
 
   Args:
     checkpoint: a PyTorch file holding the codec: a taming Lightning checkpoint
       (``{"state_dict": ...}``, ``loss.*`` keys ignored), a Net2NetTransformer one (keys
-      under ``first_stage_model.``), or an official VQ-Diffusion model ``.pth``
-      (``{"model": ...}`` with ``content_codec.enc.*`` / ``content_codec.dec.*``).
-    config_yaml: the taming config (``model.target`` a ``GumbelVQ``, ``VQModel`` or
-      ``Net2NetTransformer``; ``ddconfig``, ``n_embed``, ``embed_dim`` under its params).
+      under ``first_stage_model.``), ITHQ's ``ithq_vqvae.pth`` (``{"model": ...}``; the EMA
+      statistics ``quantize.cluster_size`` / ``quantize.embedding_avg`` are not needed), or
+      an official VQ-Diffusion model ``.pth`` (``{"model": ...}`` with
+      ``content_codec.enc.*`` / ``content_codec.dec.*``).
+    config_yaml: the codec's config: taming's (``model.target`` a ``GumbelVQ``,
+      ``VQModel`` or ``Net2NetTransformer``; ``ddconfig``, ``n_embed``, ``embed_dim`` under
+      its params) or ITHQ's ``config.yaml`` (``model.target`` a ``PatchVQGAN``;
+      ``config_from_patch_vqgan``).
     remap: the official ``full_to_quantize`` file (``torch.save`` of K integers), or None.
     dtype: compute dtype of the module (parameters stay float32).
     allow_pickle: unpickle Python objects besides tensors in ``checkpoint`` (trusted files).
@@ -302,18 +372,57 @@ def load_official_codec(checkpoint: str | os.PathLike, config_yaml: str | os.Pat
       a code count other than ``n_embed``, a remap that does not fit, key mismatches.
   """
   checkpoint, config_yaml = os.fspath(checkpoint), os.fspath(config_yaml)
-  ddconfig, n_embed, embed_dim, gumbel = read_taming_config(config_yaml)
-  full_to_compact = None if remap is None else read_code_remap(remap, n_embed)
+  config = read_codec_config(config_yaml)
+  full_to_compact = (None if remap is None
+                     else read_code_remap(remap, config.num_embeddings))
   state = codec_state_dict(_torch_load(checkpoint, allow_pickle), checkpoint)
-  table = "quantize.embed.weight" if gumbel else "quantize.embedding.weight"
-  if table in state and np.shape(state[table])[0] != n_embed:
-    raise ConversionError(f"{checkpoint}: {table} holds {np.shape(state[table])[0]} codes but "
-                          f"{config_yaml} says n_embed={n_embed}")
+  for table in _codebook_keys(config):
+    if table in state and np.shape(state[table])[0] != config.num_embeddings:
+      raise ConversionError(f"{checkpoint}: {table} holds {np.shape(state[table])[0]} codes "
+                            f"but {config_yaml} says n_embed={config.num_embeddings}")
   used = 0 if full_to_compact is None else int(full_to_compact.max()) + 1
-  config = config_from_taming(ddconfig, n_embed=n_embed, embed_dim=embed_dim, gumbel=gumbel,
-                              used_codes=used)
-  return from_taming(state, config, full_to_compact=full_to_compact, dtype=dtype,
+  return from_taming(state, dataclasses.replace(config, used_codes=used),
+                     full_to_compact=full_to_compact, dtype=dtype,
                      what=f"codec checkpoint {checkpoint}")
+
+
+def _codebook_keys(config: VQGANConfig) -> tuple[str, ...]:
+  return (("quantize.embed.weight",) if config.gumbel
+          else ("quantize.embedding.weight", "quantize.embedding"))
+
+
+def read_codec_config(path: str | os.PathLike) -> VQGANConfig:
+  """The ``VQGANConfig`` (no remap) of an official codec config YAML.
+
+  Args:
+    path: a taming config (``read_taming_config``) or ITHQ's ``PatchVQGAN`` one
+      (``config_from_patch_vqgan``).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: naming the file, for an unknown target or unsupported options.
+  """
+  path = os.fspath(path)
+  model = _model_section(path)
+  try:
+    if str(model.get("target", "")).rpartition(".")[2] == "PatchVQGAN":
+      return config_from_patch_vqgan(model.get("params") or {})
+    ddconfig, n_embed, embed_dim, gumbel = read_taming_config(path)
+    return config_from_taming(ddconfig, n_embed=n_embed, embed_dim=embed_dim, gumbel=gumbel)
+  except ConversionError as error:
+    if path in str(error):
+      raise
+    raise ConversionError(f"{path}: {error}") from None
+
+
+def _model_section(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"codec config not found: {path}")
+  with open(path) as f:
+    model = (yaml.safe_load(f) or {}).get("model", {})
+  if str(model.get("target", "")).endswith(".Net2NetTransformer"):
+    model = model.get("params", {}).get("first_stage_config", {})
+  return model
 
 
 def read_taming_config(path: str | os.PathLike) -> tuple[dict[str, Any], int, int, bool]:
@@ -326,17 +435,12 @@ def read_taming_config(path: str | os.PathLike) -> tuple[dict[str, Any], int, in
       field is missing.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"codec config not found: {path}")
-  with open(path) as f:
-    model = (yaml.safe_load(f) or {}).get("model", {})
-  if str(model.get("target", "")).endswith(".Net2NetTransformer"):
-    model = model.get("params", {}).get("first_stage_config", {})
+  model = _model_section(path)
   target = str(model.get("target", ""))
   kind = target.rpartition(".")[2]
   if kind not in ("VQModel", "GumbelVQ"):
     raise ConversionError(f"{path}: model.target {target!r} is not a taming VQModel, GumbelVQ "
-                          "or Net2NetTransformer")
+                          "or Net2NetTransformer, nor VQ-Diffusion's PatchVQGAN")
   params = model.get("params", {})
   missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
   if missing:
