@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                            "--vqvae-config) or a diffusers VQModel directory; an official "
                            ".pth holds its codec, so --vqvae-config alone takes it from SRC")
   parser.add_argument("--vqvae-config", metavar="YAML",
-                      help="the codec's taming config, e.g. taming_f8_8192_openimages.yaml")
+                      help="the codec's config YAML, e.g. taming_f8_8192_openimages.yaml "
+                           "(or ITHQ's config.yaml)")
   parser.add_argument("--vqvae-remap", metavar="PT",
                       help="the codec's official token remap, e.g. taming_vqvae_2887.pt")
   parser.add_argument("--clip", metavar="DIR",

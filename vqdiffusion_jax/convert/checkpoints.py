@@ -12,7 +12,7 @@ Sources, recognised by what the path holds:
 * an official microsoft/VQ-Diffusion ``.pth`` file (denoiser only; its sizes
   are not stored in it, so a preset or config must be given);
 * for the VQ-VAE alone (``load_vqvae``), an official image codec's PyTorch file
-  with its taming config YAML and token remap (``vqvae.load_official_codec``).
+  with its config YAML and token remap (``vqvae.load_official_codec``).
 
 Besides the networks, a pipeline needs its noise schedule and how its
 tokenizer pads (``pipeline_settings``): a diffusers pipeline's come from
@@ -229,7 +229,7 @@ def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32,
       official image codec's PyTorch file (taming / Net2NetTransformer checkpoint, or an
       official VQ-Diffusion model ``.pth`` holding ``content_codec.*``).
     dtype: compute dtype of the module.
-    config_yaml: for a PyTorch file: its taming config (``vqvae.load_official_codec``).
+    config_yaml: for a PyTorch file: its config YAML (``vqvae.load_official_codec``).
     remap: for a PyTorch file: the official token remap file, if the codec has one.
     allow_pickle: for a PyTorch file holding Python objects: unpickle them (trusted files).
 
@@ -239,7 +239,7 @@ def load_vqvae(path: str | os.PathLike, *, dtype: Any = jnp.float32,
   path = os.fspath(path)
   if os.path.isfile(path):
     if config_yaml is None:
-      raise ValueError(f"{path}: an official codec checkpoint needs its taming config YAML "
+      raise ValueError(f"{path}: an official codec checkpoint needs its config YAML "
                        "(config_yaml)")
     return vqvae.load_official_codec(path, config_yaml, remap, dtype=dtype,
                                      allow_pickle=allow_pickle)
@@ -304,7 +304,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
     vqvae: the VQ-VAE's source when ``src`` has none: a codec's PyTorch file
       or a ``VQModel`` directory; by default ``src`` itself when
       ``vqvae_config`` is given.
-    vqvae_config: a PyTorch codec's taming config YAML.
+    vqvae_config: a PyTorch codec's config YAML (taming's, or ITHQ's PatchVQGAN one).
     vqvae_remap: the official token remap of the codec (e.g.
       ``taming_vqvae_2887.pt``), when it has one.
     clip_dir: a Hugging Face CLIP directory (weights and tokenizer) for a
