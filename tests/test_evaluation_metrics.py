@@ -577,6 +577,9 @@ def test_statistics_files_as_pytorch_fid_writes_them(tmp_path):
   np.testing.assert_array_equal(loaded_mu, mu)
   np.testing.assert_array_equal(loaded_sigma, sigma)
 
+  np.savez_compressed(tmp_path / "compressed.npz", mu=mu, sigma=sigma)  # its fid_score --save-stats
+  np.testing.assert_array_equal(fid.load_statistics(tmp_path / "compressed.npz")[1], sigma)
+
   fid.save_statistics(tmp_path / "out" / "ours.npz", mu, sigma)
   with np.load(tmp_path / "out" / "ours.npz") as data:  # as pytorch-fid reads them
     assert sorted(data.files) == ["mu", "sigma"]
