@@ -21,7 +21,7 @@ from tests.test_vqgan import TINY as TINY_VQMODEL
 from vqdiffusion_jax import evaluate, loading, report, sample
 from vqdiffusion_jax.convert import __main__ as convert_cli
 from vqdiffusion_jax.convert import denoiser
-from vqdiffusion_jax.data import oracle, shapes
+from vqdiffusion_jax.data import loader, oracle, shapes
 from vqdiffusion_jax.evaluation import clip_score, fid, image_metrics, inception
 
 
@@ -374,3 +374,33 @@ def test_reference_statistics_are_saved_and_reused(tiny_workdir, inception_file,
   text = (tmp_path / "b" / "report.md").read_text()
   assert "| FID | IS | QS | DS |" in text and " ± " in text
   assert "FID against " in text and "pytorch_fid.npz" in text
+
+
+def test_dataset_flags_stream_a_split(monkeypatch, tmp_path):
+  rng = np.random.default_rng(9)
+  records = [{"image": rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8),
+              "captions": np.array([f"caption {i}".encode(), b"another"], dtype=object)}
+             for i in range(7)]
+  asked = []
+
+  def split_source(data, split, home):
+    asked.append((data.name, data.data_dir, int(data.image_size), split, home))
+    return records
+  monkeypatch.setattr(evaluate.sources, "split_source", split_source)
+  args = evaluate.parse_args(["--checkpoint", "ckpt", "--dataset", "mscoco_captions",
+                              "--data_dir", "/tfds", "--num_samples", "5", "--out", "o"])
+  captions, reference = evaluate.evaluation_inputs(args, "converted", 8)
+  assert asked == [("mscoco_captions", "/tfds", 8, "validation", "/tfds")]
+  assert captions == [f"caption {i}" for i in range(5)] and len(reference) == 5
+  assert reference.captions == captions and "mscoco_captions validation: 5 images" in reference.name
+  batches = list(reference.batches(2))
+  assert [len(images) for images, _ in batches] == [2, 2, 1]
+  np.testing.assert_array_equal(batches[1][0][1], loader.resize_and_crop(records[3]["image"], 8))
+  assert batches[2][1] == ["caption 4"]
+
+  (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+  args = evaluate.parse_args(["--checkpoint", "ckpt", "--dataset", "shapes", "--captions",
+                              str(tmp_path / "prompts.txt"), "--num_samples", "2", "--out", "o"])
+  captions, reference = evaluate.evaluation_inputs(args, "diffusers", 8)
+  assert asked[-1] == ("shapes", "", 8, "test", "o") and captions == ["one", "two"]
+  assert reference.captions == ["caption 0", "caption 1"]  # the real images' own captions
