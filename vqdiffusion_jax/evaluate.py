@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -434,15 +435,15 @@ class ReconstructionScorer:
   """PSNR / SSIM (and the oracle) of the VQ-VAE's round trip, batch by batch."""
 
   def __init__(self, pipe: Pipeline):
-    vq, variables = pipe.vqvae, pipe.vqvae_variables
+    vq = pipe.vqvae
 
     @jax.jit
-    def round_trip(x):
+    def round_trip(variables, x):
       tokens = vq.apply(variables, x * 2.0 - 1.0, method="encode")
       out = jnp.clip((vq.apply(variables, tokens, method="decode") + 1.0) / 2.0, 0.0, 1.0)
       return out, image_metrics.psnr(out, x), image_metrics.ssim(out, x)
 
-    self.round_trip = round_trip
+    self.round_trip = functools.partial(round_trip, pipe.vqvae_variables)
     self.psnr_sum = self.ssim_sum = 0.0
     self.count = 0
     self.oracle_results: list[dict] = []
