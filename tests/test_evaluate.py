@@ -307,17 +307,34 @@ def tiny_checkpoints(tmp_path_factory):
   return str(root), ours
 
 
+def _tiny_clip_dir(path):
+  """A tiny random Hugging Face CLIPModel directory with its tokenizer (save_pretrained)."""
+  torch.manual_seed(3)
+  sizes = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "intermediate_size": 37}
+  config = transformers.CLIPConfig(
+      text_config={**TEXT_CONFIG, **sizes},
+      vision_config={**sizes, "image_size": 16, "patch_size": 8}, projection_dim=16)
+  transformers.CLIPModel(config).save_pretrained(str(path))
+  TOKENIZER.save_pretrained(str(path))
+  return str(path)
+
+
 def test_evaluate_reads_converted_and_diffusers_directories(tiny_checkpoints, tmp_path):
   captions = tmp_path / "captions.txt"
   captions.write_text("a cat\n\na dog\nthe cat\n")
+  clip = _tiny_clip_dir(tmp_path / "clip")
   for kind, path in zip(("diffusers", "converted"), tiny_checkpoints, strict=True):
     assert evaluate.checkpoint_kind(path) == kind
     out = tmp_path / kind
     figures = evaluate.main(["--checkpoint", path, "--captions", str(captions), "--sampler",
-                             "vqdiffusion/2/2", "--batch_size", "2", "--out", str(out)])
+                             "vqdiffusion/2/2", "--batch_size", "2", "--out", str(out),
+                             *(["--clip", clip] if kind == "converted" else [])])
     row = figures["samplers"]["vqdiffusion_2steps_g2_r1"]
     assert figures["settings"]["num_samples"] == 3 and row["images_per_second"] > 0
     assert "vqvae" not in figures and "fid" not in row  # no real images were given
+    if kind == "converted":
+      assert 0 <= row["clip_score"] <= 100 and "CLIP score" in (out / "report.md").read_text()
     with Image.open(out / "vqdiffusion_2steps_g2_r1.png") as grid:
       assert grid.size == (2 * 8 + 3 * 2,) * 2  # 3 images of 8 px, 2 x 2
     assert "## VQ-VAE reconstruction" not in (out / "report.md").read_text()
