@@ -179,7 +179,13 @@ class ReferenceImages:
 
 def first_captions(records: Sequence, count: int) -> list[str]:
   """The first caption of each of the first ``count`` records."""
-  return [loader.decode_captions(records[i].get("captions"))[0] for i in range(count)]
+  captions = []
+  for i in range(count):
+    found = loader.decode_captions(records[i].get("captions"))
+    if not found:
+      raise ValueError(f"record {i} of the evaluation split has no caption")
+    captions.append(found[0])
+  return captions
 
 
 def split_reference(data: Any, split: str, home: str, image_size: int,
