@@ -544,3 +544,158 @@ def test_inception_quality_diversity():
   quality, diversity = jax.jit(image_metrics.inception_quality_diversity)(probs)
   np.testing.assert_allclose(quality * diversity, inception_score, rtol=1e-5)
   assert 0 < quality <= 1 and 1 <= diversity <= 7
+
+
+# ---------------------------------------------------- streamed FID statistics, stats files
+
+
+def test_running_statistics_equal_all_at_once():
+  rng = np.random.default_rng(4)
+  features = rng.normal(size=(53, 12)) @ rng.normal(size=(12, 12)) + 100.0  # a large mean
+  running = fid.RunningStatistics(12)
+  for start, stop in ((0, 1), (1, 8), (8, 8), (8, 30), (30, 53)):  # uneven, one empty
+    running.update(features[start:stop])
+  mu, sigma = running.statistics()
+  expected_mu, expected_sigma = fid.feature_statistics(features)
+  assert running.count == 53 and mu.dtype == sigma.dtype == np.float64
+  np.testing.assert_allclose(mu, expected_mu, rtol=1e-14)
+  np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-11,
+                             atol=1e-12 * np.abs(expected_sigma).max())
+  with pytest.raises(ValueError, match=r"\(B, 12\)"):
+    running.update(features[:, :5])
+  with pytest.raises(ValueError, match="at least 2"):
+    one = fid.RunningStatistics(12)
+    one.update(features[:1])
+    one.statistics()
+
+
+def test_statistics_files_as_pytorch_fid_writes_them(tmp_path):
+  rng = np.random.default_rng(5)
+  mu, sigma = rng.normal(size=2048), _random_covariance(rng, 2048)
+  np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)  # pytorch-fid's save_fid_stats
+  loaded_mu, loaded_sigma = fid.load_statistics(tmp_path / "ref.npz", 2048)
+  np.testing.assert_array_equal(loaded_mu, mu)
+  np.testing.assert_array_equal(loaded_sigma, sigma)
+
+  np.savez_compressed(tmp_path / "compressed.npz", mu=mu, sigma=sigma)  # its fid_score --save-stats
+  np.testing.assert_array_equal(fid.load_statistics(tmp_path / "compressed.npz")[1], sigma)
+
+  fid.save_statistics(tmp_path / "out" / "ours.npz", mu, sigma)
+  with np.load(tmp_path / "out" / "ours.npz") as data:  # as pytorch-fid reads them
+    assert sorted(data.files) == ["mu", "sigma"]
+    np.testing.assert_array_equal(data["mu"], mu)
+    np.testing.assert_array_equal(data["sigma"], sigma)
+
+
+def test_bad_statistics_files_are_named(tmp_path):
+  np.savez(tmp_path / "keys.npz", m=np.zeros(4), s=np.eye(4))
+  with pytest.raises(ValueError, match=r"keys\.npz lacks \['mu', 'sigma'\]; it holds \['m', 's'\]"):
+    fid.load_statistics(tmp_path / "keys.npz")
+  np.savez(tmp_path / "shape.npz", mu=np.zeros(4), sigma=np.eye(3))
+  with pytest.raises(ValueError, match=r"shape\.npz.*\(4,\) and \(3, 3\)"):
+    fid.load_statistics(tmp_path / "shape.npz")
+  np.savez(tmp_path / "small.npz", mu=np.zeros(4), sigma=np.eye(4))
+  assert fid.load_statistics(tmp_path / "small.npz")[0].shape == (4,)
+  with pytest.raises(ValueError, match=r"small\.npz has 4-d features; expected 2048"):
+    fid.load_statistics(tmp_path / "small.npz", 2048)
+  np.save(tmp_path / "single.npy", np.zeros(4))
+  with pytest.raises(ValueError, match=r"single\.npy is a single \.npy array"):
+    fid.load_statistics(tmp_path / "single.npy")
+  (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match=r"junk\.npz is not a readable \.npz"):
+    fid.load_statistics(tmp_path / "junk.npz")
+  with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
+    fid.load_statistics(tmp_path / "missing.npz")
+
+
+# ------------------------------------------------------------------- Inception Score
+
+
+def _numpy_inception_score(probs, splits, seed):
+  """The Inception Score written out: shuffle, cut at i * N // splits, exp(mean KL), mean / std."""
+  n = len(probs)
+  if seed is not None:
+    probs = probs[np.random.RandomState(seed).permutation(n)]
+  scores = []
+  for i in range(splits):
+    chunk = probs[i * n // splits:(i + 1) * n // splits]
+    marginal = chunk.mean(axis=0)
+    kl = [np.sum([p * np.log(p / q) for p, q in zip(row, marginal, strict=True) if p > 0])
+          for row in chunk]
+    scores.append(np.exp(np.mean(kl)))
+  return np.mean(scores), np.std(scores)
+
+
+def _torch_inception_score(logits, splits, seed):
+  """torch: float64 softmax and log-softmax, shuffled, chunked, exp(mean KL) per chunk."""
+  features = torch.from_numpy(logits).double()
+  n = features.shape[0]
+  if seed is not None:
+    features = features[np.random.RandomState(seed).permutation(n)]
+  probs, log_probs = features.softmax(dim=1), features.log_softmax(dim=1)
+  scores = []
+  for i in range(splits):
+    chunk = slice(i * n // splits, (i + 1) * n // splits)
+    p, log_p = probs[chunk], log_probs[chunk]
+    q = p.mean(dim=0, keepdim=True)
+    scores.append((p * (log_p - q.log())).sum(dim=1).mean().exp().item())
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize("seed", [2020, None], ids=["shuffled", "in_order"])
+def test_inception_score_against_numpy_and_torch(seed):
+  rng = np.random.default_rng(6)
+  probs = rng.dirichlet(np.full(13, 0.2), size=47)  # 47 images: splits of 4 and 5
+  probs = np.maximum(probs, 1e-300)
+  probs /= probs.sum(axis=1, keepdims=True)
+  logits = np.log(probs) + rng.normal(size=(47, 1))  # softmax ignores a per-row shift
+  expected = _numpy_inception_score(probs, 10, seed)
+  np.testing.assert_allclose(image_metrics.inception_score(logits, 10, seed), expected,
+                             rtol=1e-10)
+  np.testing.assert_allclose(_torch_inception_score(logits, 10, seed), expected, rtol=1e-10)
+
+  streamed = image_metrics.InceptionScoreAccumulator(47, 10, seed)
+  for start in range(0, 47, 6):
+    streamed.update(logits[start:start + 6], start)
+  result = streamed.result()
+  np.testing.assert_allclose([result["inception_score"], result["inception_score_std"]],
+                             expected, rtol=1e-10)
+  quality, diversity = image_metrics.inception_quality_diversity(probs)
+  np.testing.assert_allclose([result["quality_score"], result["diversity_score"]],
+                             [quality, diversity], rtol=1e-5)
+  one_split = image_metrics.inception_score(logits, 1, seed)
+  np.testing.assert_allclose(result["quality_score"] * result["diversity_score"], one_split[0],
+                             rtol=1e-10)
+
+
+def test_inception_score_of_certain_distinct_classes():
+  logits = np.where(np.eye(20, 30, dtype=bool), 0.0, -1e4)  # image i is surely class i
+  assert image_metrics.inception_score(logits, 10, None) == (2.0, 0.0)
+  np.testing.assert_allclose(image_metrics.inception_score(logits, 1, None), (20.0, 0.0))
+  streamed = image_metrics.InceptionScoreAccumulator(20, 10, 2020)
+  streamed.update(logits, 0)
+  assert streamed.result()["inception_score"] == pytest.approx(2.0, rel=1e-12)
+  with pytest.raises(ValueError, match="expects 20 images, got 0"):
+    image_metrics.InceptionScoreAccumulator(20, 10).result()
+  with pytest.raises(ValueError, match="do not fit 20 images"):
+    image_metrics.InceptionScoreAccumulator(20, 10).update(logits, 5)
+  with pytest.raises(ValueError, match="at least as many images as splits"):
+    image_metrics.split_assignment(5, 10)
+
+
+def test_split_assignment_follows_the_shuffle():
+  order = np.random.RandomState(2020).permutation(23)
+  assignment = image_metrics.split_assignment(23, 10, 2020)
+  for position, image in enumerate(order):
+    assert assignment[image] == next(i for i in range(10) if position < (i + 1) * 23 // 10)
+  assert np.array_equal(image_metrics.split_assignment(23, 10, None),
+                        np.repeat(np.arange(10), np.diff([i * 23 // 10 for i in range(11)])))
+
+
+def test_unbiased_logits_leave_out_the_fc_bias(torch_inception):
+  params = inception.params_from_state_dict(torch_inception.state_dict())
+  pool = np.random.default_rng(7).uniform(size=(3, 2048)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch.from_numpy(pool) @ torch_inception.fc.weight.T
+  np.testing.assert_allclose(inception.unbiased_logits(params, pool), expected.numpy(),
+                             rtol=1e-5, atol=1e-5)

@@ -1,21 +1,43 @@
-"""Evaluates a run: samples per sampler, text faithfulness, reconstruction, FID, CLIP score.
+"""Evaluates a checkpoint: samples per sampler, FID, IS, CLIP score, text faithfulness.
 
-  python -m vqdiffusion_jax.evaluate --workdir runs/shapes \
-      [--sampler vqdiffusion/all/3 --sampler purity/16/3] [--num_samples 256] \
+  python -m vqdiffusion_jax.evaluate --checkpoint runs/shapes \
+      [--sampler vqdiffusion/all/1 --sampler purity/16/3] [--num_samples 256] \
       [--inception pt_inception.pth] [--clip clip-vit-b32/] [--out runs/shapes/eval]
 
-A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps ``all``
-meaning every step (or one token per call for reveal samplers). Captions and
-reference images come from the run's evaluation split. Measured per sampler:
+  python -m vqdiffusion_jax.evaluate --checkpoint converted/ --dataset mscoco_captions \
+      --split validation --data_dir ~/tensorflow_datasets --num_samples 30000 \
+      --inception pt_inception.pth --reference_stats coco_val_256.npz --clip clip-vit-b32/ \
+      --out eval_coco
+
+``--checkpoint`` (also ``--workdir``) is a training workdir, a converted
+directory (``python -m vqdiffusion_jax.convert``) or a diffusers
+``VQDiffusionPipeline`` directory. A workdir's captions and real images are
+its evaluation split; for any checkpoint ``--dataset`` names a split of a
+built dataset (shapes or TFDS) and ``--captions`` a file of prompts, one a
+line. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps
+``all`` meaning every step (or one token per call for reveal samplers).
+Measured per sampler:
 
 * on the embedded shapes data, the oracle's text-faithfulness accuracy per
   attribute and all-attributes-correct (``data.oracle``);
-* with ``--inception`` (pytorch-fid weights): FID against the evaluation
-  images and the quality / diversity scores (``evaluation.image_metrics``);
+* with ``--inception`` (pytorch-fid weights): FID against the real images (or
+  the precomputed ``--reference_stats``), the Inception Score (mean and std
+  over 10 splits) and its quality / diversity factors
+  (``evaluation.image_metrics``);
 * with ``--clip`` (a Hugging Face CLIP directory): the mean CLIP score;
 * seconds and images/s of sampling.
 
-Also the VQ-VAE's reconstruction PSNR / SSIM on the evaluation images.
+Also the VQ-VAE's reconstruction PSNR / SSIM on the real images.
+
+Everything is streamed: each batch of samples is generated, quantised to
+uint8 as a saved PNG would be, scored (Inception pool features into float64
+running mean / covariance sums, per-split Inception Score sums, CLIP score
+sums, oracle results) and dropped; only the first ``grid_size`` images are
+kept, for the preview grid. The real images are read, reconstructed and
+featurised batch by batch in the same way, so 30,000 samples cost the memory
+of one batch. ``--save_reference_stats`` writes the real side's statistics as
+pytorch-fid does (``mu``, ``sigma`` in an ``.npz``), for ``--reference_stats``.
+
 Results go to ``OUT/report.json`` and ``OUT/report.md`` with one PNG grid per
 sampler; a sampler already evaluated with the same settings is read back, so
 re-running continues where it stopped.
@@ -25,23 +47,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vqdiffusion_jax import loading, outputs
+from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import loader, oracle, shapes, sources
 from vqdiffusion_jax.evaluation import fid, image_metrics, inception
-from vqdiffusion_jax.evaluation.clip_score import clip_score, load_clip
+from vqdiffusion_jax.evaluation.clip_score import CLIPEmbedder, clip_score, load_clip
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+DIFFUSERS_INDEX = "model_index.json"
+METRIC_COLUMNS = {"fid": "FID", "inception_score": "IS", "clip_score": "CLIP score",
+                  "quality_score": "QS", "diversity_score": "DS"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,15 +104,393 @@ class SamplerSpec:
             "guidance_scale": self.guidance, "truncation_rate": self.truncation}
 
 
-def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[str], np.ndarray]:
-  """(captions, uint8 images) of the first ``num_samples`` evaluation examples."""
-  size = int(config.data.image_size)
-  source = sources.split_source(config.data, config.data.eval_split, workdir)
+# --------------------------------------------------------------------------- inputs
+
+
+def checkpoint_kind(path: str) -> str:
+  """``"workdir"``, ``"converted"`` or ``"diffusers"``: what ``--checkpoint`` names.
+
+  Raises:
+    FileNotFoundError: nothing at ``path``.
+    ValueError: a path that is none of the three, named.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
+  if loading.is_workdir(path):
+    return "workdir"
+  if os.path.isdir(path) and converted.is_converted(path):
+    return "converted"
+  if os.path.isfile(os.path.join(path, DIFFUSERS_INDEX)):
+    return "diffusers"
+  raise ValueError(
+      f"--checkpoint {path} is not a checkpoint evaluate can read; expected a training workdir "
+      f"(with {loading.VQVAE_STAGE}/ and {loading.DENOISER_STAGE}/), a converted directory "
+      f"(python -m vqdiffusion_jax.convert; {converted.CONFIG_NAME} of format "
+      f"{converted.FORMAT!r}) or a diffusers VQDiffusionPipeline directory ({DIFFUSERS_INDEX})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceImages:
+  """Real images read batch by batch: records of a split (resized, centre-cropped) or an array.
+
+  Attributes:
+    source: records with an ``"image"`` (uint8 HWC), or a uint8 ``(N, S, S, 3)`` array.
+    image_size: the side S the records' images are resized and cropped to.
+    count: the first ``count`` entries are used.
+    captions: each image's caption, when known (the oracle checks reconstructions).
+    name: a description for the report.
+  """
+
+  source: Sequence
+  image_size: int
+  count: int
+  captions: Sequence[str] | None = None
+  name: str = ""
+
+  @classmethod
+  def from_array(cls, images: np.ndarray, captions: Sequence[str] | None = None,
+                 name: str = "") -> ReferenceImages:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise ValueError(f"reference images must be uint8 (N, S, S, 3), got {images.dtype} "
+                       f"{images.shape}")
+    if captions is not None and len(captions) != len(images):
+      captions = None
+    return cls(images, images.shape[1], len(images), captions,
+               name or f"{len(images)} evaluation images")
+
+  def __len__(self) -> int:
+    return self.count
+
+  def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, Sequence[str] | None]]:
+    """``(uint8 (b, S, S, 3) images, their captions or None)`` per batch, in order."""
+    for start in range(0, self.count, batch_size):
+      stop = min(start + batch_size, self.count)
+      captions = None if self.captions is None else self.captions[start:stop]
+      yield self.load(start, stop), captions
+
+  def load(self, start: int, stop: int) -> np.ndarray:
+    """The images ``start .. stop - 1`` as uint8 ``(stop - start, S, S, 3)``."""
+    if isinstance(self.source, np.ndarray):
+      return self.source[start:stop]
+    return np.stack([loader.resize_and_crop(np.asarray(self.source[i]["image"]), self.image_size)
+                     for i in range(start, stop)])
+
+
+def first_captions(records: Sequence, count: int) -> list[str]:
+  """The first caption of each of the first ``count`` records."""
+  captions = []
+  for i in range(count):
+    found = loader.decode_captions(records[i].get("captions"))
+    if not found:
+      raise ValueError(f"record {i} of the evaluation split has no caption")
+    captions.append(found[0])
+  return captions
+
+
+def split_reference(data: Any, split: str, home: str, image_size: int,
+                    num_samples: int) -> tuple[list[str], ReferenceImages]:
+  """(captions, real images) of the first ``num_samples`` records of a split.
+
+  Args:
+    data: a ``data`` config section (name, data_dir, and the shapes sizes).
+    split: the split, e.g. ``"validation"``.
+    home: the shapes data's default home (``home/data``).
+    image_size: the side the real images are resized and cropped to.
+    num_samples: how many records.
+  """
+  source = sources.split_source(data, split, home)
   count = min(num_samples, len(source))
-  records = [source[i] for i in range(count)]
-  captions = [loader.decode_captions(r.get("captions"))[0] for r in records]
-  images = np.stack([loader.resize_and_crop(r["image"], size) for r in records])
-  return captions, images
+  captions = first_captions(source, count)
+  name = f"{data.name} {split}: {count} images at {image_size} px"
+  return captions, ReferenceImages(source, image_size, count, captions, name)
+
+
+def dataset_config(name: str, data_dir: str, image_size: int) -> ml_collections.ConfigDict:
+  """A minimal ``data`` section for ``sources.split_source``."""
+  return ml_collections.ConfigDict({"name": name, "data_dir": data_dir,
+                                    "image_size": image_size, "num_train": 0, "num_test": 0})
+
+
+def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[str], np.ndarray]:
+  """(captions, uint8 images) of a workdir's first ``num_samples`` evaluation examples.
+
+  For small evaluations (the end-of-run report); ``split_reference`` streams.
+  """
+  captions, reference = split_reference(config.data, config.data.eval_split, workdir,
+                                        int(config.data.image_size), num_samples)
+  return captions, reference.load(0, len(reference))
+
+
+def read_captions(path: str, limit: int | None = None) -> list[str]:
+  """Prompts from a UTF-8 text file, one a line (blank lines skipped), the first ``limit``."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--captions {path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    captions = [line.strip() for line in f if line.strip()]
+  if not captions:
+    raise ValueError(f"--captions {path} holds no captions (one prompt a line)")
+  return captions[:limit]
+
+
+# ------------------------------------------------------------------- feature networks
+
+
+@dataclasses.dataclass
+class FeatureNetworks:
+  """Optional networks of user-supplied weights, and the real images' FID statistics.
+
+  Attributes:
+    inception: ``[0, 1]`` images -> (pool features, unbiased logits), or None.
+    clip: a CLIP model, or None.
+    reference_stats: the real images' ``(mu, sigma)``, loaded or computed.
+    reference_name: where ``reference_stats`` come from.
+    inception_path: the Inception weights' file (part of a result's settings).
+    clip_path: the CLIP directory (part of a result's settings).
+  """
+
+  inception: Callable | None = None
+  clip: CLIPEmbedder | None = None
+  reference_stats: tuple[np.ndarray, np.ndarray] | None = None
+  reference_name: str = ""
+  inception_path: str = ""
+  clip_path: str = ""
+
+  @classmethod
+  def load(cls, inception_path: str = "", clip_path: str = "",
+           reference_images: np.ndarray | None = None,
+           reference_stats: str = "") -> FeatureNetworks:
+    """Loads the networks; the real side's statistics from a file or ``reference_images``.
+
+    Args:
+      inception_path: pytorch-fid Inception weights, or "".
+      clip_path: a Hugging Face CLIP directory, or "".
+      reference_images: uint8 real images for FID (small sets; ``evaluate``
+        streams larger ones), or None.
+      reference_stats: a pytorch-fid ``.npz`` (``mu``, ``sigma``) used instead.
+    """
+    if reference_stats and not inception_path:
+      raise ValueError(f"--reference_stats {reference_stats} needs --inception (the FID "
+                       "Inception weights) to featurise the samples")
+    networks = cls(inception_path=inception_path, clip_path=clip_path)
+    if reference_stats:
+      networks.reference_stats = fid.load_statistics(reference_stats, inception.POOL_FEATURES)
+      networks.reference_name = os.path.abspath(reference_stats)
+    if inception_path:
+      networks.inception = inception.feature_function(*inception.load_inception(inception_path))
+      if reference_images is not None and networks.reference_stats is None:
+        reference = ReferenceImages.from_array(reference_images)
+        networks.reference_stats = networks.statistics(reference.batches(50))
+        networks.reference_name = reference.name
+    if clip_path:
+      networks.clip = load_clip(clip_path)
+    return networks
+
+  def inception_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (pool features, unbiased logits) of uint8 or ``[0, 1]`` images."""
+    x = jnp.asarray(images, jnp.float32)
+    x = x / 255.0 if images.dtype == np.uint8 else x
+    pool, logits = self.inception(x)
+    return np.asarray(pool, np.float64), np.asarray(logits, np.float64)
+
+  def statistics(self, batches) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of the pool features of ``(images, captions)`` batches, streamed."""
+    running = fid.RunningStatistics(inception.POOL_FEATURES)
+    for images, _ in batches:
+      running.update(self.inception_outputs(images)[0])
+    return running.statistics()
+
+  def settings(self, is_splits: int) -> dict:
+    """What a sampler's scores depend on, beyond the samples."""
+    return {"inception": self.inception_path, "clip": self.clip_path,
+            "reference": self.reference_name, "is_splits": is_splits}
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def to_uint8(images) -> np.ndarray:
+  """``[0, 1]`` float images -> uint8, rounded as a saved PNG is."""
+  return np.asarray(np.clip(np.asarray(images) * 255.0 + 0.5, 0, 255), np.uint8)
+
+
+class SampleScorer:
+  """Scores generated images batch by batch, keeping statistics and a preview, not the images.
+
+  Args:
+    num_images: how many images will arrive (the Inception Score's splits).
+    networks: the feature networks and reference statistics, or None.
+    oracle_ok: check the shapes oracle.
+    grid_size: how many of the first images to keep for the preview grid.
+    is_splits: the Inception Score's splits (fewer when there are fewer images).
+  """
+
+  def __init__(self, num_images: int, networks: FeatureNetworks | None = None, *,
+               oracle_ok: bool = False, grid_size: int = 16,
+               is_splits: int = image_metrics.IS_SPLITS):
+    self.num_images, self.grid_size, self.oracle_ok = num_images, grid_size, oracle_ok
+    self.networks = networks or FeatureNetworks()
+    self.oracle_results: list[dict] = []
+    self.captions_seen: list[str] = []
+    self.preview: list[np.ndarray] = []
+    self.running = self.scores = None
+    if self.networks.inception is not None:
+      self.running = fid.RunningStatistics(inception.POOL_FEATURES)
+      self.scores = image_metrics.InceptionScoreAccumulator(
+          num_images, min(is_splits, num_images))
+    self.clip_sum, self.count = 0.0, 0
+
+  def update(self, start: int, captions: Sequence[str], images: np.ndarray) -> None:
+    """Scores uint8 ``(b, H, W, 3)`` images ``start .. start + b - 1`` for their captions."""
+    if start != self.count or len(images) != len(captions):
+      raise ValueError(f"expected the images from {self.count} with one caption each, got "
+                       f"{len(images)} images from {start} and {len(captions)} captions")
+    keep = self.grid_size - len(self.preview)
+    self.preview.extend(image.copy() for image in images[:max(keep, 0)])
+    if self.oracle_ok:
+      self.oracle_results.extend(oracle.check_batch(images, list(captions)))
+      self.captions_seen.extend(captions)
+    if self.running is not None:
+      pool, logits = self.networks.inception_outputs(images)
+      self.running.update(pool)
+      self.scores.update(logits, start)
+    if self.networks.clip is not None:
+      image_embeds = self.networks.clip.embed_images(jnp.asarray(images, jnp.float32) / 255.0)
+      text_embeds = self.networks.clip.embed_texts(list(captions))
+      self.clip_sum += float(np.sum(np.asarray(clip_score(image_embeds, text_embeds),
+                                               np.float64)))
+    self.count += len(images)
+
+  def result(self) -> dict:
+    """The scores of every image so far (all ``num_images`` for the Inception Score)."""
+    scores = {}
+    if self.oracle_ok:
+      scores["oracle"] = oracle.summarize(self.oracle_results)
+      scores["oracle_by_objects"] = accuracy_by_object_count(self.oracle_results,
+                                                             self.captions_seen)
+    if self.running is not None:
+      scores |= self.scores.result()
+      scores["inception_score_splits"] = self.scores.splits
+      reference = self.networks.reference_stats
+      if reference is not None and self.running.count > 1:
+        scores["fid"] = fid.frechet_distance(*self.running.statistics(), *reference)
+    if self.networks.clip is not None:
+      scores["clip_score"] = self.clip_sum / self.count
+    return scores
+
+
+def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: bool,
+                  networks: FeatureNetworks | None = None,
+                  is_splits: int = image_metrics.IS_SPLITS) -> dict:
+  """The metrics of generated images (float [0, 1]) for their captions, in one batch."""
+  scorer = SampleScorer(len(images), networks, oracle_ok=oracle_ok, grid_size=0,
+                        is_splits=is_splits)
+  scorer.update(0, captions, to_uint8(images))
+  return scorer.result()
+
+
+def generate(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
+             batch_size: int) -> np.ndarray:
+  """uint8 samples of ``captions``, the batch padded to ``batch_size`` (one compiled shape)."""
+  padded = list(captions) + [captions[-1]] * (batch_size - len(captions))
+  return to_uint8(np.stack(pipe(padded, seed=seed, output_type="np",
+                                **spec.options())[:len(captions)]))
+
+
+def sample_batches(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
+                   batch_size: int) -> Iterator[tuple[int, list[str], np.ndarray]]:
+  """``(start, captions, uint8 images)`` per batch; batch ``start`` is sampled with
+  ``seed + start``. Nothing but the batch being yielded is held."""
+  for start in range(0, len(captions), batch_size):
+    batch = list(captions[start:start + batch_size])
+    yield start, batch, generate(pipe, batch, spec, seed=seed + start, batch_size=batch_size)
+
+
+def score_stream(batches: Iterator[tuple[int, Sequence[str], np.ndarray]], scorer: SampleScorer,
+                 progress: outputs.Progress | None = None) -> float:
+  """Scores each batch as it arrives and lets it go; returns the seconds spent producing them."""
+  seconds = 0.0
+  while True:
+    tick = time.perf_counter()
+    item = next(batches, None)
+    seconds += time.perf_counter() - tick
+    if item is None:
+      return seconds
+    scorer.update(*item)
+    del item  # the batch is not kept alive while the next one is made
+    if progress is not None:
+      progress.update(scorer.count, None)
+
+
+def evaluate_sampler(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
+                     batch_size: int, networks: FeatureNetworks | None = None,
+                     oracle_ok: bool = False, grid_size: int = 16,
+                     is_splits: int = image_metrics.IS_SPLITS) -> tuple[dict, list[np.ndarray]]:
+  """(scores with timing, the preview images) of one sampler setting, streamed."""
+  scorer = SampleScorer(len(captions), networks, oracle_ok=oracle_ok, grid_size=grid_size,
+                        is_splits=is_splits)
+  progress = outputs.Progress(len(captions), name=f"sampling {spec.label}", unit="images")
+  seconds = score_stream(sample_batches(pipe, captions, spec, seed=seed, batch_size=batch_size),
+                         scorer, progress)
+  progress.close()
+  return ({"spec": dataclasses.asdict(spec), "seconds": seconds,
+           "images_per_second": len(captions) / seconds, **scorer.result()}, scorer.preview)
+
+
+class ReconstructionScorer:
+  """PSNR / SSIM (and the oracle) of the VQ-VAE's round trip, batch by batch."""
+
+  def __init__(self, pipe: Pipeline):
+    vq = pipe.vqvae
+
+    @jax.jit
+    def round_trip(variables, x):
+      tokens = vq.apply(variables, x * 2.0 - 1.0, method="encode")
+      out = jnp.clip((vq.apply(variables, tokens, method="decode") + 1.0) / 2.0, 0.0, 1.0)
+      return out, image_metrics.psnr(out, x), image_metrics.ssim(out, x)
+
+    self.round_trip = functools.partial(round_trip, pipe.vqvae_variables)
+    self.psnr_sum = self.ssim_sum = 0.0
+    self.count = 0
+    self.oracle_results: list[dict] = []
+
+  def update(self, images: np.ndarray, captions: Sequence[str] | None = None) -> None:
+    """Adds uint8 images; with shapes captions also the oracle on their reconstructions."""
+    out, psnr, ssim = self.round_trip(jnp.asarray(images, jnp.float32) / 255.0)
+    self.psnr_sum += float(np.sum(np.asarray(psnr, np.float64)))
+    self.ssim_sum += float(np.sum(np.asarray(ssim, np.float64)))
+    self.count += len(images)
+    if captions is not None:
+      self.oracle_results.extend(oracle.check_batch(np.asarray(out) * 2.0 - 1.0, list(captions)))
+
+  def result(self) -> dict:
+    metrics = {"psnr": self.psnr_sum / self.count, "ssim": self.ssim_sum / self.count,
+               "num_images": self.count}
+    if self.oracle_results:
+      metrics["oracle"] = oracle.summarize(self.oracle_results)
+    return metrics
+
+
+def reference_pass(pipe: Pipeline, reference: ReferenceImages, *, batch_size: int,
+                   networks: FeatureNetworks | None = None) -> dict:
+  """One streamed pass over the real images: the VQ-VAE's reconstruction metrics and, when
+  ``networks`` has an Inception but no reference statistics yet, those statistics."""
+  reconstruction = ReconstructionScorer(pipe)
+  running = None
+  if networks is not None and networks.inception is not None and networks.reference_stats is None:
+    running = fid.RunningStatistics(inception.POOL_FEATURES)
+  oracle_ok = reference.captions is not None and is_shapes_captions(reference.captions)
+  progress = outputs.Progress(len(reference), name="real images", unit="images")
+  for images, captions in reference.batches(batch_size):
+    reconstruction.update(images, captions if oracle_ok else None)
+    if running is not None:
+      running.update(networks.inception_outputs(images)[0])
+    progress.update(reconstruction.count, None)
+  progress.close()
+  if running is not None and running.count > 1:
+    networks.reference_stats = running.statistics()
+    networks.reference_name = reference.name
+  return reconstruction.result()
 
 
 def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int = 64,
@@ -94,93 +500,8 @@ def reconstruction_metrics(pipe: Pipeline, images: np.ndarray, batch_size: int =
   With shapes ``captions`` also the oracle accuracy of the reconstructions:
   the ceiling that the denoiser's samples can reach through this VQ-VAE.
   """
-  vq, variables = pipe.vqvae, pipe.vqvae_variables
-
-  @jax.jit
-  def round_trip(x):
-    tokens = vq.apply(variables, x * 2.0 - 1.0, method="encode")
-    out = jnp.clip((vq.apply(variables, tokens, method="decode") + 1.0) / 2.0, 0.0, 1.0)
-    return out, image_metrics.psnr(out, x), image_metrics.ssim(out, x)
-
-  outs, psnrs, ssims = [], [], []
-  for start in range(0, len(images), batch_size):
-    out, p, s = round_trip(jnp.asarray(images[start:start + batch_size], jnp.float32) / 255.0)
-    outs.append(np.asarray(out))
-    psnrs.append(np.asarray(p))
-    ssims.append(np.asarray(s))
-  metrics = {"psnr": float(np.mean(np.concatenate(psnrs))),
-             "ssim": float(np.mean(np.concatenate(ssims))), "num_images": int(len(images))}
-  if captions is not None and is_shapes_captions(captions):
-    metrics["oracle"] = oracle.accuracy(np.concatenate(outs) * 2.0 - 1.0, list(captions))
-  return metrics
-
-
-def sample_all(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
-               batch_size: int) -> tuple[np.ndarray, float]:
-  """(images (B, H, W, 3) float in [0, 1], seconds) for every caption, in batches."""
-  images, start_time = [], time.perf_counter()
-  progress = outputs.Progress(len(captions), name=f"sampling {spec.label}", unit="images")
-  for start in range(0, len(captions), batch_size):
-    batch = list(captions[start:start + batch_size])
-    images.extend(pipe(batch, seed=seed + start, output_type="np", **spec.options()))
-    progress.update(min(start + batch_size, len(captions)), None)
-  progress.close()
-  return np.stack(images), time.perf_counter() - start_time
-
-
-@dataclasses.dataclass
-class FeatureNetworks:
-  """Optional networks of user-supplied weights: FID Inception and CLIP."""
-
-  inception: Any = None
-  clip: Any = None
-  reference_features: np.ndarray | None = None
-
-  @classmethod
-  def load(cls, inception_path: str = "", clip_path: str = "",
-           reference_images: np.ndarray | None = None) -> FeatureNetworks:
-    networks = cls()
-    if inception_path:
-      module, params = inception.load_inception(inception_path)
-      apply = jax.jit(lambda x: module.apply({"params": params}, x))
-      networks.inception = apply
-      if reference_images is not None:
-        networks.reference_features = networks.inception_outputs(reference_images)[0]
-    if clip_path:
-      networks.clip = load_clip(clip_path)
-    return networks
-
-  def inception_outputs(self, images: np.ndarray, batch_size: int = 50):
-    pools, logits = [], []
-    for start in range(0, len(images), batch_size):
-      x = jnp.asarray(images[start:start + batch_size], jnp.float32)
-      x = x / 255.0 if images.dtype == np.uint8 else x
-      pool, logit = self.inception(x)
-      pools.append(np.asarray(pool, np.float64))
-      logits.append(np.asarray(logit))
-    return np.concatenate(pools), np.concatenate(logits)
-
-
-def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: bool,
-                  networks: FeatureNetworks | None = None) -> dict:
-  """The metrics of generated images (float [0, 1]) for their captions."""
-  scores = {}
-  if oracle_ok:
-    results = oracle.check_batch(np.asarray(images * 255 + 0.5, np.uint8), list(captions))
-    scores["oracle"] = oracle.summarize(results)
-    scores["oracle_by_objects"] = accuracy_by_object_count(results, captions)
-  if networks is not None and networks.inception is not None:
-    pool, logits = networks.inception_outputs(images)
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[:, 1:]), axis=-1))
-    quality, diversity = image_metrics.inception_quality_diversity(probs)
-    scores["quality_score"], scores["diversity_score"] = float(quality), float(diversity)
-    if networks.reference_features is not None and len(pool) > 1:
-      scores["fid"] = fid.fid_from_features(pool, networks.reference_features)
-  if networks is not None and networks.clip is not None:
-    image_embeds = networks.clip.embed_images(jnp.asarray(images))
-    text_embeds = networks.clip.embed_texts(list(captions))
-    scores["clip_score"] = float(np.mean(np.asarray(clip_score(image_embeds, text_embeds))))
-  return scores
+  return reference_pass(pipe, ReferenceImages.from_array(images, captions),
+                        batch_size=batch_size)
 
 
 def accuracy_by_object_count(results: Sequence[dict], captions: Sequence[str]
@@ -208,31 +529,58 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def evaluate(pipe: Pipeline, captions: Sequence[str], reference_images: np.ndarray,
-             specs: Sequence[SamplerSpec], out_dir: str, *, seed: int = 0, batch_size: int = 64,
-             grid_size: int = 16, networks: FeatureNetworks | None = None,
-             tag: str = "") -> dict:
+def evaluate(pipe: Pipeline, captions: Sequence[str],
+             reference_images: np.ndarray | ReferenceImages | None, specs: Sequence[SamplerSpec],
+             out_dir: str, *, seed: int = 0, batch_size: int = 64, grid_size: int = 16,
+             networks: FeatureNetworks | None = None, tag: str = "",
+             is_splits: int = image_metrics.IS_SPLITS, save_reference_stats: str = "") -> dict:
   """Evaluates every sampler spec and the VQ-VAE; writes JSON, grids and Markdown.
 
+  Args:
+    pipe: the pipeline.
+    captions: the prompts, one sample each.
+    reference_images: the real images (a uint8 array or a streamed
+      ``ReferenceImages``), or None (no reconstruction metrics; FID only with
+      ``networks.reference_stats``).
+    specs: the sampler settings.
+    out_dir: where the report goes.
+    seed: sampling seed.
+    batch_size: images per sampling call (and per real-image batch).
+    grid_size: images in each preview grid.
+    networks: the feature networks (FID, IS, CLIP), or None.
+    tag: part of the settings a cached result must match.
+    is_splits: the Inception Score's splits.
+    save_reference_stats: write the real images' FID statistics to this ``.npz``.
+
   A sampler whose result file holds the same settings (``tag``, seed, caption
-  count) is read back instead of re-sampled.
+  count, metric networks, reference) is read back instead of re-sampled.
   """
   os.makedirs(out_dir, exist_ok=True)
+  networks = networks or FeatureNetworks()
+  reference = reference_images
+  if isinstance(reference, np.ndarray):
+    reference = ReferenceImages.from_array(reference, captions)
+  report: dict[str, Any] = {}
+  if reference is not None:
+    report["vqvae"] = reference_pass(pipe, reference, batch_size=batch_size, networks=networks)
+  if save_reference_stats:
+    if networks.reference_stats is None:
+      raise ValueError(f"--save_reference_stats {save_reference_stats}: no reference statistics "
+                       "to save (they need --inception and real images)")
+    fid.save_statistics(save_reference_stats, *networks.reference_stats)
+  settings = {"tag": tag, "seed": seed, "num_samples": len(captions),
+              "metrics": networks.settings(is_splits)}
+  report = {"settings": settings, **report, "samplers": {}}
   oracle_ok = is_shapes_captions(captions)
-  settings = {"tag": tag, "seed": seed, "num_samples": len(captions)}
-  report = {"settings": settings,
-            "vqvae": reconstruction_metrics(pipe, reference_images, batch_size,
-                                                 captions),
-            "samplers": {}}
   for spec in specs:
     path = os.path.join(out_dir, f"{spec.label}.json")
     cached = _read_json(path)
     if cached is None or cached.get("settings") != settings:
-      images, seconds = sample_all(pipe, captions, spec, seed=seed, batch_size=batch_size)
-      cached = {"settings": settings, "spec": dataclasses.asdict(spec), "seconds": seconds,
-                "images_per_second": len(captions) / seconds,
-                **score_samples(images, captions, oracle_ok=oracle_ok, networks=networks)}
-      make_grid(list(images[:grid_size]), columns=int(np.ceil(np.sqrt(grid_size)))).save(
+      scores, preview = evaluate_sampler(pipe, captions, spec, seed=seed, batch_size=batch_size,
+                                         networks=networks, oracle_ok=oracle_ok,
+                                         grid_size=grid_size, is_splits=is_splits)
+      cached = {"settings": settings, **scores}
+      make_grid(preview, columns=int(np.ceil(np.sqrt(len(preview))))).save(
           os.path.join(out_dir, f"{spec.label}.png"))
       outputs.write_json_atomically(path, cached)
     report["samplers"][spec.label] = cached
@@ -257,17 +605,18 @@ def markdown_report(report: dict, run_summary: dict | None = None, grids: bool =
   lines = ["# Evaluation report", ""]
   if run_summary:
     lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in run_summary.items()] + [""]
-  tok = report["vqvae"]
-  lines += ["## VQ-VAE reconstruction", "",
-            f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['num_images']} "
-            "evaluation images." + _ceiling(tok), "", "## Samplers", ""]
+  if "vqvae" in report:
+    tok = report["vqvae"]
+    lines += ["## VQ-VAE reconstruction", "",
+              f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['num_images']} "
+              "evaluation images." + _ceiling(tok), ""]
+  lines += ["## Samplers", ""] + _metrics_note(report.get("settings", {}))
   rows = report["samplers"]
-  metric_names = sorted({k for r in rows.values() for k in r
-                         if k in ("fid", "clip_score", "quality_score", "diversity_score")})
+  metric_names = [m for m in METRIC_COLUMNS if any(m in r for r in rows.values())]
   header = ["sampler", "steps", "guidance", "truncation"]
   if any("oracle" in r for r in rows.values()):
     header += [f"oracle {a}" for a in (*shapes.ATTRIBUTES, "all")]
-  header += metric_names + ["images/s"]
+  header += [METRIC_COLUMNS[m] for m in metric_names] + ["images/s"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows.values():
     spec = r["spec"]
@@ -275,7 +624,7 @@ def markdown_report(report: dict, run_summary: dict | None = None, grids: bool =
              f"{spec['guidance']:g}", f"{spec['truncation']:g}"]
     if "oracle" in r:
       cells += [f"{r['oracle'][a]:.3f}" for a in (*shapes.ATTRIBUTES, "all")]
-    cells += [f"{r[m]:.3f}" if m in r else "" for m in metric_names]
+    cells += [_metric_cell(r, m) for m in metric_names]
     cells.append(f"{r['images_per_second']:.2f}")
     lines.append("| " + " | ".join(cells) + " |")
   lines += _by_object_count_table(rows)
@@ -287,6 +636,30 @@ def markdown_report(report: dict, run_summary: dict | None = None, grids: bool =
   for label in rows:
     lines += [f"### {label}", "", f"![{label}]({label}.png)", ""]
   return "\n".join(lines)
+
+
+def _metric_cell(row: dict, name: str) -> str:
+  if name not in row:
+    return ""
+  if name == "inception_score":
+    return f"{row[name]:.2f} ± {row['inception_score_std']:.2f}"
+  return f"{row[name]:.3f}"
+
+
+def _metrics_note(settings: dict) -> list[str]:
+  """A line saying what the FID / IS / CLIP columns were measured with."""
+  metrics = settings.get("metrics", {})
+  parts = []
+  if metrics.get("reference"):
+    parts.append(f"FID against {metrics['reference']}")
+  if metrics.get("inception"):
+    parts.append(f"IS (mean ± std over {metrics['is_splits']} splits) and QS / DS from the "
+                 "FID Inception's unbiased logits")
+  if metrics.get("clip"):
+    parts.append(f"CLIP score with {metrics['clip']}")
+  if not parts:
+    return []
+  return [f"{settings['num_samples']} samples per sampler; " + "; ".join(parts) + ".", ""]
 
 
 def _by_object_count_table(rows: dict) -> list[str]:
@@ -306,33 +679,95 @@ def _by_object_count_table(rows: dict) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m vqdiffusion_jax.evaluate",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="A training workdir.")
+  parser.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
+                      help="A training workdir, a converted directory (python -m "
+                           "vqdiffusion_jax.convert) or a diffusers VQDiffusionPipeline directory.")
   parser.add_argument("--sampler", action="append", dest="samplers",
                       help="Sampler spec name[/steps[/guidance[/truncation]]]; repeatable "
                            "(default: vqdiffusion/all/1 and vqdiffusion/all/3).")
   parser.add_argument("--num_samples", type=int, default=256,
-                      help="Evaluation captions (and reference images).")
+                      help="Samples per sampler (and real images); e.g. 30000 for MSCOCO.")
   parser.add_argument("--batch_size", type=int, default=64, help="Images per sampling call.")
   parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-  parser.add_argument("--inception", default="", help="pytorch-fid Inception weights (FID, QS/DS).")
+  parser.add_argument("--dataset", default="",
+                      help="Captions and real images from a built dataset: 'shapes' or a TFDS "
+                           "name (e.g. mscoco_captions); default: a workdir's own data.")
+  parser.add_argument("--split", default="",
+                      help="The --dataset split (default: 'test' for shapes, else 'validation').")
+  parser.add_argument("--data_dir", default="", help="The --dataset's data directory.")
+  parser.add_argument("--captions", default="",
+                      help="A text file of prompts, one a line (replaces the dataset's captions).")
+  parser.add_argument("--inception", default="",
+                      help="pytorch-fid Inception weights (FID, IS, QS/DS).")
+  parser.add_argument("--reference_stats", default="",
+                      help="pytorch-fid statistics .npz (mu, sigma) of the real images, used "
+                           "instead of computing them.")
+  parser.add_argument("--save_reference_stats", default="",
+                      help="Write the real images' statistics to this .npz (pytorch-fid format).")
+  parser.add_argument("--is_splits", type=int, default=image_metrics.IS_SPLITS,
+                      help="Inception Score splits.")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
-  parser.add_argument("--out", default="", help="Output directory (default WORKDIR/eval).")
+  parser.add_argument("--grid_size", type=int, default=16, help="Images in each preview grid.")
+  parser.add_argument("--out", default="",
+                      help="Output directory (default WORKDIR/eval; required for other "
+                           "checkpoints).")
   outputs.add_verbosity_argument(parser)
   return parser.parse_args(argv)
+
+
+def evaluation_inputs(args: argparse.Namespace, kind: str,
+                      image_size: int) -> tuple[list[str], ReferenceImages | None]:
+  """The captions and the streamed real images the command line asks for."""
+  reference, captions = None, None
+  if args.dataset:
+    split = args.split or ("test" if args.dataset == "shapes" else "validation")
+    home = args.data_dir or (args.out or args.checkpoint)
+    captions, reference = split_reference(dataset_config(args.dataset, args.data_dir, image_size),
+                                          split, home, image_size, args.num_samples)
+  elif kind == "workdir":
+    config = loading.run_config(args.checkpoint)
+    captions, reference = split_reference(config.data, config.data.eval_split, args.checkpoint,
+                                          int(config.data.image_size), args.num_samples)
+  if args.captions:
+    captions = read_captions(args.captions, args.num_samples)
+  return captions, reference
+
+
+def check_arguments(args: argparse.Namespace) -> str:
+  """Checks the flags before anything is loaded; returns the checkpoint's kind."""
+  kind = checkpoint_kind(args.checkpoint)
+  if args.num_samples < 1 or args.batch_size < 1 or args.is_splits < 1:
+    raise ValueError("--num_samples, --batch_size and --is_splits must be positive")
+  if kind != "workdir" and not args.out:
+    raise ValueError(f"--out is required for a {kind} checkpoint ({args.checkpoint}); the "
+                     "default WORKDIR/eval is only for training workdirs")
+  if kind != "workdir" and not (args.dataset or args.captions):
+    raise ValueError(f"--checkpoint {args.checkpoint} is a {kind} checkpoint, which carries no "
+                     "evaluation data: pass --captions FILE (one prompt a line) and/or "
+                     "--dataset NAME (captions and real images)")
+  if args.captions:
+    read_captions(args.captions)
+  if args.save_reference_stats and not args.inception:
+    raise ValueError(f"--save_reference_stats {args.save_reference_stats} needs --inception")
+  return kind
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
+  kind = check_arguments(args)
   specs = [SamplerSpec.parse(s) for s in args.samplers or ("vqdiffusion/all/1",
                                                            "vqdiffusion/all/3")]
-  pipe = Pipeline.from_pretrained(args.workdir)
-  config = loading.run_config(args.workdir)
-  captions, images = evaluation_data(config, args.workdir, args.num_samples)
-  networks = FeatureNetworks.load(args.inception, args.clip, images)
-  report = evaluate(pipe, captions, images, specs, args.out or os.path.join(args.workdir, "eval"),
-                    seed=args.seed, batch_size=args.batch_size, networks=networks, tag="cli")
-  print(markdown_report(report))
+  networks = FeatureNetworks.load(args.inception, args.clip,
+                                  reference_stats=args.reference_stats)
+  pipe = Pipeline.from_pretrained(args.checkpoint)
+  captions, reference = evaluation_inputs(args, kind, pipe.image_size)
+  report = evaluate(pipe, captions, reference, specs,
+                    args.out or os.path.join(args.checkpoint, "eval"), seed=args.seed,
+                    batch_size=args.batch_size, grid_size=args.grid_size, networks=networks,
+                    tag="cli", is_splits=args.is_splits,
+                    save_reference_stats=args.save_reference_stats)
+  print(markdown_report(report, grids=False))
   return report
 
 

@@ -14,9 +14,21 @@ use the symmetric form instead: ``S1 S2`` is similar to
 
 with both square roots taken by ``eigh`` and round-off negative eigenvalues
 clipped to zero. Everything is computed in float64 with NumPy, on the host.
+
+``RunningStatistics`` accumulates the mean and covariance batch by batch
+(Chan et al.'s pairwise update of the mean and the centred scatter matrix), so
+the features of a large sample never have to be held at once; its result
+equals ``feature_statistics`` of all the features to float64 rounding.
+
+Precomputed statistics are exchanged as pytorch-fid writes them: an ``.npz``
+with ``mu`` (D,) and ``sigma`` (D, D) (``save_statistics``,
+``load_statistics``).
 """
 
 from __future__ import annotations
+
+import os
+import zipfile
 
 import numpy as np
 
@@ -106,3 +118,94 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   """The symmetric PSD square root, by ``eigh``."""
   values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
   return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+class RunningStatistics:
+  """The float64 mean and covariance of feature vectors that arrive in batches.
+
+  ``update`` merges each batch's count, mean and centred scatter matrix into
+  the running ones; ``statistics`` gives ``(mu, sigma)`` as
+  ``feature_statistics`` would for all the rows at once.
+  """
+
+  def __init__(self, dim: int):
+    self.count = 0
+    self.mean = np.zeros(dim, np.float64)
+    self.scatter = np.zeros((dim, dim), np.float64)
+
+  def update(self, features: np.ndarray) -> None:
+    """Adds ``(B, D)`` feature vectors."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
+      raise ValueError(f"features must be (B, {self.mean.shape[0]}), got {features.shape}")
+    if not np.all(np.isfinite(features)):
+      raise ValueError("features contain NaN or Inf")
+    if not len(features):
+      return
+    batch_count = features.shape[0]
+    batch_mean = features.mean(axis=0)
+    centred = features - batch_mean
+    total = self.count + batch_count
+    delta = batch_mean - self.mean
+    self.scatter += centred.T @ centred
+    self.scatter += np.outer(delta, delta) * (self.count * batch_count / total)
+    self.mean += delta * (batch_count / total)
+    self.count = total
+
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)``: the mean and the covariance normalised by ``N - 1``."""
+    if self.count < 2:
+      raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+    return self.mean.copy(), self.scatter / (self.count - 1)
+
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+  """Writes ``mu`` and ``sigma`` as pytorch-fid does: ``np.savez(path, mu=..., sigma=...)``."""
+  mu, sigma = _checked(mu, sigma, "saved")
+  directory = os.path.dirname(os.fspath(path))
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_statistics(path: str | os.PathLike,
+                    dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads precomputed FID statistics (pytorch-fid's ``.npz``: ``mu`` and ``sigma``).
+
+  Args:
+    path: the ``.npz`` file.
+    dim: the feature size the statistics must have (2048 for Inception pool
+      features); None (the default) accepts any.
+
+  Returns:
+    ``(mu, sigma)`` as float64 ``(D,)`` and ``(D, D)``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not an ``.npz``, keys other than ``mu`` / ``sigma`` missing,
+      wrong shapes or non-finite values; the message names the file.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"FID statistics file not found: {path}")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, zipfile.BadZipFile) as error:
+    raise ValueError(f"FID statistics file {path} is not a readable .npz: {error}") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"FID statistics file {path} is a single .npy array, not an .npz with "
+                     "'mu' and 'sigma'")
+  with data:
+    missing = [key for key in ("mu", "sigma") if key not in data.files]
+    if missing:
+      raise ValueError(f"FID statistics file {path} lacks {missing}; it holds "
+                       f"{sorted(data.files)}, expected 'mu' (D,) and 'sigma' (D, D) as "
+                       "pytorch-fid writes them")
+    mu, sigma = data["mu"], data["sigma"]
+  try:
+    mu, sigma = _checked(mu, sigma, "stored")
+  except ValueError as error:
+    raise ValueError(f"FID statistics file {path}: {error}") from None
+  if dim is not None and mu.shape[0] != dim:
+    raise ValueError(f"FID statistics file {path} has {mu.shape[0]}-d features; expected {dim}")
+  return mu, sigma

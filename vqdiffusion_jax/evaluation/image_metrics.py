@@ -1,4 +1,4 @@
-"""Per-image reconstruction metrics (PSNR, SSIM) and the halves of the Inception Score.
+"""Per-image reconstruction metrics (PSNR, SSIM), the Inception Score and its two halves.
 
 ``psnr`` and ``ssim`` compare two batches of NHWC images in ``[0, max_value]``
 and return one value per image; both are pure ``jax.numpy`` and jit-able.
@@ -21,6 +21,20 @@ and ``IS = exp(H(p(y)) - mean_x H(p(y|x))) = quality * diversity``. We use
 these two factors as the Quality Score (QS) and Diversity Score (DS) that the
 Improved VQ-Diffusion paper reports; the paper gives no formula, so this is
 our definition, not a reproduction of its numbers.
+
+``inception_score`` is the Inception Score as torch-fidelity (and
+torchmetrics, whose default it follows) computes it: float64 softmax of the
+logits, the images shuffled by ``np.random.RandomState(2020).permutation``,
+cut into 10 splits at ``i * N // 10``, per split
+``exp(mean_x KL(p(y|x) || p_split(y)))``, and the mean and (population)
+standard deviation over the splits. For the paper figures the logits are the
+FID Inception's ``fc`` without its bias (``inception.unbiased_logits``,
+torch-fidelity's ``logits_unbiased``, as in the original TensorFlow code).
+``InceptionScoreAccumulator`` gives the same numbers, and the quality and
+diversity factors over all images, from logits that arrive batch by batch:
+per split it keeps only the image count, the summed probabilities and the
+summed negative entropies, since
+``mean_x KL(p(y|x) || p(y)) = H(p(y)) - mean_x H(p(y|x))``.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+IS_SPLITS = 10
+IS_SHUFFLE_SEED = 2020
 
 
 def psnr(a: jax.Array, b: jax.Array, max_value: float = 1.0) -> jax.Array:
@@ -98,6 +114,116 @@ def inception_quality_diversity(probs: jax.Array) -> tuple[jax.Array, jax.Array]
   mean_entropy = jnp.mean(_entropy(probs))
   marginal_entropy = _entropy(jnp.mean(probs, axis=0))
   return jnp.exp(-mean_entropy), jnp.exp(marginal_entropy)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  """The float64 log-softmax over the last axis."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def split_assignment(num_images: int, splits: int = IS_SPLITS,
+                     shuffle_seed: int | None = IS_SHUFFLE_SEED) -> np.ndarray:
+  """The Inception Score split of each image index (torch-fidelity's shuffle and cuts).
+
+  Args:
+    num_images: N, at least ``splits``.
+    splits: the number of splits.
+    shuffle_seed: the seed of ``np.random.RandomState(seed).permutation(N)``;
+      None keeps the images in order (consecutive splits).
+
+  Returns:
+    int ``(N,)``: image ``j`` falls into split ``assignment[j]``.
+  """
+  if splits < 1 or num_images < splits:
+    raise ValueError(f"the Inception Score needs at least as many images as splits, got "
+                     f"{num_images} images and {splits} splits")
+  positions = np.arange(num_images)
+  cuts = np.array([i * num_images // splits for i in range(splits + 1)])
+  position_split = np.searchsorted(cuts, positions, side="right") - 1
+  order = positions if shuffle_seed is None else (
+      np.random.RandomState(shuffle_seed).permutation(num_images))
+  assignment = np.empty(num_images, np.int64)
+  assignment[order] = position_split
+  return assignment
+
+
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS,
+                    shuffle_seed: int | None = IS_SHUFFLE_SEED) -> tuple[float, float]:
+  """The Inception Score of all images' logits at once (see the module docstring).
+
+  Args:
+    logits: ``(N, C)`` class logits.
+    splits: the number of splits.
+    shuffle_seed: the shuffle's seed; None keeps the order.
+
+  Returns:
+    ``(mean, std)`` of the per-split scores.
+  """
+  log_probs = log_softmax(logits)
+  assignment = split_assignment(len(log_probs), splits, shuffle_seed)
+  scores = []
+  for split in range(splits):
+    chunk = log_probs[assignment == split]
+    probs = np.exp(chunk)
+    marginal = probs.mean(axis=0)
+    log_marginal = np.log(np.where(marginal > 0, marginal, 1.0))  # 0 log 0 = 0
+    scores.append(np.exp(np.mean(np.sum(probs * (chunk - log_marginal), axis=1))))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+class InceptionScoreAccumulator:
+  """The Inception Score and its quality / diversity factors, from logits batch by batch.
+
+  Args:
+    num_images: the number of images that will arrive (fixes the splits).
+    splits: the number of splits.
+    shuffle_seed: the shuffle's seed; None keeps the order.
+  """
+
+  def __init__(self, num_images: int, splits: int = IS_SPLITS,
+               shuffle_seed: int | None = IS_SHUFFLE_SEED):
+    self.assignment = split_assignment(num_images, splits, shuffle_seed)
+    self.splits = splits
+    self.counts = np.zeros(splits, np.int64)
+    self.neg_entropy_sums = np.zeros(splits, np.float64)
+    self.prob_sums: np.ndarray | None = None
+
+  def update(self, logits: np.ndarray, start: int) -> None:
+    """Adds the ``(B, C)`` logits of images ``start .. start + B - 1``."""
+    log_probs = log_softmax(logits)
+    if log_probs.ndim != 2 or start < 0 or start + len(log_probs) > len(self.assignment):
+      raise ValueError(f"logits of shape {log_probs.shape} at image {start} do not fit "
+                       f"{len(self.assignment)} images")
+    probs = np.exp(log_probs)
+    if self.prob_sums is None:
+      self.prob_sums = np.zeros((self.splits, probs.shape[1]), np.float64)
+    split = self.assignment[start:start + len(probs)]
+    np.add.at(self.counts, split, 1)
+    np.add.at(self.neg_entropy_sums, split, np.sum(probs * log_probs, axis=1))
+    np.add.at(self.prob_sums, split, probs)
+
+  def result(self) -> dict[str, float]:
+    """``inception_score`` (mean over splits), ``inception_score_std``,
+    ``quality_score`` and ``diversity_score`` (over all images)."""
+    if self.counts.sum() != len(self.assignment):
+      raise ValueError(f"the Inception Score expects {len(self.assignment)} images, got "
+                       f"{self.counts.sum()}")
+    scores = np.exp(self.neg_entropy_sums / self.counts
+                    + _float64_entropy(self.prob_sums / self.counts[:, None]))
+    total = self.counts.sum()
+    return {"inception_score": float(np.mean(scores)),
+            "inception_score_std": float(np.std(scores)),
+            "quality_score": float(np.exp(self.neg_entropy_sums.sum() / total)),
+            "diversity_score": float(np.exp(_float64_entropy(self.prob_sums.sum(0) / total)))}
+
+
+def _float64_entropy(probs: np.ndarray) -> np.ndarray:
+  """Shannon entropy (nats) over the last axis in float64, with ``0 log 0 = 0``."""
+  probs = np.asarray(probs, np.float64)
+  logs = np.log(np.where(probs > 0, probs, 1.0))
+  return -np.sum(probs * logs, axis=-1)
 
 
 def gaussian_taps(size: int, sigma: float) -> np.ndarray:

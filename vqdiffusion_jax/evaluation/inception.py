@@ -16,7 +16,11 @@ channel ``scale = weight / sqrt(running_var + eps)`` and
 Images are NHWC in [0, 1]. As pytorch-fid does, they are resized bilinearly
 (half-pixel centres, no antialiasing: ``F.interpolate(align_corners=False)``)
 to 299 x 299 and mapped to [-1, 1]. The outputs are the 2048-d average-pooled
-features (FID's ``pool3``) and the 1008 class logits (for the Inception Score).
+features (FID's ``pool3``) and the 1008 class logits. The Inception Score of
+the papers takes its logits from ``fc`` without the bias (``unbiased_logits``,
+torch-fidelity's ``logits_unbiased``); ``feature_function`` gives the pool
+features and those logits, jitted, with float32 matmuls and convolutions at
+full precision (no TF32 / bfloat16 passes on accelerators).
 Without the resize the network accepts any size from 75 x 75 up.
 
 Nothing is downloaded: ``load_inception`` reads the pytorch-fid weight file
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -265,6 +269,43 @@ def preprocess(images: jax.Array, resize: bool = True) -> jax.Array:
     raise ValueError(f"without resizing the images must be at least {MIN_IMAGE_SIZE} x "
                      f"{MIN_IMAGE_SIZE}, got {images.shape[1]} x {images.shape[2]}")
   return 2.0 * images - 1.0
+
+
+def unbiased_logits(params: Any, pool: jax.Array) -> jax.Array:
+  """``pool @ fc.weight.T`` without ``fc.bias``: the Inception Score's logits.
+
+  Args:
+    params: the network's params (``fc/kernel`` is read).
+    pool: ``(B, 2048)`` pool features.
+
+  Returns:
+    float32 ``(B, num_classes)``.
+  """
+  return jnp.dot(pool, params["fc"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+
+
+def feature_function(module: FIDInceptionV3, params: Any
+                     ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """Jitted ``[0, 1]`` NHWC images -> ``(pool features, unbiased logits)``.
+
+  Args:
+    module: the network (``load_inception``).
+    params: its params.
+
+  Returns:
+    A function of ``(B, H, W, 3)`` images giving float32 ``(B, 2048)`` and
+    ``(B, num_classes)``, traced and run at ``"highest"`` matmul precision.
+  """
+  def features(p, images):
+    pool, _ = module.apply({"params": p}, images)
+    return pool, unbiased_logits(p, pool)
+
+  jitted = jax.jit(features)
+
+  def run(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    with jax.default_matmul_precision("highest"):
+      return jitted(params, images)
+  return run
 
 
 def abstract_params(module: nn.Module | None = None, image_size: int = MIN_IMAGE_SIZE,
