@@ -4,10 +4,12 @@ A statement of ``DiffusionTransformer`` from ``microsoft/VQ-Diffusion``
 (``image_synthesis/modeling/transformers/diffusion_transformer.py``), written
 from reading it: the ``alpha1`` schedule buffers, ``q_pred``,
 ``q_pred_one_timestep``, ``q_posterior``, ``p_sample`` with its prior rules
-(1: fewer tokens chosen uniformly, 2: the purity prior with weight r) and the
-step rule of ``sample_fast``. Layout is class-first, (B, K + 1, N), as there.
-The network is not part of it: ``p_sample`` takes the x0 log-probs
-(``cf_predict_start``'s output, guidance and truncation applied) as input.
+(1: fewer tokens chosen uniformly, 2: the purity prior with weight r), the
+``n_sample`` tables of ``update_n_sample``, the loop of ``sample`` from
+all-[MASK] and the step rule of ``sample_fast``. Layout is class-first,
+(B, K + 1, N), as there. The network is not part of it: ``p_sample`` takes
+the x0 log-probs (``cf_predict_start``'s output, guidance and truncation
+applied) as input, and ``sample`` a function giving them.
 """
 
 import numpy as np
@@ -77,6 +79,21 @@ class OfficialSampling(nn.Module):
     self.prior_rule = 0
     self.prior_ps = 1024
     self.prior_weight = 0
+    self.update_n_sample()
+
+  def update_n_sample(self):
+    """The official tables of positions to reveal at each t; none for other T."""
+    if self.num_timesteps == 100:
+      if self.prior_ps <= 10:
+        self.n_sample = [1, 6] + [11, 10, 10] * 32 + [11, 15]
+      else:
+        self.n_sample = [1, 10] + [11, 10, 10] * 32 + [11, 11]
+    elif self.num_timesteps == 50:
+      self.n_sample = [10] + [21, 20] * 24 + [30]
+    elif self.num_timesteps == 25:
+      self.n_sample = [21] + [41] * 23 + [60]
+    elif self.num_timesteps == 10:
+      self.n_sample = [69] + [102] * 8 + [139]
 
   def q_pred_one_timestep(self, log_x_t, t):
     log_at = extract(self.log_at, t, log_x_t.shape)
@@ -182,6 +199,24 @@ class OfficialSampling(nn.Module):
     if to_sample is not None:
       return out, sampled
     return out
+
+  def sample(self, predict_start, batch_size):
+    """The official ``sample`` from all-[MASK] (``filter_ratio=0``): token indices (B, N).
+
+    ``predict_start(log_x, t)`` stands for ``cf_predict_start``: the x0
+    log-probs (B, K + 1, N) of the tokens ``log_x`` at steps ``t``, called
+    once per ``p_sample``.
+    """
+    zero_logits = torch.zeros((batch_size, self.num_classes - 1, self.content_seq_len))
+    one_logits = torch.ones((batch_size, 1, self.content_seq_len))
+    log_z = torch.log(torch.cat((zero_logits, one_logits), dim=1))
+    for diffusion_index in range(self.num_timesteps - 1, -1, -1):
+      t = torch.full((batch_size,), diffusion_index, dtype=torch.long)
+      sampled = [0] * batch_size
+      while min(sampled) < self.n_sample[diffusion_index]:
+        log_z, sampled = self.p_sample(log_z, predict_start(log_z, t), t, sampled,
+                                       self.n_sample[diffusion_index])
+    return log_onehot_to_index(log_z)
 
   def sample_fast_steps(self, skip_step):
     """``sample_fast``'s visited steps and, per step, the t its ``q_posterior`` gets."""

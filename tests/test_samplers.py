@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional
 
 from tests import dense, official_sampling
 from vqdiffusion_jax.diffusion import discrete, guidance, samplers
@@ -404,6 +405,11 @@ def test_truncation_limits_drawn_tokens_to_the_top_classes():
     (samplers.SamplerConfig("purity", N + 1), "reveal rounds"),
     (samplers.SamplerConfig("vqdiffusion", 3, truncation_rate=0.0), "truncation_rate"),
     (samplers.SamplerConfig("vqdiffusion", 3, start_step=T), "start_step"),
+    (samplers.SamplerConfig("purity_official"), "1024 tokens and T in .* got 12 tokens and T = 20"),
+    (samplers.SamplerConfig("purity_official", 5), "leave num_inference_steps unset"),
+    (samplers.SamplerConfig("fewer_tokens_official", start_step=3), "editing"),
+    (samplers.SamplerConfig("purity", max_reveal_per_call=5), "max_reveal_per_call=5"),
+    (samplers.SamplerConfig("purity_official", max_reveal_per_call=0), "max_reveal_per_call=0"),
 ])
 def test_bad_requests_are_clear_errors(config, message):
   with pytest.raises(ValueError, match=message):
@@ -474,3 +480,145 @@ def test_network_batch_resolves_auto_by_platform(max_batch, tokens, platform, ex
 def test_bad_max_batch_is_a_clear_error(bad):
   with pytest.raises(ValueError, match="max_batch"):
     samplers.conditioned_log_x0(_conditional_network([]), [jnp.zeros((1, 2))], max_batch=bad)
+
+
+OFFICIAL_N = 1024
+_TOY = np.random.default_rng(11)
+TOY_TARGET = _TOY.integers(0, K, OFFICIAL_N)
+TOY_BONUS = _TOY.uniform(1.0, 4.0, OFFICIAL_N)  # how pure each position's prediction is
+TOY_LOGITS = _TOY.uniform(0.0, 0.3, (OFFICIAL_N, K)) + TOY_BONUS[:, None] * (
+    TOY_TARGET[:, None] == np.arange(K))
+
+
+def _toy_logits(x_t, t, xp):
+  """(B, N, K) logits of a fixed network that favours TOY_TARGET.
+
+  Unsure at t > 0 (the more so where TOY_BONUS is low), surer as more of x_t
+  is revealed, and certain at t = 0. ``xp`` is numpy or jax.numpy.
+  """
+  revealed = xp.mean((x_t != K) * 1.0, axis=-1)[:, None, None]
+  scale = 1.0 + 49.0 * (t == 0)[:, None, None]
+  return scale * TOY_LOGITS + 2.0 * revealed * (TOY_TARGET[:, None] == np.arange(K))
+
+
+def _official_schedule_run(name, num_timesteps, max_reveal, batch):
+  """Ours: (x_t, t) of every network call and the tokens drawn, under a fixed key."""
+  calls = []
+
+  def record(x_t, t):
+    calls.append((np.asarray(x_t), np.asarray(t)))
+
+  def log_x0_fn(x_t, t):
+    jax.debug.callback(record, x_t, t)
+    return discrete.x0_log_probs(_toy_logits(x_t, t, jnp))
+
+  config = samplers.SamplerConfig(name, max_reveal_per_call=max_reveal)
+  schedule = schedules.mask_and_replace(num_timesteps, K)
+  tokens = jax.jit(lambda key: samplers.sample(log_x0_fn, schedule, key, (batch, OFFICIAL_N),
+                                               config))(jax.random.key(0))
+  jax.effects_barrier()
+  return calls, np.asarray(tokens)
+
+
+def _official_statement_run(name, num_timesteps, max_reveal, batch):
+  """The statement of the official ``sample``: the same records, under a fixed torch seed."""
+  official = _official(num_timesteps, OFFICIAL_N, prior_rule=2 if name.startswith("purity") else 1)
+  if max_reveal is not None:
+    official.prior_ps = max_reveal
+    official.update_n_sample()
+  calls = []
+
+  def predict_start(log_x, t):
+    x_t = official_sampling.log_onehot_to_index(log_x).numpy()
+    calls.append((x_t, t.numpy()))
+    logits = torch.from_numpy(np.moveaxis(_toy_logits(x_t, t.numpy(), np), -1, 1))
+    log_pred = functional.log_softmax(logits.double(), dim=1).float()
+    log_pred = torch.cat((log_pred, torch.full((batch, 1, OFFICIAL_N), -70.0)), dim=1)
+    return torch.clamp(log_pred, -70, 0)
+
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # hundreds of calls on small tensors: faster without thread handoffs
+  try:
+    torch.manual_seed(0)
+    return calls, official.sample(predict_start, batch).numpy()
+  finally:
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _official_runs(name, num_timesteps, max_reveal, batch):
+  return (_official_schedule_run(name, num_timesteps, max_reveal, batch),
+          _official_statement_run(name, num_timesteps, max_reveal, batch))
+
+
+@pytest.mark.parametrize(("name", "num_timesteps", "max_reveal", "batch"), [
+    ("purity_official", 10, None, 16), ("purity_official", 100, 5, 2),
+    ("purity_official", 50, 7, 2), ("fewer_tokens_official", 25, None, 2)])
+def test_official_reveal_run_follows_the_official_sample(name, num_timesteps, max_reveal, batch):
+  table = samplers.official_reveal_counts(num_timesteps, OFFICIAL_N, max_reveal)
+  for calls, tokens in _official_runs(name, num_timesteps, max_reveal, batch):
+    steps = [t for _, t in calls]
+    masked = np.stack([np.sum(x_t == K, axis=-1) for x_t, _ in calls])  # (calls, B)
+    for t in range(num_timesteps):  # [MASK]s before each step's first call, per image
+      first = next(i for i, step in enumerate(steps) if step[0] == t)
+      np.testing.assert_array_equal(masked[first], np.full(batch, OFFICIAL_N - table[t + 1:].sum()))
+    for (before, _), (after, _) in itertools.pairwise(calls):
+      revealed = before != K
+      np.testing.assert_array_equal(after[revealed], before[revealed])  # kept until t = 0
+    before_last = calls[-1][0]
+    assert ((before_last != TOY_TARGET) & (before_last != K)).any()  # t = 0 redraws these
+    np.testing.assert_array_equal(tokens, np.broadcast_to(TOY_TARGET, tokens.shape))
+  (ours, _), (theirs, _) = _official_runs(name, num_timesteps, max_reveal, batch)
+  assert len(ours) == len(theirs) == samplers.SamplerConfig(
+      name, max_reveal_per_call=max_reveal).steps(num_timesteps, OFFICIAL_N)
+  np.testing.assert_array_equal(np.stack([t for _, t in ours]), np.stack([t for _, t in theirs]))
+  np.testing.assert_array_equal(np.stack([np.sum(x == K, -1) for x, _ in ours]),
+                                np.stack([np.sum(x == K, -1) for x, _ in theirs]))
+
+
+def test_official_purity_run_draws_as_the_official_sample():
+  """The same statistics of both runs, which use different random streams."""
+  stats = []
+  for calls, _ in _official_runs("purity_official", 10, None, 16):
+    first = np.nonzero(calls[1][0] != K)[1]  # the positions the first call revealed
+    before_last = calls[-1][0]
+    revealed = before_last != K
+    on_target = (before_last == TOY_TARGET)[revealed].mean()
+    stats.append((TOY_BONUS[first].mean(), on_target))
+  (ours_bonus, ours_on_target), (theirs_bonus, theirs_on_target) = stats
+  # Purity reveals the surer positions first: above the mean bonus by ~12 standard errors.
+  assert min(ours_bonus, theirs_bonus) > TOY_BONUS.mean() + 0.2
+  assert abs(ours_bonus - theirs_bonus) < 0.12
+  # The revealed tokens follow the same sharpened distributions.
+  assert abs(ours_on_target - theirs_on_target) < 0.02
+
+
+@pytest.mark.parametrize("max_reveal", [None, 5, 10, 11])
+def test_official_reveal_counts_are_the_official_tables(max_reveal):
+  for num_timesteps in (10, 25, 50, 100):
+    official = _official(num_timesteps, OFFICIAL_N)
+    if max_reveal is not None:
+      official.prior_ps = max_reveal
+      official.update_n_sample()
+    counts = samplers.official_reveal_counts(num_timesteps, OFFICIAL_N, max_reveal)
+    np.testing.assert_array_equal(counts, official.n_sample)
+    assert counts[1:].sum() <= OFFICIAL_N  # t = 0 fills what the steps before it leave
+
+
+def test_official_tables_name_the_supported_sizes():
+  with pytest.raises(ValueError, match=r"T in \(100, 50, 25, 10\); got 1024 tokens and T = 20"):
+    samplers.official_reveal_counts(20, OFFICIAL_N)
+  with pytest.raises(ValueError, match="got 256 tokens and T = 100"):
+    samplers.SamplerConfig("purity_official").steps(100, 256)
+
+
+def test_official_purity_keeps_known_tokens():
+  known_mask = np.random.default_rng(2).random((1, OFFICIAL_N)) < 0.3
+  known = (TOY_TARGET + 1) % K
+  network = lambda x_t, t: discrete.x0_log_probs(_toy_logits(x_t, t, jnp))  # noqa: E731
+  schedule = schedules.mask_and_replace(10, K)
+  tokens = np.asarray(jax.jit(lambda key: samplers.sample(
+      network, schedule, key, (1, OFFICIAL_N), samplers.SamplerConfig("purity_official"),
+      known_tokens=jnp.asarray(known[None]), known_mask=jnp.asarray(known_mask)))(
+          jax.random.key(0)))[0]
+  np.testing.assert_array_equal(tokens, np.where(known_mask[0], known, TOY_TARGET))

@@ -120,7 +120,8 @@ class Pipeline:
                num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                truncation_rate: float = 1.0, sampler: str = "vqdiffusion", seed: int = 0,
                num_images_per_prompt: int = 1, purity_temperature: float = 1.0,
-               typical_mass: float = 1.0, output_type: str = "pil") -> list:
+               typical_mass: float = 1.0, max_reveal_per_call: int | None = None,
+               output_type: str = "pil") -> list:
     """Generates images; one list entry per image, prompt- (or label-) major.
 
     Give what the denoiser is conditioned on (``denoiser.conditioning``):
@@ -138,18 +139,21 @@ class Pipeline:
         unconditional pass reads the learnable null text of a text model or
         the null class of a class model.
       truncation_rate: truncation r in (0, 1]; 1 = off.
-      sampler: "vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity" or
-        "paella" (``samplers.SAMPLERS``).
+      sampler: "vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity",
+        "fewer_tokens_official", "purity_official" or "paella"
+        (``samplers.SAMPLERS``).
       seed: the result is a deterministic function of it.
       num_images_per_prompt: images drawn for each prompt or label.
       purity_temperature: r of the purity sampler's sharpening.
       typical_mass: tau of the Paella sampler's locally typical sampling.
+      max_reveal_per_call: the official ``prior_ps`` of the official reveal
+        samplers (None: 1024, one call per step).
       output_type: "pil" (PIL images), "np" (HWC float32 in [0, 1]) or
         "tokens" ((h, w) int32 codebook tokens).
     """
     inputs = self._condition_inputs(prompts, class_labels, num_images, num_images_per_prompt)
     config = self._sampler_config(sampler, num_inference_steps, guidance_scale, truncation_rate,
-                                  purity_temperature, typical_mass)
+                                  purity_temperature, typical_mass, max_reveal_per_call)
     return self._run(config, seed, [inputs], output_type=output_type)
 
   def inpaint(self, prompts: str | Sequence[str] | None, image: ImageLike, mask: np.ndarray, *,
@@ -313,23 +317,25 @@ class Pipeline:
   @staticmethod
   def _options(options: dict) -> dict:
     names = {"num_inference_steps", "guidance_scale", "truncation_rate", "sampler",
-             "purity_temperature", "typical_mass"}
+             "purity_temperature", "typical_mass", "max_reveal_per_call"}
     unknown = set(options) - names
     if unknown:
       raise TypeError(f"unknown sampler options {sorted(unknown)}; known: {sorted(names)}")
     defaults = {"num_inference_steps": None, "guidance_scale": 1.0, "truncation_rate": 1.0,
-                "sampler": "vqdiffusion", "purity_temperature": 1.0, "typical_mass": 1.0}
+                "sampler": "vqdiffusion", "purity_temperature": 1.0, "typical_mass": 1.0,
+                "max_reveal_per_call": None}
     return {**defaults, **options}
 
   def _sampler_config(self, sampler, num_inference_steps, guidance_scale, truncation_rate,
-                      purity_temperature, typical_mass, start_step=None):
+                      purity_temperature, typical_mass, max_reveal_per_call=None,
+                      start_step=None):
     if guidance_scale != 1.0 and not self.denoiser.has_null_condition:
       raise ValueError(null_condition_error(self.denoiser.conditioning))
     config = samplers.SamplerConfig(
         name=sampler, num_inference_steps=num_inference_steps,
         truncation_rate=float(truncation_rate), guidance_scale=float(guidance_scale),
         purity_temperature=float(purity_temperature), typical_mass=float(typical_mass),
-        start_step=start_step)
+        start_step=start_step, max_reveal_per_call=max_reveal_per_call)
     h, w = self.latent_grid
     config.steps(self.schedule.num_timesteps, h * w)
     return config

@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--guidance", type=float, default=1.0,
                       help="Classifier-free guidance scale (1 = off).")
   parser.add_argument("--sampler", default="vqdiffusion", choices=SAMPLERS)
+  parser.add_argument("--max_reveal_per_call", type=int, default=None,
+                      help="The official prior_ps of fewer_tokens_official and purity_official: "
+                           "at most this many tokens per network call (default: 1024).")
   parser.add_argument("--truncation", type=float, default=1.0, help="Truncation rate (1 = off).")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--raw-weights", action="store_true",
@@ -60,7 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _options(args: argparse.Namespace) -> dict:
   return {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-          "truncation_rate": args.truncation, "sampler": args.sampler}
+          "truncation_rate": args.truncation, "sampler": args.sampler,
+          "max_reveal_per_call": args.max_reveal_per_call}
 
 
 def sample_prompts(pipe: Pipeline, args: argparse.Namespace) -> list:

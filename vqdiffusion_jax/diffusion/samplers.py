@@ -29,7 +29,15 @@ Samplers (``SamplerConfig.name``):
   probability) divided by the image's largest over all positions: positions
   are chosen with probability proportional to it (Gumbel top-k, so without
   replacement, as ``torch.multinomial``) and revealed from the sharpened
-  distribution ``softmax((1 + r * purity) * log p)``.
+  distribution ``softmax((1 + r * purity) * log p)``. Every position is
+  revealed within the rounds, so no final pass redraws them.
+* ``fewer_tokens_official``, ``purity_official``: the official ``sample``
+  with ``prior_rule`` 1 or 2 (``official_reveal_calls``): it visits every
+  t = T-1..1, revealing the official table's count at t in calls of at
+  most ``max_reveal_per_call`` (the official ``prior_ps``), each call a
+  network call at t, then one call at t = 0 redraws every position from the
+  unsharpened x0 prediction (the official v1 step at t = 0). The tables
+  exist for 1024 tokens and T in {10, 25, 50, 100} only.
 * ``paella``: the renoising sampler of Paella: from noise tokens, predict and
   sample every token (locally typical sampling with mass ``typical_mass``),
   then return the fraction ``1 - abar_s`` of positions to their initial
@@ -57,8 +65,22 @@ from vqdiffusion_jax.diffusion.schedule import Schedule
 LogX0Fn = Callable[[jax.Array, jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-SAMPLERS = ("vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity", "paella")
+SAMPLERS = ("vqdiffusion", "vqdiffusion_fast", "fewer_tokens", "purity", "fewer_tokens_official",
+            "purity_official", "paella")
 REVEAL_SAMPLERS = ("fewer_tokens", "purity")
+OFFICIAL_REVEAL_SAMPLERS = ("fewer_tokens_official", "purity_official")
+
+# The official ``n_sample`` tables (index t = 0..T-1), written for 1024 tokens; the T = 100 one
+# has other ends when at most 10 positions are revealed per call.
+OFFICIAL_TOKENS = 1024
+OFFICIAL_MAX_REVEAL_PER_CALL = 1024
+OFFICIAL_REVEAL_TABLES = {
+    100: [1, 10] + [11, 10, 10] * 32 + [11, 11],
+    50: [10] + [21, 20] * 24 + [30],
+    25: [21] + [41] * 23 + [60],
+    10: [69] + [102] * 8 + [139],
+}
+OFFICIAL_SMALL_CALLS_TABLE = [1, 6] + [11, 10, 10] * 32 + [11, 15]
 
 # "auto" network batches on CPU hold at most this many tokens (batch x N) per call.
 CPU_TOKENS_PER_CALL = 2048
@@ -74,7 +96,8 @@ class SamplerConfig:
       ``paella``; 1..T, or 1..start_step + 1 when editing) or reveal rounds
       (``fewer_tokens``, ``purity``; 1..N). None means T (resp. N).
       ``vqdiffusion_fast`` visits every ``ceil(T / num_inference_steps)``-th
-      step, and step 0, which can be one call more.
+      step, and step 0, which can be one call more. The official reveal
+      samplers take None: their tables fix the calls.
     truncation_rate: keep the most likely classes covering this mass (0, 1].
     guidance_scale: classifier-free guidance scale, 1 = off (used by
       ``conditioned_log_x0``; kept here so one object describes a run).
@@ -82,6 +105,11 @@ class SamplerConfig:
       0 chooses positions by purity without sharpening.
     typical_mass: tau of locally typical sampling (``paella``), (0, 1].
     start_step: editing: start at this step from noised ``init_tokens``.
+    max_reveal_per_call: the official ``prior_ps`` of the official reveal
+      samplers: at most this many positions per network call, so a step
+      whose count is larger takes several calls. None is the official
+      default, 1024 (one call per step); the official high-quality inference
+      at speed s < 1 sets ``int(1024 // T * s)``.
   """
 
   name: str = "vqdiffusion"
@@ -91,11 +119,15 @@ class SamplerConfig:
   purity_temperature: float = 1.0
   typical_mass: float = 1.0
   start_step: int | None = None
+  max_reveal_per_call: int | None = None
 
   def steps(self, num_timesteps: int, num_tokens: int) -> int:
     """The checked number of network calls for a T-step model and N tokens."""
     if self.name not in SAMPLERS:
       raise ValueError(f"unknown sampler {self.name!r}; choose one of {SAMPLERS}")
+    self._check_options()
+    if self.name in OFFICIAL_REVEAL_SAMPLERS:
+      return self._official_calls(num_timesteps, num_tokens)
     start = num_timesteps - 1 if self.start_step is None else self.start_step
     if not 0 <= start < num_timesteps:
       raise ValueError(f"start_step {self.start_step} is outside 0..{num_timesteps - 1}")
@@ -106,6 +138,9 @@ class SamplerConfig:
       unit = f"reveal rounds for {num_tokens} tokens" if reveal else (
           f"visited steps from step {start}")
       raise ValueError(f"num_inference_steps={steps} is out of range 1..{limit} ({unit})")
+    return steps
+
+  def _check_options(self) -> None:
     if not 0.0 < self.truncation_rate <= 1.0:
       raise ValueError(f"truncation_rate must be in (0, 1], got {self.truncation_rate}")
     if not 0.0 < self.typical_mass <= 1.0:
@@ -114,7 +149,21 @@ class SamplerConfig:
       raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
     if self.purity_temperature < 0:
       raise ValueError(f"purity_temperature must be >= 0, got {self.purity_temperature}")
-    return steps
+    if self.max_reveal_per_call is not None and (
+        self.name not in OFFICIAL_REVEAL_SAMPLERS or self.max_reveal_per_call < 1):
+      raise ValueError(f"max_reveal_per_call={self.max_reveal_per_call} needs a positive count "
+                       f"and one of the samplers {OFFICIAL_REVEAL_SAMPLERS}, not {self.name!r}")
+
+  def _official_calls(self, num_timesteps: int, num_tokens: int) -> int:
+    if self.num_inference_steps is not None:
+      raise ValueError(f"{self.name} makes the official number of calls: leave "
+                       f"num_inference_steps unset (got {self.num_inference_steps}) and bound "
+                       "the positions per call with max_reveal_per_call")
+    if self.start_step is not None:
+      raise ValueError(f"{self.name} starts from all [MASK]; editing (start_step) is not part "
+                       "of the official schedule")
+    steps, _ = official_reveal_calls(num_timesteps, num_tokens, self.max_reveal_per_call)
+    return len(steps) + 1
 
 
 def inference_timesteps(start: int, num_steps: int) -> np.ndarray:
@@ -149,6 +198,66 @@ def official_fast_steps(start: int, num_steps: int) -> tuple[np.ndarray, np.ndar
     visited = np.append(visited, 0)
   posterior = np.where(visited > stride - 1, visited - (stride - 1), visited)
   return visited.astype(np.int32), posterior.astype(np.int32)
+
+
+def official_reveal_counts(num_timesteps: int, num_tokens: int,
+                           max_reveal_per_call: int | None = None) -> np.ndarray:
+  """The official ``n_sample``: how many positions the official ``sample`` reveals at each t.
+
+  Index t = 0..T-1; the counts at t >= 1 are revealed at t, and the count
+  at t = 0 is what is left for the final call (which redraws everything).
+
+  Args:
+    num_timesteps: T; the official tables exist for 10, 25, 50 and 100.
+    num_tokens: N; the tables are written for 1024.
+    max_reveal_per_call: the official ``prior_ps`` (None: 1024); T = 100
+      has another table when it is at most 10.
+
+  Returns:
+    (T,) int32 counts.
+  """
+  if num_tokens != OFFICIAL_TOKENS or num_timesteps not in OFFICIAL_REVEAL_TABLES:
+    raise ValueError(f"the official reveal tables are written for {OFFICIAL_TOKENS} tokens and "
+                     f"T in {tuple(OFFICIAL_REVEAL_TABLES)}; got {num_tokens} tokens and "
+                     f"T = {num_timesteps}")
+  per_call = OFFICIAL_MAX_REVEAL_PER_CALL if max_reveal_per_call is None else max_reveal_per_call
+  if num_timesteps == 100 and per_call <= 10:
+    return np.asarray(OFFICIAL_SMALL_CALLS_TABLE, np.int32)
+  return np.asarray(OFFICIAL_REVEAL_TABLES[num_timesteps], np.int32)
+
+
+def official_call_sizes(count: int, max_per_call: int) -> list[int]:
+  """Positions revealed by each official call at a step that reveals ``count``.
+
+  Calls reveal at most ``max_per_call`` each, except that a call that would
+  leave exactly one position takes it too.
+  """
+  sizes, left = [], count
+  while left > 0:
+    size = min(left, max_per_call)
+    size = left if left - size == 1 else size
+    sizes.append(size)
+    left -= size
+  return sizes
+
+
+def official_reveal_calls(num_timesteps: int, num_tokens: int,
+                          max_reveal_per_call: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The official ``sample``'s network calls before its last: (step t, positions revealed).
+
+  Every t = T-1..1 is visited, its table count (``official_reveal_counts``)
+  split into calls by ``official_call_sizes``; the official per-image
+  counters advance together, as every image reveals the same count per
+  call. The run then makes one call at t = 0.
+
+  Returns:
+    (steps, counts), int32, one entry per call, steps descending.
+  """
+  table = official_reveal_counts(num_timesteps, num_tokens, max_reveal_per_call)
+  per_call = OFFICIAL_MAX_REVEAL_PER_CALL if max_reveal_per_call is None else max_reveal_per_call
+  calls = [(t, size) for t in range(num_timesteps - 1, 0, -1)
+           for size in official_call_sizes(int(table[t]), per_call)]
+  return tuple(np.asarray(column, np.int32) for column in zip(*calls, strict=True))
 
 
 def reveal_quota(call: jax.Array, per_call: int, num_masked: jax.Array) -> jax.Array:
@@ -461,6 +570,26 @@ def _reveal_rounds(log_x0_fn, schedule, rng, x, num_rounds, *, purity_prior: boo
   return jax.lax.fori_loop(0, rounds, body, (x, rng))[0]
 
 
+def _official_reveals(log_x0_fn, schedule, rng, x, calls, known_tokens, known_mask, *,
+                      purity_prior: bool, temperature: float):
+  batch = x.shape[0]
+  steps, counts = (jnp.asarray(column, jnp.int32) for column in calls)
+
+  def body(call, carry):
+    x, key = carry
+    key, round_key = jax.random.split(key)
+    t = jnp.full((batch,), steps[call])
+    return reveal_round(round_key, log_x0_fn(x, t), x, jnp.full((batch,), counts[call]),
+                        mask_index=schedule.mask_index, purity_prior=purity_prior,
+                        temperature=temperature), key
+
+  x, key = jax.lax.fori_loop(0, len(calls[0]), body, (x, rng))
+  last = jnp.zeros((batch,), jnp.int32)
+  log_p = posterior_step(schedule, log_x0_fn(x, last), x, last, last - 1)
+  return _clamp(discrete.sample_categorical(key, log_p).astype(jnp.int32), known_tokens,
+                known_mask)
+
+
 def _renoising(log_x0_fn, schedule, rng, x, noise, timesteps, typical_mass, known_tokens,
                known_mask):
   batch = x.shape[0]
@@ -532,6 +661,10 @@ def sample(log_x0_fn: LogX0Fn, schedule: Schedule, rng: jax.Array, shape: tuple[
                       config.typical_mass, known_tokens, known_mask)
   if not _has_mask(schedule):
     raise ValueError(f"the {config.name!r} sampler reveals [MASK] tokens; this schedule has none")
-  return _reveal_rounds(log_x0_fn, schedule, rng, x, num_steps,
-                        purity_prior=config.name == "purity",
+  purity_prior = config.name.startswith("purity")
+  if config.name in OFFICIAL_REVEAL_SAMPLERS:
+    calls = official_reveal_calls(schedule.num_timesteps, shape[1], config.max_reveal_per_call)
+    return _official_reveals(log_x0_fn, schedule, rng, x, calls, known_tokens, known_mask,
+                             purity_prior=purity_prior, temperature=config.purity_temperature)
+  return _reveal_rounds(log_x0_fn, schedule, rng, x, num_steps, purity_prior=purity_prior,
                         temperature=config.purity_temperature)
