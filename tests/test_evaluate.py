@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from diffusers import Transformer2DModel, VQModel
-from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
-  LearnedClassifierFreeSamplingEmbeddings,
-)
 from PIL import Image
 
 from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
-from tests.test_vqgan import TINY as TINY_VQMODEL
+from tests.test_diffusers_pipeline import tiny_pipeline
 from vqdiffusion_jax import evaluate, loading, report, sample
 from vqdiffusion_jax.convert import __main__ as convert_cli
-from vqdiffusion_jax.convert import denoiser
 from vqdiffusion_jax.data import loader, oracle, shapes
 from vqdiffusion_jax.evaluation import clip_score, fid, image_metrics, inception
 
@@ -286,22 +281,7 @@ def test_sample_batches_pad_the_last_batch_and_keep_nothing():
 def tiny_checkpoints(tmp_path_factory):
   """A tiny random diffusers VQDiffusionPipeline directory (save_pretrained) and its conversion."""
   root = tmp_path_factory.mktemp("diffusers_pipeline")
-  torch.manual_seed(0)
-  Transformer2DModel(
-      num_attention_heads=2, attention_head_dim=8, num_layers=1,
-      num_vector_embeds=TINY_VQMODEL["num_vq_embeddings"] + 1, sample_size=4,
-      cross_attention_dim=TEXT_CONFIG["hidden_size"], num_embeds_ada_norm=10,
-      norm_type="ada_norm", activation_fn="geglu-approximate",
-      attention_bias=True).save_pretrained(root / "transformer")
-  LearnedClassifierFreeSamplingEmbeddings(
-      True, hidden_size=TEXT_CONFIG["hidden_size"],
-      length=TEXT_CONFIG["max_position_embeddings"]).save_pretrained(
-          root / denoiser.PIPELINE_NULL_TEXT)
-  VQModel(**TINY_VQMODEL).save_pretrained(root / "vqvae")
-  transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT_CONFIG)).save_pretrained(
-      root / "text_encoder")
-  TOKENIZER.save_pretrained(root / "tokenizer")
-  (root / evaluate.DIFFUSERS_INDEX).write_text(json.dumps({"_class_name": "VQDiffusionPipeline"}))
+  tiny_pipeline().save_pretrained(root)
   ours = str(tmp_path_factory.mktemp("converted") / "ckpt")
   assert convert_cli.main([str(root), "--out", ours]) == 0
   return str(root), ours
