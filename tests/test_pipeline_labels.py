@@ -31,9 +31,10 @@ def _random(tree, seed, scale=0.5):
                                       for k, x in zip(keys, leaves, strict=True)])
 
 
-def _denoiser(conditioning, seed):
-  config = TransformerConfig(codebook_size=16, spatial_size=(4, 4), num_layers=1, embed_dim=16,
-                             num_heads=2, condition_dim=8, condition_length=3, num_timesteps=6,
+def _denoiser(conditioning, seed, grid=(4, 4), num_timesteps=6):
+  config = TransformerConfig(codebook_size=16, spatial_size=grid, num_layers=1, embed_dim=16,
+                             num_heads=2, condition_dim=8, condition_length=3,
+                             num_timesteps=num_timesteps,
                              conditioning=conditioning, num_classes=NUM_CLASSES,
                              learnable_null_class=conditioning == "class")
   params = Denoiser(VQDiffusionTransformer(config)).init(jax.random.key(seed))["params"]
@@ -49,8 +50,8 @@ def _vqgan():
   return config, nn.meta.unbox(params)
 
 
-def _save(path, conditioning, seed):
-  config, params = _denoiser(conditioning, seed)
+def _save(path, conditioning, seed, **sizes):
+  config, params = _denoiser(conditioning, seed, **sizes)
   vq_config, vq_params = _vqgan()
   converted.save(path, {"denoiser": (checkpoints._config_dict(config), params),
                         "vqvae": (checkpoints._config_dict(vq_config), vq_params)},
@@ -229,3 +230,15 @@ def test_sample_cli_takes_labels_and_image_counts(class_dir, uncond_dir, tmp_pat
     sample.main(["--workdir", class_dir, "--class_labels", "1", "--prompt", "x"])
   with pytest.raises(ValueError, match="give class_labels, not prompts"):
     sample.main(["--workdir", class_dir, "--prompt", "x", "--steps", "1"])
+
+
+def test_the_official_purity_run_samples_a_model_of_1024_tokens(uncond_pipe, tmp_path_factory):
+  path = _save(tmp_path_factory.mktemp("ckpt") / "tokens_1024", "none", 3, grid=(32, 32),
+               num_timesteps=10)
+  pipe = Pipeline.from_pretrained(path)
+  options = {"num_images": 2, "sampler": "purity_official", "output_type": "tokens", "seed": 0}
+  tokens = np.stack(pipe(**options))
+  assert tokens.shape == (2, 32, 32) and tokens.max() < 16
+  np.testing.assert_array_equal(tokens, np.stack(pipe(**options)))
+  with pytest.raises(ValueError, match="1024"):
+    uncond_pipe(num_images=1, sampler="purity_official")
