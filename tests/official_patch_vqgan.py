@@ -7,7 +7,9 @@ wrappers) with the same module, attribute and buffer names, so ``state_dict()`` 
 official key names. ``PatchVQGAN`` takes its encoder / decoder configs as the official YAML
 writes them (``{"target": ..., "params": ...}``); ``PatchVQVAE`` takes the built model instead
 of reading ``OUTPUT/pretrained_model/taming_dvae``. Left out: the loss, training hooks,
-the masked-token path of the quantizer and the ``requires_image`` decoders.
+the masked-token path of the quantizer and the ``requires_image`` decoders. The blocks
+patch_vqgan.py repeats unchanged from taming (``ResnetBlock``, ``AttnBlock``,
+``Downsample``, ``Normalize``) come from ``official_taming``.
 """
 
 import math
@@ -15,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812 (the official spelling)
 from torch import nn
+
+from tests.official_taming import AttnBlock, Downsample, Normalize, ResnetBlock, nonlinearity
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -127,14 +131,6 @@ class EMAVectorQuantizer(nn.Module):
     return z_q
 
 
-def Normalize(in_channels):  # noqa: N802 (the official name)
-  return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
-
-
-def nonlinearity(x):
-  return x * torch.sigmoid(x)
-
-
 class Upsample(nn.Module):
 
   def __init__(self, in_channels, with_conv, upsample_type="interpolate"):
@@ -154,78 +150,6 @@ class Upsample(nn.Module):
     else:
       x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     return self.conv(x) if self.with_conv else x
-
-
-class ResnetBlock(nn.Module):
-
-  def __init__(self, *, in_channels, out_channels=None, conv_shortcut=False, dropout=0.0,
-               temb_channels=512):
-    super().__init__()
-    self.in_channels = in_channels
-    out_channels = in_channels if out_channels is None else out_channels
-    self.out_channels = out_channels
-    self.use_conv_shortcut = conv_shortcut
-    self.norm1 = Normalize(in_channels)
-    self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-    if temb_channels > 0:
-      self.temb_proj = nn.Linear(temb_channels, out_channels)
-    self.norm2 = Normalize(out_channels)
-    self.dropout = nn.Dropout(dropout)
-    self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-    if in_channels != out_channels:
-      if conv_shortcut:
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1,
-                                       padding=1)
-      else:
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1,
-                                      padding=0)
-
-  def forward(self, x, temb):
-    h = self.conv1(nonlinearity(self.norm1(x)))
-    if temb is not None:
-      h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-    h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
-    if self.in_channels != self.out_channels:
-      x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-    return x + h
-
-
-class AttnBlock(nn.Module):
-
-  def __init__(self, in_channels):
-    super().__init__()
-    self.in_channels = in_channels
-    self.norm = Normalize(in_channels)
-    self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-    self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-    self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-    self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-
-  def forward(self, x):
-    h_ = self.norm(x)
-    q, k, v = self.q(h_), self.k(h_), self.v(h_)
-    b, c, h, w = q.shape
-    q = q.reshape(b, c, h * w).permute(0, 2, 1)
-    k = k.reshape(b, c, h * w)
-    w_ = torch.bmm(q, k) * (int(c) ** (-0.5))
-    w_ = F.softmax(w_, dim=2)
-    v = v.reshape(b, c, h * w)
-    h_ = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, h, w)
-    return x + self.proj_out(h_)
-
-
-class Downsample(nn.Module):
-
-  def __init__(self, in_channels, with_conv):
-    super().__init__()
-    self.with_conv = with_conv
-    if with_conv:
-      self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
-
-  def forward(self, x):
-    if self.with_conv:
-      return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
-    return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
 def _pair(resolution):

@@ -12,48 +12,21 @@ the x0 log-probs (``cf_predict_start``'s output, guidance and truncation
 applied) as input, and ``sample`` a function giving them.
 """
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional
 
-
-def alpha_schedule(time_step, n, att_1=0.99999, att_T=0.000009, ctt_1=0.000009,  # noqa: N803
-                   ctt_T=0.99999):  # noqa: N803
-  """Per-step and cumulative (a, b, c), the cumulative ones shifted so index T is x_0."""
-  att = np.arange(0, time_step) / (time_step - 1) * (att_T - att_1) + att_1
-  att = np.concatenate(([1], att))
-  at = att[1:] / att[:-1]
-  ctt = np.arange(0, time_step) / (time_step - 1) * (ctt_T - ctt_1) + ctt_1
-  ctt = np.concatenate(([0], ctt))
-  one_minus_ctt = 1 - ctt
-  one_minus_ct = one_minus_ctt[1:] / one_minus_ctt[:-1]
-  ct = 1 - one_minus_ct
-  bt = (1 - at - ct) / n
-  att = np.concatenate((att[1:], [1]))
-  ctt = np.concatenate((ctt[1:], [0]))
-  btt = (1 - att - ctt) / n
-  return at, bt, ct, att, btt, ctt
-
-
-def log_1_min_a(a):
-  return torch.log(1 - a.exp() + 1e-40)
-
-
-def log_add_exp(a, b):
-  maximum = torch.max(a, b)
-  return maximum + torch.log(torch.exp(a - maximum) + torch.exp(b - maximum))
+from tests.official_vqdiffusion import (
+  alpha_schedule,
+  index_to_log_onehot,
+  log_1_min_a,
+  log_add_exp,
+)
 
 
 def extract(a, t, x_shape):
   b, *_ = t.shape
   out = a.gather(-1, t)
   return out.reshape(b, *((1,) * (len(x_shape) - 1)))
-
-
-def index_to_log_onehot(x, num_classes):
-  x_onehot = functional.one_hot(x, num_classes).permute(0, 2, 1)
-  return torch.log(x_onehot.float().clamp(min=1e-30))
 
 
 def log_onehot_to_index(log_x):

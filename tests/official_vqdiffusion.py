@@ -424,11 +424,11 @@ def alpha_schedule(time_step, n, att_1=0.99999, att_t=0.000009, ctt_1=0.000009, 
   return at, bt, ct, att, btt, ctt
 
 
-def _log_1_min_a(a):
+def log_1_min_a(a):
   return torch.log(1 - a.exp() + 1e-40)
 
 
-def _log_add_exp(a, b):
+def log_add_exp(a, b):
   maximum = torch.max(a, b)
   return maximum + torch.log(torch.exp(a - maximum) + torch.exp(b - maximum))
 
@@ -473,10 +473,10 @@ class DiffusionTransformer(nn.Module):
     at, bt, ct, att, btt, ctt = (tensor(x) for x in alpha_schedule(
         self.num_timesteps, n=self.num_classes - 1))
     log_ct, log_cumprod_ct = torch.log(ct), torch.log(ctt)
-    log_1_min_ct = _log_1_min_a(log_ct)
-    log_1_min_cumprod_ct = _log_1_min_a(log_cumprod_ct)
-    assert _log_add_exp(log_ct, log_1_min_ct).abs().sum().item() < 1.e-5
-    assert _log_add_exp(log_cumprod_ct, log_1_min_cumprod_ct).abs().sum().item() < 1.e-5
+    log_1_min_ct = log_1_min_a(log_ct)
+    log_1_min_cumprod_ct = log_1_min_a(log_cumprod_ct)
+    assert log_add_exp(log_ct, log_1_min_ct).abs().sum().item() < 1.e-5
+    assert log_add_exp(log_cumprod_ct, log_1_min_cumprod_ct).abs().sum().item() < 1.e-5
     buffers = {"log_at": torch.log(at), "log_bt": torch.log(bt), "log_ct": log_ct,
                "log_cumprod_at": torch.log(att), "log_cumprod_bt": torch.log(btt),
                "log_cumprod_ct": log_cumprod_ct, "log_1_min_ct": log_1_min_ct,

@@ -27,15 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqdiffusion_jax.convert import clip, converted, denoiser, vqvae
-from vqdiffusion_jax.convert.common import ConversionError
+from vqdiffusion_jax.convert import clip, common, converted, denoiser, vqvae
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
@@ -156,16 +154,6 @@ def make_schedule(settings: dict[str, Any], codebook_size: int) -> schedules.Sch
                         **arguments)
 
 
-def _load_official(path: str, allow_pickle: bool) -> dict:
-  import torch  # optional: the [torch] extra
-  try:
-    return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  except pickle.UnpicklingError as error:
-    raise ConversionError(
-        f"{path} holds Python objects besides tensors; if you trust the file, load it with "
-        "allow_pickle=True (--allow-pickle)") from error
-
-
 def _official_config(path: str, preset: str | None,
                      config: transformer.TransformerConfig | None, **overrides):
   if config is not None:
@@ -214,7 +202,8 @@ def load_denoiser(path: str | os.PathLike, *, preset: str | None = None,
     cfg, params = denoiser.load_diffusers(path, **overrides)
   else:
     cfg = _official_config(path, preset, config, **overrides)
-    params = denoiser.from_official(_load_official(path, allow_pickle), cfg, use_ema=use_ema,
+    checkpoint = common.load_torch_checkpoint(path, "official checkpoint", allow_pickle)
+    params = denoiser.from_official(checkpoint, cfg, use_ema=use_ema,
                                     name=f"{denoiser.OFFICIAL_NAME} {path}")
   return transformer.VQDiffusionTransformer(cfg), params
 

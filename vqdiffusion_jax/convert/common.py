@@ -11,7 +11,9 @@ a ``ConversionError`` that names the keys.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -72,6 +74,30 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     loaded = torch.load(path, map_location="cpu", weights_only=True)
   return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in to_numpy(loaded).items()}
+
+
+def load_torch_checkpoint(path: str | os.PathLike, what: str,
+                          allow_pickle: bool = False) -> Mapping[str, Any]:
+  """A PyTorch checkpoint file's dict, read with ``weights_only`` unless ``allow_pickle``.
+
+  Raises:
+    FileNotFoundError: no file at ``path``; the message names ``what`` it should be.
+    ConversionError: the file holds Python objects besides tensors (and
+      ``allow_pickle`` is off), or is not a dict.
+  """
+  import torch  # optional: the [torch] extra
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  except pickle.UnpicklingError as error:
+    raise ConversionError(
+        f"{path} holds Python objects besides tensors; if you trust the file, load it with "
+        "allow_pickle=True (--allow-pickle)") from error
+  if not isinstance(loaded, Mapping):
+    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+  return loaded
 
 
 def read_weights_in(directory: str | os.PathLike, names: Sequence[str],

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -375,7 +374,8 @@ def load_official_codec(checkpoint: str | os.PathLike, config_yaml: str | os.Pat
   config = read_codec_config(config_yaml)
   full_to_compact = (None if remap is None
                      else read_code_remap(remap, config.num_embeddings))
-  state = codec_state_dict(_torch_load(checkpoint, allow_pickle), checkpoint)
+  state = codec_state_dict(
+      common.load_torch_checkpoint(checkpoint, "codec checkpoint", allow_pickle), checkpoint)
   for table in _codebook_keys(config):
     if table in state and np.shape(state[table])[0] != config.num_embeddings:
       raise ConversionError(f"{checkpoint}: {table} holds {np.shape(state[table])[0]} codes "
@@ -537,21 +537,6 @@ def _from_dalle(loaded: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ConversionError(f"{where}: {key} differs from the encoder's quantizer "
                               "(the official codec shares one)")
   return state
-
-
-def _torch_load(path: str, allow_pickle: bool) -> Mapping[str, Any]:
-  import torch  # optional: the [torch] extra
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"codec checkpoint not found: {path}")
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  except pickle.UnpicklingError as error:
-    raise ConversionError(
-        f"{path} holds Python objects besides tensors; if you trust the file, load it with "
-        "allow_pickle=True") from error
-  if not isinstance(loaded, Mapping):
-    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-  return loaded
 
 
 def _abstract_params(module: VQGAN):
