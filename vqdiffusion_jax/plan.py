@@ -41,11 +41,10 @@ from vqdiffusion_jax import build, outputs  # noqa: E402
 from vqdiffusion_jax.models import clip_text  # noqa: E402
 from vqdiffusion_jax.models.denoiser import Denoiser  # noqa: E402
 from vqdiffusion_jax.models.text_encoder import SPECIAL_TOKENS  # noqa: E402
+from vqdiffusion_jax.train import compiled as compiled_lib  # noqa: E402
 from vqdiffusion_jax.train import denoiser_step  # noqa: E402
 from vqdiffusion_jax.train import mesh as mesh_lib  # noqa: E402
 from vqdiffusion_jax.train import state as state_lib  # noqa: E402
-
-GIB = 2 ** 30
 
 
 def _model(config: Any) -> tuple[Denoiser, Any]:
@@ -109,12 +108,9 @@ def plan(config: Any, num_devices: int) -> dict:
 
 
 def _figures(compiled, state) -> dict:
-  memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-         "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
-  out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  out = compiled_lib.memory_figures(compiled)
   out["flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
   out["params"] = int(sum(np.prod(leaf.shape) for _, leaf in leaves))
@@ -129,9 +125,7 @@ def report(config: Any, num_devices: int, figures: dict) -> str:
            f"{config.train.global_batch}, dtype {config.train.dtype}, matmuls "
            f"{build.denoiser_matmul_dtype(config)}, "
            f"remat {config.train.remat}, params {figures['params'] / 1e6:.1f}M",
-           f"per device: peak {figures['peak'] / GIB:.2f} GiB (state+batch "
-           f"{figures['arguments'] / GIB:.2f}, temporaries {figures['temporaries'] / GIB:.2f}, "
-           f"outputs {figures['outputs'] / GIB:.2f}, donated {figures['aliased'] / GIB:.2f})",
+           compiled_lib.describe_memory(figures),
            f"FLOPs per step per device: {figures['flops'] / 1e12:.2f} TFLOP"
            + (" (XLA counts a scanned layer's body once: this is a lower bound)"
               if config.train.scan_layers else ""),

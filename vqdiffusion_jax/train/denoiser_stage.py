@@ -91,8 +91,7 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
   def jitted(step, sharding):
     fn = denoiser_step.jit_train_step(step, mesh, shardings, sharding,
                                       frozen_shardings=frozen_shardings)
-    extra = () if frozen is None else (frozen,)
-    return lambda s, b, r: fn(s, runner.to_global(b, sharding), r, *extra)
+    return runner.ShardedStep(fn, sharding, () if frozen is None else (frozen,))
 
   def batches():
     return token_cache.token_batches(

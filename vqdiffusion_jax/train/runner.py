@@ -6,6 +6,10 @@ stacks that many batches and calls one jitted ``lax.scan`` over them
 temporary buffer. Calls end at every log, sample and checkpoint step, so those
 see the same steps as with one step per call.
 
+The first call is compiled ahead of running (``compiled.py``): the console
+shows its memory per device, and a step that cannot fit the device stops
+the stage before it trains.
+
 Every log line also carries the loop's pace over the interval since the last
 one (``TIMING_SCALARS``): steps per second, and the fraction of the wall time
 the host spent producing input batches.
@@ -25,6 +29,7 @@ import numpy as np
 
 from vqdiffusion_jax import outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
+from vqdiffusion_jax.train import compiled
 from vqdiffusion_jax.train import metrics as metrics_lib
 
 # Scalars of the loop's pace, logged beside the step's own metrics; they differ run to run.
@@ -71,6 +76,40 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]
   """Host-local numeric batch arrays -> global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items() if _is_numeric(v)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+  """``jitted(state, global_batch, rng, *frozen)`` called as ``step(state, local_batch, rng)``.
+
+  Attributes:
+    jitted: the ``jax.jit``-wrapped step.
+    batch_sharding: where the global batch lives (``mesh.batch_sharding``).
+    frozen: inputs given to every call after the rng (a frozen network's params).
+  """
+
+  jitted: Any
+  batch_sharding: Any
+  frozen: tuple = ()
+
+  def _args(self, state, batch, rng) -> tuple:
+    return (state, to_global(batch, self.batch_sharding), rng, *self.frozen)
+
+  def __call__(self, state, batch, rng):
+    return self.jitted(*self._args(state, batch, rng))
+
+  def lower(self, state, batch, rng) -> jax.stages.Lowered:
+    """The step lowered for these inputs' shapes and shardings (nothing runs)."""
+    return self.jitted.lower(*self._args(state, batch, rng))
+
+
+def lower_call(step_fn: Callable[..., Any], steps_fn: Callable[..., Any] | None, state: Any,
+               batches: Sequence[Mapping[str, np.ndarray]],
+               rng: jax.Array) -> jax.stages.Lowered | None:
+  """``call_steps``'s program lowered for these inputs; None when it is not a ``ShardedStep``."""
+  fn, batch = ((step_fn, batches[0]) if len(batches) == 1
+               else (steps_fn, stack_batches(batches)))
+  return fn.lower(state, batch, rng) if isinstance(fn, ShardedStep) else None
 
 
 @dataclasses.dataclass
@@ -145,11 +184,18 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
   config_json = config.to_dict()
   preempted = False
   pace = Pace(step)
-  progress = outputs.Progress(stage.num_steps, step, name=os.path.basename(stage.directory))
+  name = os.path.basename(stage.directory)
+  progress = outputs.Progress(stage.num_steps, step, name=name)
+  first_call = True
   with contextlib.closing(progress):
     while step < stage.num_steps and not preempted:
       with pace.reading():
         batches = [next(iterator) for _ in range(steps_this_call(step, stage, train))]
+      if first_call:
+        lowered = lower_call(stage.step_fn, stage.steps_fn, state, batches, rng)
+        if lowered is not None:
+          compiled.compile_first_call(name, lowered)
+        first_call = False
       state, metrics = call_steps(stage.step_fn, stage.steps_fn, state, batches, rng)
       step, batch = step + len(batches), batches[-1]
       if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):

@@ -78,7 +78,7 @@ def run_vqvae(config: Any, directory: str, mesh, source) -> build.VQVAE:
   def jit_step(fn, sharding):
     jitted = jax.jit(fn, in_shardings=(shardings, sharding, replicated, replicated),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
-    return lambda s, b, r: jitted(s, runner.to_global(b, sharding), r, lpips_params)
+    return runner.ShardedStep(jitted, sharding, (lpips_params,))
 
   def batches():
     return loader.image_batches(
