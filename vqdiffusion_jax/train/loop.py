@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax import build, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
@@ -49,15 +50,15 @@ def train(config: Any, workdir: str) -> dict:
   deadline = None
   if budget.enabled(config):
     deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   source = sources.split_source(config.data, config.data.train_split, workdir)
   if config.data.in_memory:
     source = loader.MemoizedSource(source)
-  vqvae_dir = os.path.join(workdir, loading.VQVAE_STAGE)
+  vqvae_dir = os.fspath(epath.Path(workdir) / loading.VQVAE_STAGE)
   vqvae = run_vqvae(config, vqvae_dir, mesh, source)
   cache_dir = build_cache(config, workdir, vqvae, source)
-  denoiser_dir = os.path.join(workdir, loading.DENOISER_STAGE)
+  denoiser_dir = os.fspath(epath.Path(workdir) / loading.DENOISER_STAGE)
   denoiser_step = run_denoiser(
       config, denoiser_dir, mesh, cache_dir, vqvae,
       time_left=None if deadline is None else lambda: deadline - time.monotonic())
