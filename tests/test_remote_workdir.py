@@ -25,9 +25,10 @@ from tensorboardX import record_writer
 
 from configs import shapes
 from vqdiffusion_jax import build, outputs
+from vqdiffusion_jax.data import sources
 from vqdiffusion_jax.main import train_and_evaluate
-from vqdiffusion_jax.pipeline import Pipeline
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
+from vqdiffusion_jax.train import loop
 
 URL_SCHEMES = ("gs", "gcs")
 
@@ -135,5 +136,14 @@ def test_main_job_on_a_gs_workdir_writes_everything_there(local_buckets, tmp_pat
   on_disk = local_buckets / "bucket" / "run"
   assert sorted(p.name for p in on_disk.iterdir()) == ["denoiser", "report", "vqvae"]
 
-  pipe = Pipeline.from_pretrained(os.fspath(workdir))
-  assert len(pipe(["a big red circle in the center"], num_inference_steps=2, seed=0)) == 1
+
+def test_shapes_data_under_a_url_workdir_asks_for_a_local_data_dir():
+  config = shapes.get_config("runlocal")
+  with pytest.raises(ValueError, match=r"data\.data_dir .* gs://bucket/run is a URL"):
+    sources.split_source(config.data, "train", "gs://bucket/run")
+
+
+def test_token_cache_under_a_url_workdir_asks_for_a_local_cache_dir():
+  config = shapes.get_config("runlocal")
+  with pytest.raises(ValueError, match=r"data\.cache_dir .* gs://bucket/run is a URL"):
+    loop.train(config, "gs://bucket/run")

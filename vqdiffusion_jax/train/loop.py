@@ -10,7 +10,9 @@ with the state, writes metrics from process 0, stops on NaN/Inf naming the
 step, and on SIGTERM saves and ends the run (``runner.StopRequestedError``;
 no later stage runs). With a ``config.time_budget`` the denoiser trains as
 many steps as the time left holds (``budget.py``), counted from the call of
-``train``. The evaluation that follows is ``report.write_report``.
+``train``. The evaluation that follows is ``report.write_report``. The
+workdir may be a URL (``gs://``); the token cache, array_record files read
+as local files, then needs a local ``data.cache_dir``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def train(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages did not run.
   """
+  if "://" in os.fspath(workdir) and not config.data.cache_dir:
+    raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
+                     "data.cache_dir to a local directory for the token cache (its "
+                     "array_record files are written and read as local files)")
   deadline = None
   if budget.enabled(config):
     deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
