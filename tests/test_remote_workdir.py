@@ -12,6 +12,7 @@ leaves a ``gs:`` folder there.
 import importlib
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from tensorboardX import record_writer
 
 from configs import shapes
 from vqdiffusion_jax import build, outputs
+from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import sources
 from vqdiffusion_jax.main import train_and_evaluate
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
@@ -147,3 +149,18 @@ def test_token_cache_under_a_url_workdir_asks_for_a_local_cache_dir():
   config = shapes.get_config("runlocal")
   with pytest.raises(ValueError, match=r"data\.cache_dir .* gs://bucket/run is a URL"):
     loop.train(config, "gs://bucket/run")
+
+
+def test_a_converted_directory_reads_from_gs_and_local_writers_refuse_urls(local_buckets,
+                                                                           tmp_path):
+  params = {"w": jnp.arange(4.0), "b": {"c": jnp.ones((2, 3))}}
+  converted.save(tmp_path / "converted", {"denoiser": ({"width": 4}, params)}, source="test")
+  shutil.copytree(tmp_path / "converted", local_buckets / "bucket" / "converted")
+  url = "gs://bucket/converted"
+  assert converted.is_converted(url)
+  assert converted.read_config(url)["components"] == {"denoiser": {"width": 4}}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  restored = converted.restore(url, "denoiser", abstract)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, restored, params))
+  with pytest.raises(ValueError, match="converted checkpoint directory gs://bucket/out is a URL"):
+    converted.save("gs://bucket/out", {"denoiser": ({}, params)}, source="test")

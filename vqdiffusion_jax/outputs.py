@@ -5,7 +5,8 @@ nothing here knows about models or trainers.
 
 * ``absolute_path``, ``write_json_atomically``, ``write_text``,
   ``save_image``: paths and files under a workdir, local or remote
-  (``gs://``), all through ``etils.epath``.
+  (``gs://``), all through ``etils.epath``; ``local_path`` for the writers
+  that need a local file system.
 * ``tile``: a batch of images in [-1, 1] as one uint8 grid.
 * ``Progress``: one console line per stage or long job (name, count, rate,
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
@@ -39,6 +40,14 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
   """``path`` as an ``epath.Path``: a URL (``gs://``) as is, a local path made absolute."""
   path = epath.Path(path)
   return path if path.is_absolute() else path.resolve()
+
+
+def local_path(path: str | os.PathLike, what: str) -> str:
+  """``path`` made absolute, for writers that need a local file system; a URL is refused."""
+  if "://" in os.fspath(path):
+    raise ValueError(f"{what} {os.fspath(path)} is a URL, but it is written with local file "
+                     "operations: give a local path")
+  return os.path.abspath(os.fspath(path))
 
 
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
