@@ -9,6 +9,9 @@ Layout of a run's workdir::
                                     ``config`` (JSON) when one was given
   WORKDIR/checkpoints_unusable/     steps found corrupt at restore, moved aside
 
+WORKDIR may be local or a URL (``gs://``): every path goes through
+``etils.epath`` and Orbax, never ``os.path``, so a URL is kept as it is.
+
 Atomicity. Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and, once
 every array and item is on disk, writes ``commit_success.txt`` into it and
 renames it to ``<step>`` (``AtomicRenameTemporaryPath``, the default on local
