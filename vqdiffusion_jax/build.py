@@ -18,6 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.diffusion import schedule as schedules
@@ -193,10 +194,10 @@ def conditioned_denoiser(config: Any, vqvae: VQVAE,
                      functools.partial(encode_words, vocabulary, int(config.text.length)))
 
 
-def read_vocabulary(directory: str) -> WordTokenizer:
+def read_vocabulary(directory: str | os.PathLike) -> WordTokenizer:
   """The caption vocabulary a denoiser stage saved in ``directory``."""
-  path = os.path.join(directory, VOCABULARY_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / VOCABULARY_FILE
+  if not path.exists():
     raise FileNotFoundError(f"no caption vocabulary at {path}; the denoiser stage writes it")
   return WordTokenizer.load(path)
 

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax import loading, outputs
 from vqdiffusion_jax.convert import converted
@@ -114,7 +115,7 @@ def checkpoint_kind(path: str) -> str:
     FileNotFoundError: nothing at ``path``.
     ValueError: a path that is none of the three, named.
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
   if loading.is_workdir(path):
     return "workdir"
@@ -224,10 +225,10 @@ def evaluation_data(config: Any, workdir: str, num_samples: int) -> tuple[list[s
 
 def read_captions(path: str, limit: int | None = None) -> list[str]:
   """Prompts from a UTF-8 text file, one a line (blank lines skipped), the first ``limit``."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"--captions {path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    captions = [line.strip() for line in f if line.strip()]
+  lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+  captions = [line.strip() for line in lines if line.strip()]
   if not captions:
     raise ValueError(f"--captions {path} holds no captions (one prompt a line)")
   return captions[:limit]
@@ -275,7 +276,7 @@ class FeatureNetworks:
     networks = cls(inception_path=inception_path, clip_path=clip_path)
     if reference_stats:
       networks.reference_stats = fid.load_statistics(reference_stats, inception.POOL_FEATURES)
-      networks.reference_name = os.path.abspath(reference_stats)
+      networks.reference_name = os.fspath(outputs.absolute_path(reference_stats))
     if inception_path:
       networks.inception = inception.feature_function(*inception.load_inception(inception_path))
       if reference_images is not None and networks.reference_stats is None:
@@ -521,17 +522,17 @@ def is_shapes_captions(captions: Sequence[str]) -> bool:
     return False
 
 
-def _read_json(path: str) -> dict | None:
+def _read_json(path: epath.Path) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (FileNotFoundError, json.JSONDecodeError):
     return None
 
 
 def evaluate(pipe: Pipeline, captions: Sequence[str],
              reference_images: np.ndarray | ReferenceImages | None, specs: Sequence[SamplerSpec],
-             out_dir: str, *, seed: int = 0, batch_size: int = 64, grid_size: int = 16,
+             out_dir: str | os.PathLike, *, seed: int = 0, batch_size: int = 64,
+             grid_size: int = 16,
              networks: FeatureNetworks | None = None, tag: str = "",
              is_splits: int = image_metrics.IS_SPLITS, save_reference_stats: str = "") -> dict:
   """Evaluates every sampler spec and the VQ-VAE; writes JSON, grids and Markdown.
@@ -555,7 +556,8 @@ def evaluate(pipe: Pipeline, captions: Sequence[str],
   A sampler whose result file holds the same settings (``tag``, seed, caption
   count, metric networks, reference) is read back instead of re-sampled.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   networks = networks or FeatureNetworks()
   reference = reference_images
   if isinstance(reference, np.ndarray):
@@ -573,21 +575,20 @@ def evaluate(pipe: Pipeline, captions: Sequence[str],
   report = {"settings": settings, **report, "samplers": {}}
   oracle_ok = is_shapes_captions(captions)
   for spec in specs:
-    path = os.path.join(out_dir, f"{spec.label}.json")
+    path = out_dir / f"{spec.label}.json"
     cached = _read_json(path)
     if cached is None or cached.get("settings") != settings:
       scores, preview = evaluate_sampler(pipe, captions, spec, seed=seed, batch_size=batch_size,
                                          networks=networks, oracle_ok=oracle_ok,
                                          grid_size=grid_size, is_splits=is_splits)
       cached = {"settings": settings, **scores}
-      make_grid(preview, columns=int(np.ceil(np.sqrt(len(preview))))).save(
-          os.path.join(out_dir, f"{spec.label}.png"))
+      outputs.save_image(out_dir / f"{spec.label}.png",
+                         make_grid(preview, columns=int(np.ceil(np.sqrt(len(preview))))))
       outputs.write_json_atomically(path, cached)
     report["samplers"][spec.label] = cached
   report["grid_captions"] = list(captions[:grid_size])
-  outputs.write_json_atomically(os.path.join(out_dir, REPORT_JSON), report)
-  with open(os.path.join(out_dir, REPORT_MD), "w") as f:
-    f.write(markdown_report(report))
+  outputs.write_json_atomically(out_dir / REPORT_JSON, report)
+  outputs.write_text(out_dir / REPORT_MD, markdown_report(report))
   return report
 
 
@@ -763,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   pipe = Pipeline.from_pretrained(args.checkpoint)
   captions, reference = evaluation_inputs(args, kind, pipe.image_size)
   report = evaluate(pipe, captions, reference, specs,
-                    args.out or os.path.join(args.checkpoint, "eval"), seed=args.seed,
+                    args.out or epath.Path(args.checkpoint) / "eval", seed=args.seed,
                     batch_size=args.batch_size, grid_size=args.grid_size, networks=networks,
                     tag="cli", is_splits=args.is_splits,
                     save_reference_stats=args.save_reference_stats)

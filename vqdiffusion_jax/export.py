@@ -227,7 +227,7 @@ def _declare_null_text_module(directory: str) -> None:
 def to_diffusers(pipeline: Pipeline, out: str | os.PathLike, *, overwrite: bool = False,
                  denoiser_only: bool = False) -> str:
   """Writes ``pipeline`` as a diffusers directory (see the module docstring); returns its path."""
-  out = os.path.abspath(os.fspath(out))
+  out = outputs.local_path(out, "the export")
   modules = diffusers_modules(pipeline, denoiser_only=denoiser_only)
 
   def write(staging: str) -> None:
@@ -245,7 +245,7 @@ def to_diffusers(pipeline: Pipeline, out: str | os.PathLike, *, overwrite: bool 
 def to_official(pipeline: Pipeline, out: str | os.PathLike, *, overwrite: bool = False,
                 denoiser_only: bool = False) -> str:
   """Writes ``pipeline``'s denoiser as an official ``.pth`` (see the module docstring)."""
-  out = os.path.abspath(os.fspath(out))
+  out = outputs.local_path(out, "the export")
   checkpoint = official_checkpoint(pipeline, denoiser_only=denoiser_only)
   _replace_atomically(out, overwrite, lambda path: torch.save(checkpoint, path), directory=False)
   return out

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from vqdiffusion_jax import build, config_schema
 from vqdiffusion_jax.convert import checkpoints, converted
@@ -38,20 +39,19 @@ VQVAE_STAGE, TOKEN_CACHE, DENOISER_STAGE, REPORT_DIR = (
     "vqvae", "token_cache", "denoiser", "report")
 
 
-def is_workdir(path: str) -> bool:
-  """Whether ``path`` holds a training run's VQ-VAE and denoiser stages."""
-  return all(os.path.isdir(os.path.join(path, stage)) for stage in (VQVAE_STAGE,
-                                                                     DENOISER_STAGE))
+def is_workdir(path: str | os.PathLike) -> bool:
+  """Whether ``path`` (local or a URL) holds a training run's VQ-VAE and denoiser stages."""
+  return all((epath.Path(path) / stage).is_dir() for stage in (VQVAE_STAGE, DENOISER_STAGE))
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir's denoiser was trained with, keys added since defaulted."""
-  with ckpt_lib.Checkpointer.for_workdir(os.path.join(workdir, DENOISER_STAGE),
+  with ckpt_lib.Checkpointer.for_workdir(epath.Path(workdir) / DENOISER_STAGE,
                                          read_only=True) as checkpointer:
     return config_schema.complete(checkpointer.read_config())
 
 
-def restore_vqvae(config: Any, directory: str) -> build.VQVAE:
+def restore_vqvae(config: Any, directory: str | os.PathLike) -> build.VQVAE:
   """The run's VQ-VAE: ``vqvae.path`` when set, else the stage's newest verified checkpoint."""
   size = int(config.data.image_size)
   if config.vqvae.path:
@@ -67,7 +67,7 @@ def restore_vqvae(config: Any, directory: str) -> build.VQVAE:
 def pipeline_parts(path: str, *, use_ema: bool = True, dtype: Any = None,
                    step: int | None = None) -> dict[str, Any]:
   """The ``Pipeline`` fields of ``path``; see ``Pipeline.from_pretrained``."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"no checkpoint at {path}")
   if is_workdir(path):
     return _workdir_parts(path, use_ema, step)
@@ -82,8 +82,8 @@ def pipeline_parts(path: str, *, use_ema: bool = True, dtype: Any = None,
 
 def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, Any]:
   config = run_config(workdir)
-  vqvae = restore_vqvae(config, os.path.join(workdir, VQVAE_STAGE))
-  directory = os.path.join(workdir, DENOISER_STAGE)
+  vqvae = restore_vqvae(config, epath.Path(workdir) / VQVAE_STAGE)
+  directory = epath.Path(workdir) / DENOISER_STAGE
   vocabulary = build.read_vocabulary(directory) if config.text.kind == "trainable" else None
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
   with ckpt_lib.Checkpointer.for_workdir(directory, read_only=True) as checkpointer:

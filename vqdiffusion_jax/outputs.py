@@ -3,7 +3,10 @@
 Neutral ground for the layers above it (training, sampling, evaluation):
 nothing here knows about models or trainers.
 
-* ``write_json_atomically``: a JSON file through a temporary file and a rename.
+* ``absolute_path``, ``write_json_atomically``, ``write_text``,
+  ``save_image``: paths and files under a workdir, local or remote
+  (``gs://``), all through ``etils.epath``; ``local_path`` for the writers
+  that need a local file system.
 * ``tile``: a batch of images in [-1, 1] as one uint8 grid.
 * ``Progress``: one console line per stage or long job (name, count, rate,
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
@@ -18,32 +21,62 @@ import logging as py_logging
 import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from absl import flags, logging
+from etils import epath
+from PIL import Image
 
 # absl's verbosity for warnings and errors only; 0 is INFO, 1 and up DEBUG.
 WARNINGS_ONLY = -1
 
 
-def write_json_atomically(path: str, value: Any) -> None:
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``: a URL (``gs://``) as is, a local path made absolute."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.resolve()
+
+
+def local_path(path: str | os.PathLike, what: str) -> str:
+  """``path`` made absolute, for writers that need a local file system; a URL is refused."""
+  if "://" in os.fspath(path):
+    raise ValueError(f"{what} {os.fspath(path)} is a URL, but it is written with local file "
+                     "operations: give a local path")
+  return os.path.abspath(os.fspath(path))
+
+
+def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
   """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+  write_text(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to ``path`` (parents created) through a temporary file and a rename."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    tmp.write_text(text)
+    tmp.replace(path)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    tmp.unlink(missing_ok=True)
     raise
+
+
+def save_image(path: str | os.PathLike, image: Image.Image) -> None:
+  """Saves a PIL image to ``path`` (parents created) in the format its suffix names."""
+  path = epath.Path(path)
+  image_format = Image.registered_extensions().get(path.suffix.lower())
+  if image_format is None:
+    raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (use .png)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    image.save(f, format=image_format)
 
 
 def tile(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:

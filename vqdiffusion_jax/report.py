@@ -16,18 +16,18 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from vqdiffusion_jax import build, evaluate, loading
+from vqdiffusion_jax import build, evaluate, loading, outputs
 from vqdiffusion_jax.pipeline import Pipeline
 from vqdiffusion_jax.train import budget
 
 
 def _metric_lines(stage_dir: str) -> list[dict]:
-  try:
-    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-      return [json.loads(line) for line in f.read().splitlines()]
-  except FileNotFoundError:
+  path = epath.Path(stage_dir) / "metrics.jsonl"
+  if not path.exists():
     return []
+  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _pace(lines: list[dict]) -> str:
@@ -93,7 +93,7 @@ def write_report(config: Any, workdir: str, summary: dict, command: str = "") ->
   """
   eval_config = config.eval
   specs = [evaluate.SamplerSpec.parse(s) for s in eval_config.samplers]
-  out_dir = os.path.join(workdir, loading.REPORT_DIR)
+  out_dir = epath.Path(workdir) / loading.REPORT_DIR
   pipe = Pipeline.from_pretrained(workdir)
   captions, images = evaluate.evaluation_data(config, workdir, int(eval_config.num_samples))
   networks = evaluate.FeatureNetworks.load(eval_config.inception_path, eval_config.clip_path,
@@ -105,8 +105,7 @@ def write_report(config: Any, workdir: str, summary: dict, command: str = "") ->
   run = {"command": f"`{command}`"} if command else {}
   run |= {"machine": machine_line(config), **run_summary(summary)}
   text = evaluate.markdown_report(report, run) + "\n" + "\n".join(config_section(config))
-  path = os.path.join(out_dir, evaluate.REPORT_MD)
-  with open(path, "w") as f:
-    f.write(text)
+  path = out_dir / evaluate.REPORT_MD
+  outputs.write_text(path, text)
   print(evaluate.markdown_report(report, run, grids=False), flush=True)
-  return path
+  return os.fspath(path)

@@ -16,8 +16,9 @@ draws ``--num_images`` images in rows of ``--num``.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
+
+from etils import epath
 
 from vqdiffusion_jax import outputs
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
@@ -104,12 +105,10 @@ def main(argv: Sequence[str] | None = None) -> str:
   pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights)
   unconditional = args.num_images is not None
   images = sample_unconditional(pipe, args) if unconditional else sample_prompts(pipe, args)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  make_grid(images, columns=min(args.num, len(images))).save(args.out)
+  outputs.save_image(args.out, make_grid(images, columns=min(args.num, len(images))))
   if not unconditional:
     rows = args.prompts if args.prompts is not None else args.class_labels
-    with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-      f.write("\n".join(map(str, rows)) + "\n")
+    outputs.write_text(epath.Path(args.out).with_suffix(".txt"), "\n".join(map(str, rows)) + "\n")
   print(f"wrote {len(images)} images to {args.out}")
   return args.out
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.convert import clip, common, converted, denoiser, vqvae
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
@@ -339,7 +340,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
       text_module, text_params, tokenizer = load_text_encoder(clip_dir)
       _check_text_encoder(module.config, text_module, src, os.fspath(clip_dir))
       components["text_encoder"] = (_config_dict(text_module), text_params)
-  converted.save(out, components, source=os.path.abspath(src), tokenizer=tokenizer,
+  converted.save(out, components, source=os.fspath(outputs.absolute_path(src)), tokenizer=tokenizer,
                  pipeline=settings, overwrite=overwrite)
   return {name: sum(x.size for x in jax.tree.leaves(p)) for name, (_, p) in components.items()}
 

@@ -27,6 +27,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from vqdiffusion_jax import outputs
 
 FORMAT = "vqdiffusion_jax"
 VERSION = 1
@@ -36,15 +39,14 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def is_converted(path: str | os.PathLike) -> bool:
-  """Whether ``path`` is a directory written by ``save``."""
-  config = os.path.join(path, CONFIG_NAME)
-  if not os.path.isfile(config):
+  """Whether ``path`` (local or a URL) is a directory written by ``save``."""
+  config = epath.Path(path) / CONFIG_NAME
+  if not config.is_file():
     return False
-  with open(config) as f:
-    try:
-      return json.load(f).get("format") == FORMAT
-    except json.JSONDecodeError:
-      return False
+  try:
+    return json.loads(config.read_text()).get("format") == FORMAT
+  except json.JSONDecodeError:
+    return False
 
 
 def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]], *,
@@ -63,7 +65,7 @@ def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]],
   Raises:
     FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
+  out_dir = outputs.local_path(out_dir, "the converted checkpoint directory")
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
   parent = os.path.dirname(out_dir)
@@ -92,11 +94,10 @@ def save(out_dir: str | os.PathLike, components: Mapping[str, tuple[dict, Any]],
 
 def read_config(path: str | os.PathLike) -> dict:
   """The config of a converted directory, checked for format and version."""
-  config_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.isfile(config_path):
+  config_path = epath.Path(path) / CONFIG_NAME
+  if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} is missing: not a converted checkpoint")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   if config.get("format") != FORMAT or config.get("version") != VERSION:
     raise ValueError(f"{config_path}: format {config.get('format')!r} version "
                      f"{config.get('version')!r}, expected {FORMAT!r} version {VERSION}")
@@ -119,12 +120,12 @@ def restore(path: str | os.PathLike, name: str, abstract_params: Any) -> Any:
     KeyError: the directory has no such component.
     ValueError: the stored params do not fit ``abstract_params``.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = outputs.absolute_path(path)
   components = read_config(path)["components"]
   if name not in components:
     raise KeyError(f"{path} has no {name!r} component; it has {sorted(components)}")
-  params_dir = os.path.join(path, PARAMS_DIR)
-  if not os.path.isdir(params_dir):
+  params_dir = path / PARAMS_DIR
+  if not params_dir.is_dir():
     raise FileNotFoundError(f"{params_dir} is missing: the checkpoint is incomplete")
   checkpointer = ocp.StandardCheckpointer()
   stored = checkpointer.metadata(params_dir).item_metadata

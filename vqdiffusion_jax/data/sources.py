@@ -2,9 +2,11 @@
 
 ``split_source(config.data, split, workdir)`` is how training, the token
 cache and evaluation find their records: the shapes data is built on first
-use under ``data.data_dir`` (default ``WORKDIR/data``); any other name is a
-TFDS dataset the user has built (``data.real`` has builders for CUB-200,
-MSCOCO, Conceptual Captions and captioned folders).
+use under ``data.data_dir`` (default ``WORKDIR/data``; a local directory, as
+array_record files are written and read as local files, so it must be given
+when the workdir is a URL such as ``gs://``); any other name is a TFDS dataset
+the user has built (``data.real`` has builders for CUB-200, MSCOCO,
+Conceptual Captions and captioned folders).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
     workdir: the run's directory (the shapes data's default home).
   """
   if data.name == "shapes":
+    if not data.data_dir and "://" in os.fspath(workdir):
+      raise ValueError(f"data.data_dir is empty and the workdir {workdir} is a URL: set "
+                       "data.data_dir to a local directory for the shapes data (its "
+                       "array_record files are written and read as local files)")
     sizes = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
     builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
                            int(data.image_size), **sizes)

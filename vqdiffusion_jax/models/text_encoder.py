@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax.models import axes
 from vqdiffusion_jax.models.clip_text import EncoderLayer, l2_normalize, layer_norm
@@ -101,16 +103,16 @@ class WordTokenizer:
     """The words of ``ids`` joined by spaces; [PAD], [BOS], [EOS] left out."""
     return " ".join(self.vocab[i] for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID))
 
-  def save(self, path: str) -> None:
-    """Writes the vocabulary as JSON to ``path``."""
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({"format": _FORMAT, "vocab": list(self.vocab)}, f, ensure_ascii=False)
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the vocabulary as JSON to ``path`` (local or a URL, through ``epath``)."""
+    epath.Path(path).write_text(
+        json.dumps({"format": _FORMAT, "vocab": list(self.vocab)}, ensure_ascii=False),
+        encoding="utf-8")
 
   @classmethod
-  def load(cls, path: str) -> WordTokenizer:
+  def load(cls, path: str | os.PathLike) -> WordTokenizer:
     """Reads a tokenizer written by ``save``."""
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     if data.get("format") != _FORMAT:
       raise ValueError(f"{path} is not a {_FORMAT} file")
     return cls(tuple(data["vocab"]))

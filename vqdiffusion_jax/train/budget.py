@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from etils import epath
 
 from vqdiffusion_jax import outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
@@ -64,21 +65,20 @@ def planned_steps(seconds_left: float, seconds_per_step: float, *, reserve_steps
   return max(steps, minimum)
 
 
-def read_plan(directory: str) -> dict | None:
+def read_plan(directory: str | os.PathLike) -> dict | None:
   """The saved plan of a stage directory, or None."""
-  path = os.path.join(directory, PLAN_NAME)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / PLAN_NAME
+  if not path.exists():
     return None
-  with open(path) as f:
-    plan = json.load(f)
+  plan = json.loads(path.read_text())
   if not isinstance(plan, dict) or not isinstance(plan.get("num_steps"), int):
     raise ValueError(f"{path} is not a step plan (no integer num_steps); delete it to plan anew")
   return plan
 
 
-def _has_checkpoints(directory: str) -> bool:
-  checkpoints = os.path.join(directory, ckpt_lib.CHECKPOINTS_DIR)
-  return os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+def _has_checkpoints(directory: str | os.PathLike) -> bool:
+  checkpoints = epath.Path(directory) / ckpt_lib.CHECKPOINTS_DIR
+  return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
 def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
@@ -118,7 +118,7 @@ def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
                   stacklevel=2)
   plan = {"num_steps": steps, "seconds_per_step": step_seconds, "seconds_left": left,
           "budget_minutes": float(budget.minutes)}
-  outputs.write_json_atomically(os.path.join(directory, PLAN_NAME), plan)
+  outputs.write_json_atomically(epath.Path(directory) / PLAN_NAME, plan)
   return plan
 
 

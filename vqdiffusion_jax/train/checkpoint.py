@@ -9,6 +9,9 @@ Layout of a run's workdir::
                                     ``config`` (JSON) when one was given
   WORKDIR/checkpoints_unusable/     steps found corrupt at restore, moved aside
 
+WORKDIR may be local or a URL (``gs://``): every path goes through
+``etils.epath`` and Orbax, never ``os.path``, so a URL is kept as it is.
+
 Atomicity. Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and, once
 every array and item is on disk, writes ``commit_success.txt`` into it and
 renames it to ``<step>`` (``AtomicRenameTemporaryPath``, the default on local
@@ -198,10 +201,11 @@ class Checkpointer:
       read_only: never write, delete or move anything (for another run's steps).
       verify: check restored arrays against their saved fingerprints.
     """
-    self.directory = os.path.abspath(os.fspath(directory))
+    path = outputs.absolute_path(directory)
+    self.directory = os.fspath(path)
     self.read_only = read_only
     self.verify = verify
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not path.is_dir():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -211,18 +215,18 @@ class Checkpointer:
         preservation_policy=policies.LatestN(n=keep),
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(path, options=options)
     self._config_written: dict | None = None
 
   @classmethod
   def for_workdir(cls, workdir: str | os.PathLike, **kwargs) -> Checkpointer:
     """The checkpointer of a run: ``workdir/checkpoints``; kwargs as ``__init__``."""
-    return cls(os.path.join(os.fspath(workdir), CHECKPOINTS_DIR), **kwargs)
+    return cls(epath.Path(workdir) / CHECKPOINTS_DIR, **kwargs)
 
   @property
   def config_path(self) -> str:
     """``config.json`` beside the checkpoints directory."""
-    return os.path.join(os.path.dirname(self.directory), CONFIG_NAME)
+    return os.fspath(epath.Path(self.directory).parent / CONFIG_NAME)
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -232,7 +236,7 @@ class Checkpointer:
 
   def step_path(self, step: int) -> str:
     """The directory of one committed step."""
-    return os.path.join(self.directory, str(int(step)))
+    return os.fspath(epath.Path(self.directory) / str(int(step)))
 
   def all_steps(self) -> list[int]:
     """Steps present on disk (committed by name; restore verifies them), ascending."""
@@ -242,7 +246,7 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The newest step that carries its commit marker, or None."""
     committed = [s for s in self.all_steps()
-                 if os.path.exists(os.path.join(self.step_path(s), COMMIT_MARKER))]
+                 if (epath.Path(self.step_path(s)) / COMMIT_MARKER).exists()]
     return committed[-1] if committed else None
 
   def save(self, step: int, state: Any, *, data_state: dict, config: Any = None,
@@ -297,8 +301,7 @@ class Checkpointer:
       The config as a dict.
     """
     if step is None:
-      with open(self.config_path) as f:
-        return json.load(f)
+      return json.loads(epath.Path(self.config_path).read_text())
     restored = self._manager.restore(int(step), args=ocp.args.Composite(
         **{CONFIG: ocp.args.JsonRestore()}))
     return restored[CONFIG]
@@ -389,7 +392,7 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """One step's state and data position, or UnusableCheckpointError / a read error."""
-    if not os.path.exists(os.path.join(self.step_path(step), COMMIT_MARKER)):
+    if not (epath.Path(self.step_path(step)) / COMMIT_MARKER).exists():
       raise UnusableCheckpointError(
           f"{self.step_path(step)} has no {COMMIT_MARKER}: its save never committed")
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -408,12 +411,13 @@ class Checkpointer:
     if self.read_only:
       return
     if jax.process_index() == 0:
-      aside = self.directory + UNUSABLE_SUFFIX
-      os.makedirs(aside, exist_ok=True)
+      aside = epath.Path(self.directory + UNUSABLE_SUFFIX)
+      aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        if os.path.exists(self.step_path(step)):
-          target = os.path.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
-          os.replace(self.step_path(step), target)
+        source = epath.Path(self.step_path(step))
+        if source.exists():
+          target = aside / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+          source.replace(target)
           logging.warning("moved unusable checkpoint step %d to %s", step, target)
     _sync("vqdiffusion_jax_checkpoint_set_aside")
     self._manager.reload()
@@ -483,15 +487,14 @@ def resolve_run(path: str | os.PathLike) -> tuple[str, int | None]:
   Returns:
     ``(checkpoints_directory, step or None for the latest)``.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
+  path = outputs.absolute_path(path)
+  if not path.is_dir():
     raise FileNotFoundError(f"resume_from={path} does not exist")
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    return os.path.join(path, CHECKPOINTS_DIR), None
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.isdir(os.path.join(path, STATE)):
-    return os.path.dirname(path), int(name)
-  return path, None
+  if (path / CHECKPOINTS_DIR).is_dir():
+    return os.fspath(path / CHECKPOINTS_DIR), None
+  if path.name.isdigit() and (path / STATE).is_dir():
+    return os.fspath(path.parent), int(path.name)
+  return os.fspath(path), None
 
 
 def resume(checkpointer: Checkpointer, abstract_state: Any, *, resume_from: str = "",

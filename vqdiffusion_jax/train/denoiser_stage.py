@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax import build, sampling
 from vqdiffusion_jax.convert import checkpoints
@@ -29,14 +30,14 @@ from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train import state as state_lib
 
 
-def fit_vocabulary(config: Any, directory: str, cache) -> WordTokenizer:
+def fit_vocabulary(config: Any, directory: str | os.PathLike, cache) -> WordTokenizer:
   """The caption vocabulary: read back, or fitted once on the cached captions and saved."""
-  path = os.path.join(directory, build.VOCABULARY_FILE)
-  if os.path.exists(path):
+  path = epath.Path(directory) / build.VOCABULARY_FILE
+  if path.exists():
     return WordTokenizer.load(path)
   captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
   vocabulary = WordTokenizer.fit(captions, int(config.text.max_vocab))
-  os.makedirs(directory, exist_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     vocabulary.save(path)
   return vocabulary
@@ -182,7 +183,6 @@ def sample_writer(trainer: DenoiserTrainer, vqvae: build.VQVAE, seed: int,
                          None, {})
     path = writer.write_images(step, "samples", np.asarray(images) * 2.0 - 1.0)
     if path is not None:
-      with open(path.replace(".png", ".txt"), "w") as f:
-        f.write("\n".join(captions) + "\n")
+      epath.Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
 
   return write

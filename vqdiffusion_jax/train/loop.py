@@ -10,7 +10,9 @@ with the state, writes metrics from process 0, stops on NaN/Inf naming the
 step, and on SIGTERM saves and ends the run (``runner.StopRequestedError``;
 no later stage runs). With a ``config.time_budget`` the denoiser trains as
 many steps as the time left holds (``budget.py``), counted from the call of
-``train``. The evaluation that follows is ``report.write_report``.
+``train``. The evaluation that follows is ``report.write_report``. The
+workdir may be a URL (``gs://``); the token cache, array_record files read
+as local files, then needs a local ``data.cache_dir``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqdiffusion_jax import build, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
@@ -46,18 +49,22 @@ def train(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages did not run.
   """
+  if "://" in os.fspath(workdir) and not config.data.cache_dir:
+    raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
+                     "data.cache_dir to a local directory for the token cache (its "
+                     "array_record files are written and read as local files)")
   deadline = None
   if budget.enabled(config):
     deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   source = sources.split_source(config.data, config.data.train_split, workdir)
   if config.data.in_memory:
     source = loader.MemoizedSource(source)
-  vqvae_dir = os.path.join(workdir, loading.VQVAE_STAGE)
+  vqvae_dir = os.fspath(epath.Path(workdir) / loading.VQVAE_STAGE)
   vqvae = run_vqvae(config, vqvae_dir, mesh, source)
   cache_dir = build_cache(config, workdir, vqvae, source)
-  denoiser_dir = os.path.join(workdir, loading.DENOISER_STAGE)
+  denoiser_dir = os.fspath(epath.Path(workdir) / loading.DENOISER_STAGE)
   denoiser_step = run_denoiser(
       config, denoiser_dir, mesh, cache_dir, vqvae,
       time_left=None if deadline is None else lambda: deadline - time.monotonic())
