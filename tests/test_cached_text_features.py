@@ -1,10 +1,6 @@
 """Frozen CLIP features cached with the tokens: same loss as CLIP in the step, encoder checks."""
 
 import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +10,11 @@ import transformers
 
 from configs import shapes
 from tests.test_evaluate import _tiny_clip_dir
+from tests.two_process_worker import run_two_processes
 from vqdiffusion_jax import build
 from vqdiffusion_jax.data import sources, token_cache
 from vqdiffusion_jax.train import denoiser_stage, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _clip_config(clip_dir, **data):
@@ -115,31 +110,6 @@ def test_a_cache_of_another_text_encoder_is_rebuilt_or_refused(clip_run):
   assert second["path"] == other.text.clip_path
   assert second["fingerprint"] != first["fingerprint"]
   assert loop.build_cache(trainable, str(workdir), vqvae, source) == cache_dir  # kept
-
-
-def run_two_processes(task, workdir, timeout=600, **flags):
-  """Runs ``tests.two_process_worker`` as two JAX processes of 4 CPU devices each."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  args = [f"--{k}={v}" for k, v in flags.items()]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "tests.two_process_worker", f"--process_id={i}", f"--port={port}",
-       f"--task={task}", f"--workdir={workdir}", *args], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, out[-3000:]
-  return outputs
 
 
 def test_two_processes_build_the_cache_one_process_builds(clip_run, tmp_path):

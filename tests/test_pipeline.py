@@ -183,3 +183,17 @@ def test_paella_outpaint_grows_the_latent_grid():
   np.testing.assert_array_equal(tokens[2:, :8], pipe.encode_image(image))
   wide = pipe.outpaint("x", image, (0, 0, 0, 8), sampler="paella", num_inference_steps=2)[0]
   assert wide.size == (16 + 8, 16)
+
+
+def test_two_processes_sample_the_images_of_one(tmp_path):
+  from tests.test_evaluate import tiny_pipeline  # noqa: PLC0415
+  from tests.two_process_worker import PROMPTS, run_two_processes  # noqa: PLC0415
+  from vqdiffusion_jax.convert import __main__ as convert_cli  # noqa: PLC0415
+  tiny_pipeline().save_pretrained(tmp_path / "diffusers")
+  converted = str(tmp_path / "converted")
+  assert convert_cli.main([str(tmp_path / "diffusers"), "--out", converted]) == 0
+  expected = np.stack(Pipeline.from_pretrained(converted)(
+      PROMPTS, num_inference_steps=2, seed=3, output_type="np"))
+  run_two_processes("sample", tmp_path, checkpoint=converted)
+  for process in range(2):
+    np.testing.assert_array_equal(np.load(tmp_path / f"images_{process}.npy"), expected)
