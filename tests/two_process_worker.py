@@ -72,6 +72,18 @@ def sample(args) -> None:
   np.savez(pathlib.Path(args.workdir) / f"samples_{jax.process_index()}.npz", **outputs)
 
 
+def evaluate(args) -> None:
+  """Evaluates ``--checkpoint`` on the prompts, writing to ``WORKDIR/out_<process>``."""
+  from vqdiffusion_jax import evaluate as evaluate_lib  # noqa: PLC0415
+  captions = pathlib.Path(args.workdir) / "captions.txt"
+  report = evaluate_lib.main([
+      "--checkpoint", args.checkpoint, "--captions", str(captions), "--sampler",
+      "vqdiffusion/2/2", "--batch_size", "4", "--clip", args.clip,
+      "--out", str(pathlib.Path(args.workdir) / f"out_{jax.process_index()}")])
+  row = report["samplers"]["vqdiffusion_2steps_g2_r1"]
+  print(json.dumps({"clip_score": row["clip_score"]}))
+
+
 # The two-process sampling test's prompts: 5, not a multiple of the 8 devices.
 PROMPTS = ["a cat", "the cat sat", "a dog", "", "cat at the cat"]
 
@@ -80,7 +92,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--port", type=int, required=True)
-  parser.add_argument("--task", choices=["cache", "sample"], required=True)
+  parser.add_argument("--task", choices=["cache", "sample", "evaluate"], required=True)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--data", default="")
   parser.add_argument("--clip", default="")
@@ -98,7 +110,7 @@ def main() -> None:
   # Gloo gives a peer 30 s to join a new communicator: open it now, while both processes
   # are in step, not after compilations whose times differ on a busy machine.
   multihost_utils.process_allgather(np.zeros(1), tiled=True)
-  {"cache": build_cache, "sample": sample}[args.task](args)
+  {"cache": build_cache, "sample": sample, "evaluate": evaluate}[args.task](args)
 
 
 if __name__ == "__main__":
