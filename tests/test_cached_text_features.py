@@ -1,6 +1,7 @@
 """Frozen CLIP features cached with the tokens: same loss as CLIP in the step, encoder checks."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,9 @@ def test_a_cache_of_another_text_encoder_is_rebuilt_or_refused(clip_run):
   assert second["path"] == other.text.clip_path
   assert second["fingerprint"] != first["fingerprint"]
   assert loop.build_cache(trainable, str(workdir), vqvae, source) == cache_dir  # kept
+  moved = shutil.copytree(other.text.clip_path, root / "moved_clip")
+  loop.build_cache(_clip_config(moved), str(workdir), vqvae, source)  # the same weights: kept
+  assert token_cache.TokenCacheSource(cache_dir).metadata["text_features"]["encoder"] == second
 
 
 def test_two_processes_build_the_cache_one_process_builds(clip_run, tmp_path):

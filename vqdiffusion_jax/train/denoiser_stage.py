@@ -79,6 +79,8 @@ def frozen_text_encoder(config: Any) -> FrozenText | None:
 def features_mismatch(metadata: dict, identity: dict | None) -> str | None:
   """Why a token cache's text features are not those of ``identity`` (None: they are).
 
+  Weights are compared by fingerprint, not by where they were read.
+
   Args:
     metadata: the cache's metadata.
     identity: the run's text encoder (``clip_identity``), None when it needs no features.
@@ -89,7 +91,7 @@ def features_mismatch(metadata: dict, identity: dict | None) -> str | None:
   if not spec:
     return "holds no text features"
   cached = spec.get("encoder") or {}
-  if cached != identity:
+  if any(cached.get(k) != v for k, v in identity.items() if k != "path"):  # same weights moved
     def name(d):
       return (f"{d.get('kind')} {d.get('path')!r} (weights {str(d.get('fingerprint'))[:12]}, "
               f"length {d.get('length')}, width {d.get('width')})")
