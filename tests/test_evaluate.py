@@ -401,3 +401,22 @@ def test_dataset_flags_stream_a_split(monkeypatch, tmp_path):
   captions, reference = evaluate.evaluation_inputs(args, "diffusers", 8)
   assert asked[-1] == ("shapes", "", 8, "test", "o") and captions == ["one", "two"]
   assert reference.captions == ["caption 0", "caption 1"]  # the real images' own captions
+
+
+def test_two_processes_evaluate_as_one_and_only_the_first_writes(tiny_checkpoints, tmp_path):
+  from tests.two_process_worker import run_two_processes  # noqa: PLC0415
+  converted = tiny_checkpoints[1]
+  clip = _tiny_clip_dir(tmp_path / "clip")
+  (tmp_path / "captions.txt").write_text("a cat\na dog\nthe cat\nthe dog sat\na cat at\n")
+  one = evaluate.main(["--checkpoint", converted, "--captions", str(tmp_path / "captions.txt"),
+                       "--sampler", "vqdiffusion/2/2", "--batch_size", "4", "--clip", clip,
+                       "--out", str(tmp_path / "one")])
+  expected = one["samplers"]["vqdiffusion_2steps_g2_r1"]["clip_score"]
+  outputs = run_two_processes("evaluate", tmp_path, checkpoint=converted, clip=clip)
+  scores = [json.loads(next(line for line in out.splitlines()
+                            if line.startswith('{"clip_score"')))["clip_score"]
+            for out in outputs]
+  assert scores[0] == scores[1] and scores[0] == pytest.approx(expected, rel=1e-4)
+  report = json.loads((tmp_path / "out_0" / "report.json").read_text())
+  assert report["samplers"]["vqdiffusion_2steps_g2_r1"]["clip_score"] == scores[0]
+  assert not (tmp_path / "out_1").exists()

@@ -183,3 +183,21 @@ def test_paella_outpaint_grows_the_latent_grid():
   np.testing.assert_array_equal(tokens[2:, :8], pipe.encode_image(image))
   wide = pipe.outpaint("x", image, (0, 0, 0, 8), sampler="paella", num_inference_steps=2)[0]
   assert wide.size == (16 + 8, 16)
+
+
+def test_two_processes_sample_the_images_of_one(tmp_path):
+  from tests.test_evaluate import tiny_pipeline  # noqa: PLC0415
+  from tests.two_process_worker import PROMPTS, run_two_processes  # noqa: PLC0415
+  from vqdiffusion_jax.convert import __main__ as convert_cli  # noqa: PLC0415
+  tiny_pipeline().save_pretrained(tmp_path / "diffusers")
+  converted = str(tmp_path / "converted")
+  assert convert_cli.main([str(tmp_path / "diffusers"), "--out", converted]) == 0
+  pipe = Pipeline.from_pretrained(converted)
+  tokens, images = (np.stack(pipe(PROMPTS, num_inference_steps=2, seed=3, output_type=kind))
+                    for kind in ("tokens", "np"))
+  run_two_processes("sample", tmp_path, checkpoint=converted)
+  for process in range(2):
+    with np.load(tmp_path / f"samples_{process}.npz") as samples:
+      np.testing.assert_array_equal(samples["tokens"], tokens)
+      # One process decodes the 5 images as a batch of 5, two as 8 (padded): last-bit changes.
+      np.testing.assert_allclose(samples["np"], images, atol=1e-5)

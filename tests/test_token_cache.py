@@ -60,7 +60,7 @@ def test_round_trip_equals_the_encoders(tmp_path, codebook_size, dtype):
   cache = token_cache.TokenCacheSource(out)
   assert len(cache) == len(source) == metadata["num_records"]
   assert metadata["token_grid"] == [4, 4] and metadata["codebook_size"] == codebook_size
-  assert metadata["text_features"] == {"shape": [L, D], "dtype": "float16"}
+  assert metadata["text_features"] == {"shape": [L, D], "dtype": "float16", "encoder": None}
   assert metadata["captions_per_record"] == [0, 2]
   assert json.loads((out / token_cache.METADATA).read_text()) == metadata
   encode_text = fake_text_encoder()
@@ -73,9 +73,8 @@ def test_round_trip_equals_the_encoders(tmp_path, codebook_size, dtype):
     captions = loader.decode_captions(record["captions"])
     assert item["captions"] == captions
     assert item["text_features"].dtype == np.float16
-    assert item["text_features"].shape == (len(captions), L, D)
-    if captions:
-      np.testing.assert_allclose(item["text_features"], encode_text(captions), rtol=1e-3)
+    assert item["text_features"].shape == (max(len(captions), 1), L, D)
+    np.testing.assert_allclose(item["text_features"], encode_text(captions or [""]), rtol=1e-3)
   assert sorted(os.listdir(tmp_path)) == ["cache"]
 
 
@@ -143,7 +142,7 @@ def test_existing_cache_is_kept_unless_overwrite(tmp_path):
 
 def test_incomplete_or_corrupt_caches_give_clear_errors(tmp_path):
   _, out, _ = build(tmp_path)
-  records = out / token_cache.RECORDS
+  records = out / token_cache.shard_name(0, 1)
   data = records.read_bytes()
   records.write_bytes(data[:len(data) // 2])
   with pytest.raises(ValueError, match="corrupt or truncated"):
@@ -163,7 +162,8 @@ def test_incomplete_or_corrupt_caches_give_clear_errors(tmp_path):
 
 def test_a_corrupt_record_is_named(tmp_path):
   _, out, _ = build(tmp_path, n=2)
-  writer = array_record_module.ArrayRecordWriter(str(out / token_cache.RECORDS), "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(str(out / token_cache.shard_name(0, 1)),
+                                                 "group_size:1")
   writer.write(token_cache.encode_record(np.zeros(16, np.int16), ["fine"]))
   writer.write(b"not a record")
   writer.close()
@@ -194,8 +194,7 @@ def test_token_batches_shapes_and_features_of_the_chosen_caption(tmp_path):
   assert batch["drop_text"].dtype == bool
   encode_text = fake_text_encoder()
   for caption, feats in zip(batch["captions"], batch["text_features"], strict=True):
-    expected = encode_text([str(caption)])[0] if caption else np.zeros((L, D))
-    np.testing.assert_allclose(feats, expected, rtol=1e-3)
+    np.testing.assert_allclose(feats, encode_text([str(caption)])[0], rtol=1e-3)
   plain = next(token_cache.token_batches(out, batch_size=4, seed=0, text_features=False))
   assert set(plain) == {"tokens", "captions", "drop_text"}
 
@@ -242,3 +241,80 @@ def test_token_batches_from_a_memoized_cache_are_the_same(tmp_path):
   memo = loader.MemoizedSource(token_cache.TokenCacheSource(out))
   assert_batches_equal(list(token_cache.token_batches(memo, **kw)),
                        list(token_cache.token_batches(out, **kw)))
+
+
+def _sharded_build(tmp_path, source, process_count, name, **kw):
+  """What ``process_count`` processes build, each process's part run here in turn."""
+  out, staging = tmp_path / name, token_cache.staging_dir(tmp_path / name)
+  staging.mkdir()
+  for p in range(process_count):
+    token_cache.write_shard(source, fake_image_encoder(1024), staging, codebook_size=1024,
+                            process_index=p, process_count=process_count, image_size=8,
+                            batch_size=2, encode_text=fake_text_encoder(), **kw)
+  return out, token_cache.finish_cache(staging, out, process_count=process_count,
+                                       codebook_size=1024, description="test")
+
+
+@pytest.mark.parametrize("process_count", [2, 3, 8])
+def test_a_sharded_build_equals_the_one_process_build(tmp_path, process_count):
+  source, one, metadata = build(tmp_path, n=7)
+  out, sharded = _sharded_build(tmp_path, source, process_count, "sharded")
+  assert sharded["files"] == [token_cache.shard_name(p, process_count)
+                              for p in range(process_count)]
+  assert sharded["shard_records"] == [
+      b - a for a, b in (token_cache.shard_range(7, p, process_count)
+                         for p in range(process_count))]
+  differ = {"files", "shard_records"}
+  assert ({k: v for k, v in sharded.items() if k not in differ}
+          == {k: v for k, v in metadata.items() if k not in differ})
+  a, b = token_cache.TokenCacheSource(one), token_cache.TokenCacheSource(out)
+  assert len(a) == len(b) == 7
+  for i in range(7):
+    x, y = a[i], b[i]
+    assert x.keys() == y.keys() and x["captions"] == y["captions"]
+    for key in ("tokens", "text_features"):
+      np.testing.assert_array_equal(x[key], y[key])
+  assert sorted(os.listdir(tmp_path)) == ["cache", "sharded"]
+
+
+def test_shard_ranges_tile_the_source():
+  for n, count in [(0, 2), (7, 3), (2, 8), (100, 7)]:
+    ranges = [token_cache.shard_range(n, p, count) for p in range(count)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(r[1] == s[0] for r, s in zip(ranges, ranges[1:], strict=False))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+  with pytest.raises(ValueError, match="process_index 2 is not in"):
+    token_cache.shard_range(5, 2, 2)
+
+
+def test_a_missing_shard_is_named_and_nothing_is_installed(tmp_path):
+  source = make_source(6)
+  staging = token_cache.staging_dir(tmp_path / "c")
+  staging.mkdir()
+  token_cache.write_shard(source, fake_image_encoder(64), staging, codebook_size=64,
+                          process_index=0, process_count=2, image_size=8, batch_size=2)
+  with pytest.raises(ValueError, match="shard 1 of 2 is missing"):
+    token_cache.finish_cache(staging, tmp_path / "c", process_count=2, codebook_size=64)
+  assert not (tmp_path / "c").exists()
+  with pytest.raises(ValueError, match="only be encoded by one process"):
+    token_cache.write_shard(iter([]), fake_image_encoder(64), staging, codebook_size=64,
+                            process_index=1, process_count=2)
+
+
+def test_a_build_replaces_what_an_unfinished_one_left(tmp_path):
+  staging = token_cache.staging_dir(tmp_path / "cache")
+  staging.mkdir()
+  (staging / token_cache.shard_name(0, 1)).write_bytes(b"half")
+  build(tmp_path, n=3)
+  assert sorted(os.listdir(tmp_path)) == ["cache"]
+  assert len(token_cache.TokenCacheSource(tmp_path / "cache")) == 3
+
+
+def test_params_fingerprint_sees_every_weight():
+  params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(2)}}
+  same = {"a": params["a"].copy(), "b": {"c": np.ones(2)}}
+  assert token_cache.params_fingerprint(params) == token_cache.params_fingerprint(same)
+  changed = {"a": params["a"].copy(), "b": {"c": np.array([1.0, 1.5])}}
+  reshaped = {"a": params["a"].reshape(3, 2), "b": params["b"]}
+  prints = {token_cache.params_fingerprint(p) for p in (params, changed, reshaped)}
+  assert len(prints) == 3

@@ -40,7 +40,10 @@ pytorch-fid does (``mu``, ``sigma`` in an ``.npz``), for ``--reference_stats``.
 
 Results go to ``OUT/report.json`` and ``OUT/report.md`` with one PNG grid per
 sampler; a sampler already evaluated with the same settings is read back, so
-re-running continues where it stopped.
+re-running continues where it stopped. With several JAX processes (hosts)
+every process runs the same command: each batch is sampled over the devices
+of all of them (``Pipeline``), every process scores all the images, and
+process 0 writes the results.
 """
 
 from __future__ import annotations
@@ -556,8 +559,10 @@ def evaluate(pipe: Pipeline, captions: Sequence[str],
   A sampler whose result file holds the same settings (``tag``, seed, caption
   count, metric networks, reference) is read back instead of re-sampled.
   """
+  lead = jax.process_index() == 0  # with several processes, all sample and score, one writes
   out_dir = epath.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if lead:
+    out_dir.mkdir(parents=True, exist_ok=True)
   networks = networks or FeatureNetworks()
   reference = reference_images
   if isinstance(reference, np.ndarray):
@@ -569,7 +574,8 @@ def evaluate(pipe: Pipeline, captions: Sequence[str],
     if networks.reference_stats is None:
       raise ValueError(f"--save_reference_stats {save_reference_stats}: no reference statistics "
                        "to save (they need --inception and real images)")
-    fid.save_statistics(save_reference_stats, *networks.reference_stats)
+    if lead:
+      fid.save_statistics(save_reference_stats, *networks.reference_stats)
   settings = {"tag": tag, "seed": seed, "num_samples": len(captions),
               "metrics": networks.settings(is_splits)}
   report = {"settings": settings, **report, "samplers": {}}
@@ -582,13 +588,15 @@ def evaluate(pipe: Pipeline, captions: Sequence[str],
                                          networks=networks, oracle_ok=oracle_ok,
                                          grid_size=grid_size, is_splits=is_splits)
       cached = {"settings": settings, **scores}
-      outputs.save_image(out_dir / f"{spec.label}.png",
-                         make_grid(preview, columns=int(np.ceil(np.sqrt(len(preview))))))
-      outputs.write_json_atomically(path, cached)
+      if lead:
+        outputs.save_image(out_dir / f"{spec.label}.png",
+                           make_grid(preview, columns=int(np.ceil(np.sqrt(len(preview))))))
+        outputs.write_json_atomically(path, cached)
     report["samplers"][spec.label] = cached
   report["grid_captions"] = list(captions[:grid_size])
-  outputs.write_json_atomically(out_dir / REPORT_JSON, report)
-  outputs.write_text(out_dir / REPORT_MD, markdown_report(report))
+  if lead:
+    outputs.write_json_atomically(out_dir / REPORT_JSON, report)
+    outputs.write_text(out_dir / REPORT_MD, markdown_report(report))
   return report
 
 

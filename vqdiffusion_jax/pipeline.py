@@ -17,11 +17,15 @@ VQ-VAE and, for a text model, CLIP text tower and tokenizer); see
 ``loading``. Every request is one jitted program (``sampling.program``:
 encoding the condition, the whole sampling loop, decoding), compiled once
 per sampler settings and batch size, with the batch split over all devices.
+With several JAX processes (hosts), every process makes the same call: the
+batch is split over the devices of all of them and every process gets all
+the images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -380,20 +385,21 @@ class Pipeline:
     grid = tuple(grid or self.latent_grid)
     batch = ids[0].shape[0]
     devices = jax.device_count()
-    padded = math.ceil(batch / devices) * devices if batch >= devices else batch
+    split = batch >= devices or jax.process_count() > 1
+    padded = math.ceil(batch / devices) * devices if split else batch
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, 0)])  # noqa: E731
     ids = [pad(np.asarray(i)) for i in ids]
     extra = {k: pad(np.asarray(v)) for k, v in (extra or {}).items()}
     weights = pad(np.asarray(mix)) if mix is not None else regions
     program = self._program(config, grid, len(ids), mix, regions, same_noise)
     sharding = self._batch_sharding(padded)
-    place = lambda a: jax.device_put(jnp.asarray(a), sharding)  # noqa: E731
+    place = functools.partial(_global_array, sharding=sharding)
     tokens, images = program(self.params, self.text_params, self.vqvae_variables,
                              [place(i) for i in ids], jax.random.key(seed),
                              None if weights is None else
                              (place(weights) if mix is not None else jnp.asarray(weights)),
                              {k: place(v) for k, v in extra.items()})
-    tokens, images = np.asarray(tokens)[:batch], np.asarray(images)[:batch]
+    tokens, images = _gather(tokens)[:batch], _gather(images)[:batch]
     if output_type == "tokens":
       return list(tokens.reshape(batch, *grid))
     if output_type == "np":
@@ -407,3 +413,16 @@ class Pipeline:
     mesh = jax.make_mesh((len(devices),), ("batch",), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
     return NamedSharding(mesh, PartitionSpec("batch"))
+
+
+def _global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A batch every process holds in full, as one array split over ``sharding``'s devices."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array, on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -133,7 +133,20 @@ def restore(path: str | os.PathLike, name: str, abstract_params: Any) -> Any:
   target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), value)
             for key, value in stored.items() if key != name}
   target[name] = abstract_params
-  return checkpointer.restore(params_dir, target)[name]
+  return checkpointer.restore(params_dir, _placed(target))[name]
+
+
+def _placed(target: Any) -> Any:
+  """With several processes, leaves without a sharding are restored replicated on every device."""
+  if jax.process_count() == 1:
+    return target
+  everywhere = jax.sharding.NamedSharding(
+      jax.make_mesh((jax.device_count(),), ("all",),
+                    axis_types=(jax.sharding.AxisType.Auto,)),
+      jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda leaf: leaf if getattr(leaf, "sharding", None) is not None
+                      else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=everywhere),
+                      target)
 
 
 def _check_matches(stored: Any, abstract: Any, where: str) -> None:

@@ -4,7 +4,10 @@ Text conditioning follows ``config.text.kind`` (``build.conditioned_denoiser``):
 "trainable" fits a word vocabulary on the cached captions once (saved as
 ``text_tokenizer.json`` beside the checkpoints) and trains a small text
 encoder jointly with the denoiser; "clip" loads a frozen CLIP text tower from
-``config.text.clip_path`` and passes its params to the step as a frozen input.
+``config.text.clip_path``. The token cache then holds the CLIP features of
+every caption (``frozen_text_encoder``), so the step reads them from the batch
+and never runs CLIP; with a cache whose features another encoder made, the
+step runs the tower on the caption ids, its params a frozen input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from etils import epath
 
 from vqdiffusion_jax import build, sampling
 from vqdiffusion_jax.convert import checkpoints
+from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.data import loader, token_cache
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.models.text_encoder import WordTokenizer
@@ -44,6 +48,69 @@ def fit_vocabulary(config: Any, directory: str | os.PathLike, cache) -> WordToke
 
 
 @dataclasses.dataclass(frozen=True)
+class FrozenText:
+  """A frozen text encoder as the token cache uses it: who it is, and captions -> features."""
+
+  identity: dict
+  encode: Callable[[list[str]], np.ndarray]
+
+
+def clip_identity(config: Any, params: Any, length: int, width: int) -> dict:
+  """The metadata that names the CLIP tower whose features a token cache holds."""
+  return token_cache.text_encoder_identity("clip", config.text.clip_path, params,
+                                           length=int(length), width=int(width))
+
+
+def frozen_text_encoder(config: Any) -> FrozenText | None:
+  """The run's frozen text encoder for caching features (the step's), or None.
+
+  The features are ``build.clip_features`` of the tokenized captions, the
+  same function the step would run.
+  """
+  if config.text.kind != "clip":
+    return None
+  module, params, hf_tokenizer = clip_convert.load_clip_text(config.text.clip_path)
+  tokenize = build.clip_tokenize(module, hf_tokenizer)
+  features = jax.jit(build.clip_features(module))
+  return FrozenText(
+      identity=clip_identity(config, params, module.max_positions, module.hidden_size),
+      encode=lambda texts: np.asarray(features(params, jnp.asarray(tokenize(texts)))))
+
+
+def features_mismatch(metadata: dict, identity: dict | None) -> str | None:
+  """Why a token cache's text features are not those of ``identity`` (None: they are).
+
+  Weights are compared by fingerprint, not by where they were read.
+
+  Args:
+    metadata: the cache's metadata.
+    identity: the run's text encoder (``clip_identity``), None when it needs no features.
+  """
+  if identity is None:
+    return None
+  spec = metadata.get("text_features")
+  if not spec:
+    return "holds no text features"
+  cached = spec.get("encoder") or {}
+  if any(cached.get(k) != v for k, v in identity.items() if k != "path"):  # same weights moved
+    def name(d):
+      return (f"{d.get('kind')} {d.get('path')!r} (weights {str(d.get('fingerprint'))[:12]}, "
+              f"length {d.get('length')}, width {d.get('width')})")
+    return (f"holds the text features of {name(cached)}, not of this run's "
+            f"{name(identity)}")
+  return None
+
+
+def uses_cached_features(config: Any, conditioned: build.Conditioned, cache) -> bool:
+  """Whether the cache holds the features of this run's frozen text encoder."""
+  if config.text.kind != "clip":
+    return False
+  length, width = conditioned.denoiser.condition_shape()
+  identity = clip_identity(config, conditioned.frozen_params, length, width)
+  return features_mismatch(cache.metadata, identity) is None
+
+
+@dataclasses.dataclass(frozen=True)
 class DenoiserTrainer:
   """What the step loop runs: the model, its state layout and builder, jitted steps, batches."""
 
@@ -59,11 +126,18 @@ class DenoiserTrainer:
 
 
 def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
-                     cache) -> DenoiserTrainer:
-  """Builds the denoiser's state, jitted train steps and batch iterator for ``config``."""
+                     cache, cached_features: bool | None = None) -> DenoiserTrainer:
+  """Builds the denoiser's state, jitted train steps and batch iterator for ``config``.
+
+  ``cached_features``: whether batches carry the cache's text features (the
+  step then runs no text encoder); by default when the cache holds those of the
+  run's frozen encoder.
+  """
   vocabulary = (fit_vocabulary(config, directory, cache) if config.text.kind == "trainable"
                 else None)
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
+  if cached_features is None:
+    cached_features = uses_cached_features(config, conditioned, cache)
   denoiser = conditioned.denoiser
   schedule = build.schedule(config, vqvae.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
@@ -99,9 +173,10 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
         cache, batch_size=loader.per_host_batch(int(config.train.global_batch),
                                                 jax.process_count()),
         seed=int(config.seed), process_index=jax.process_index(),
-        process_count=jax.process_count(), tokenize=conditioned.tokenize,
-        caption_dropout=float(config.data.caption_dropout), text_features=False,
-        num_threads=int(config.data.num_workers))
+        process_count=jax.process_count(),
+        tokenize=None if cached_features else conditioned.tokenize,
+        caption_dropout=float(config.data.caption_dropout), text_features=cached_features,
+        features_key="text", num_threads=int(config.data.num_workers))
 
   return DenoiserTrainer(
       conditioned=conditioned, schedule=schedule,

@@ -24,11 +24,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vqdiffusion_jax import build, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
-from vqdiffusion_jax.train import budget
+from vqdiffusion_jax.train import budget, denoiser_stage
 from vqdiffusion_jax.train import mesh as mesh_lib
 from vqdiffusion_jax.train.denoiser_stage import run_denoiser
 from vqdiffusion_jax.train.vqvae_stage import run_vqvae
@@ -73,17 +75,43 @@ def train(config: Any, workdir: str) -> dict:
 
 
 def build_cache(config: Any, workdir: str, vqvae: build.VQVAE, source) -> str:
-  """Encodes the training split to tokens once; returns the cache directory."""
+  """Encodes the training split to tokens once, every process its share; returns the cache.
+
+  With a frozen text encoder (``text.kind`` "clip") the cache also holds the
+  features of every caption, made by that encoder; a cache in the workdir made
+  with another encoder (or none) is rebuilt, one at ``data.cache_dir`` is
+  refused.
+  """
   cache_dir = config.data.cache_dir or os.path.join(workdir, loading.TOKEN_CACHE)
+  text = denoiser_stage.frozen_text_encoder(config)
+  identity = None if text is None else text.identity
   try:
-    token_cache.TokenCacheSource(cache_dir)
-    return cache_dir
+    metadata = token_cache.TokenCacheSource(cache_dir).metadata
   except (FileNotFoundError, ValueError):
-    pass
+    metadata = None
+  if metadata is not None:
+    problem = denoiser_stage.features_mismatch(metadata, identity)
+    if problem is None:
+      return cache_dir
+    if config.data.cache_dir:
+      raise ValueError(f"token cache {cache_dir} (data.cache_dir) {problem}; delete it, or set "
+                       "data.cache_dir to another directory, to build one for this run")
+    logging.warning("Rebuilding the token cache %s: it %s.", cache_dir, problem)
+  variables = _host_local(vqvae.variables)
   encode = jax.jit(lambda v, x: vqvae.module.apply(v, x, method="encode"))
   token_cache.build_token_cache(
-      source, lambda images: np.asarray(encode(vqvae.variables, jnp.asarray(images))),
+      source, lambda images: np.asarray(encode(variables, jnp.asarray(images))),
       cache_dir, codebook_size=vqvae.codebook_size, image_size=int(config.data.image_size),
       batch_size=64, description=f"{config.data.name} {config.data.train_split}",
+      encode_text=None if text is None else text.encode, text_encoder=identity,
       overwrite=True)
   return cache_dir
+
+
+def _host_local(tree: Any) -> Any:
+  """A tree of global (possibly multi-host) arrays as this host's NumPy copies."""
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(local, tree)
