@@ -13,7 +13,8 @@ captions of the image as UTF-8 bytes; and, when a text encoder was given,
 caption are kept so that training still draws a fresh caption each epoch (the
 same draw as ``loader.image_batches``); the price is C * L * D * 2 bytes per
 image (about 400 KB for 5 CLIP captions of 77 x 512), which ``max_captions``
-bounds.
+bounds. A record of a class-labelled source (``image_folders``) also holds
+its ``label``, an int64 scalar.
 
 The cache is built in a temporary sibling directory and renamed into place at
 the end, so a crash leaves no directory that looks complete;
@@ -64,13 +65,14 @@ def token_dtype(codebook_size: int) -> np.dtype:
 
 
 def encode_record(tokens: np.ndarray, captions: Sequence[str],
-                  text_features: np.ndarray | None = None) -> bytes:
+                  text_features: np.ndarray | None = None, label: int | None = None) -> bytes:
   """Serializes one cache record.
 
   Args:
     tokens: (N,) token ids, already in the cache's dtype.
     captions: all captions of the image.
     text_features: (C, L, D) features, one per caption, or None.
+    label: the image's class label, or None.
 
   Returns:
     The record's bytes.
@@ -79,6 +81,8 @@ def encode_record(tokens: np.ndarray, captions: Sequence[str],
             "captions": np.asarray([c.encode("utf-8") for c in captions], dtype=np.bytes_)}
   if text_features is not None:
     arrays["text_features"] = np.asarray(text_features, np.float16)
+  if label is not None:
+    arrays["label"] = np.asarray(label, np.int64)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
@@ -91,11 +95,14 @@ def decode_record(data: bytes) -> dict:
     data: a record's bytes.
 
   Returns:
-    ``{"tokens": (N,), "captions": list[str]}`` plus ``text_features`` when stored.
+    ``{"tokens": (N,), "captions": list[str]}`` plus ``text_features`` and
+    ``label`` (an int) when stored.
   """
   with np.load(io.BytesIO(data), allow_pickle=False) as npz:
     out = {k: npz[k] for k in npz.files}
   out["captions"] = [c.decode("utf-8") for c in out["captions"].tolist()]
+  if "label" in out:
+    out["label"] = int(out["label"])
   return out
 
 
@@ -103,9 +110,9 @@ def _is_source(data: Any) -> bool:
   return hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, dict)
 
 
-def _input_batches(data: Any, image_size: int | None, batch_size: int,
-                   num_threads: int) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
-  """(images float32 (b, S, S, 3), captions per image) from a source or from batches."""
+def _input_batches(data: Any, image_size: int | None, batch_size: int, num_threads: int
+                   ) -> Iterator[tuple[np.ndarray, list[list[str]], np.ndarray | None]]:
+  """(images float32 (b, S, S, 3), captions per image, labels (b,) or None) per batch."""
   if _is_source(data):
     if image_size is None:
       raise ValueError("image_size is needed to encode a record source")
@@ -113,11 +120,11 @@ def _input_batches(data: Any, image_size: int | None, batch_size: int,
       raise TypeError("the data looks like a list of batches; pass iter(batches) instead")
     for batch in loader.sequential_batches(data, image_size=image_size, batch_size=batch_size,
                                              num_threads=num_threads):
-      yield batch["image"], batch["captions"]
+      yield batch["image"], batch["captions"], batch.get("label")
     return
   for batch in data:
     captions = [loader.decode_captions(c) for c in batch["captions"]]
-    yield np.asarray(batch["image"], np.float32), captions
+    yield np.asarray(batch["image"], np.float32), captions, batch.get("label")
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -159,7 +166,7 @@ def _encode_captions(encode_text: EncodeText, captions: list[list[str]],
   return [flat_feats[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _write_records(path: pathlib.Path, batches: Iterable[tuple[np.ndarray, list[list[str]]]],
+def _write_records(path: pathlib.Path, batches: Iterable[tuple],
                    encode_images: EncodeImages, encode_text: EncodeText | None,
                    codebook_size: int, max_captions: int | None) -> dict:
   """Writes every record; returns the facts that go into the metadata."""
@@ -169,7 +176,7 @@ def _write_records(path: pathlib.Path, batches: Iterable[tuple[np.ndarray, list[
            "caption_counts": []}
   pad_to = None
   try:
-    for images, captions in batches:
+    for images, captions, labels in batches:
       pad_to = pad_to or len(images)
       captions = [caps[:max_captions] for caps in captions]
       tokens = _encode_tokens(encode_images, images, pad_to, codebook_size)
@@ -178,10 +185,11 @@ def _write_records(path: pathlib.Path, batches: Iterable[tuple[np.ndarray, list[
       facts["grid"], facts["image_size"] = list(tokens.shape[1:]), int(images.shape[1])
       feats = (_encode_captions(encode_text, captions, pad_to) if encode_text
                else [None] * len(images))
-      for tok, caps, feat in zip(tokens, captions, feats, strict=True):
+      labels = [None] * len(images) if labels is None else [int(v) for v in labels]
+      for tok, caps, feat, label in zip(tokens, captions, feats, labels, strict=True):
         if feat is not None:
           facts["feature_shape"] = list(feat.shape[1:])
-        writer.write(encode_record(tok.reshape(-1).astype(dtype), caps, feat))
+        writer.write(encode_record(tok.reshape(-1).astype(dtype), caps, feat, label))
         facts["caption_counts"].append(len(caps))
       facts["num_records"] += len(images)
   finally:
@@ -332,6 +340,8 @@ def _token_example(record: dict, rng: np.random.Generator, caption_dropout: floa
                    feature_shape: Sequence[int] | None) -> dict:
   k, caption, drop = loader.pick_caption(record["captions"], rng, caption_dropout)
   out = {"tokens": record["tokens"].astype(np.int32), "captions": caption, "drop_text": drop}
+  if "label" in record:
+    out["label"] = np.int32(record["label"])
   if feature_shape is not None:
     feats = record.get("text_features")
     out["text_features"] = (feats[k].astype(np.float32) if feats is not None and len(feats)
@@ -368,7 +378,8 @@ def token_batches(cache: TokenCacheSource | loader.MemoizedSource | str | os.Pat
     A grain iterator of dicts: ``tokens`` int32 (b, N); ``captions`` str (b,);
     ``drop_text`` bool (b,); ``text_ids`` int32 (b, L) with ``tokenize``;
     ``text_features`` float32 (b, L, D) when cached and wanted (zeros for an
-    image without captions).
+    image without captions); ``label`` int32 (b,) when cached (``drop_text``
+    then marks the rows trained on the null class).
   """
   source = TokenCacheSource(cache) if isinstance(cache, str | os.PathLike) else cache
   spec = source.metadata["text_features"]
