@@ -8,10 +8,20 @@ token cache, denoiser and the report.
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from configs import ffhq, imagenet, paella_shapes
 from tests import image_folders
+from vqdiffusion_jax import build
+from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.data import real, sources, token_cache
+from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.main import train_and_evaluate
+from vqdiffusion_jax.train import denoiser_step
+from vqdiffusion_jax.train import state as state_lib
 
 
 def _metrics(stage_dir):
@@ -103,3 +113,46 @@ def test_paella_shapes_runlocal_trains_its_renoising_objective(tmp_path):
   assert {r["spec"]["name"] for r in report["samplers"].values()} == {"paella"}
   # The shapes oracle scores Paella's samples as it does the transformer's.
   assert all("oracle" in r for r in report["samplers"].values())
+
+
+@pytest.mark.parametrize("module", [imagenet, ffhq, paella_shapes])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_family_configs_have_every_key_of_the_schema(module, arg):
+  config = module.get_config(arg)
+  assert _paths(schema.defaults().to_dict()) <= _paths(config.to_dict())
+  with pytest.raises(AttributeError):
+    config.train.no_such_key = 1
+
+
+def _paths(tree, prefix=()):
+  out = set()
+  for key, value in tree.items():
+    out |= _paths(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,)}
+  return out
+
+
+def test_token_cache_record_keeps_its_label():
+  tokens = np.arange(4, dtype=np.int16)
+  record = token_cache.decode_record(token_cache.encode_record(tokens, [], label=207))
+  assert record["label"] == 207 and record["captions"] == []
+  assert "label" not in token_cache.decode_record(token_cache.encode_record(tokens, ["a"]))
+
+
+def test_paella_loss_is_label_smoothed_cross_entropy():
+  logits = jnp.array([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+  x0 = jnp.array([[0, 2]])
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  smoothing = 0.1
+  want = -np.mean([(1 - smoothing) * log_p[0, i, x0[0, i]] + smoothing * jnp.mean(log_p[0, i])
+                   for i in range(2)])
+  np.testing.assert_allclose(denoiser_step.paella_loss(logits, x0, smoothing), want, rtol=1e-6)
+
+
+def test_paella_objective_refuses_a_masking_schedule():
+  config = paella_shapes.get_config("runlocal")
+  denoiser = build.denoiser(config, codebook_size=8, grid=(8, 8), vocab_size=16)
+  masking = schedules.make("mask_and_replace", 10, 8)
+  optimizer = state_lib.make_optimizer(config.optim, 2)
+  with pytest.raises(ValueError, match="uniform"):
+    denoiser_step.make_train_step(denoiser, masking, config, config.diffusion, optimizer,
+                                  grid=(8, 8))
