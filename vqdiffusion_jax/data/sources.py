@@ -4,7 +4,9 @@
 cache and evaluation find their records: the shapes data is built on first
 use under ``data.data_dir`` (default ``WORKDIR/data``); any other name is a
 TFDS dataset the user has built (``data.real`` has builders for CUB-200,
-MSCOCO, Conceptual Captions and captioned folders).
+MSCOCO, Conceptual Captions, captioned folders, and ImageNet-style class
+folders and FFHQ-style image folders, whose records carry a ``label`` or no
+condition instead of captions).
 """
 
 from __future__ import annotations
