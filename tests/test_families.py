@@ -15,7 +15,7 @@ import pytest
 
 from configs import ffhq, imagenet, paella_shapes
 from tests import image_folders
-from vqdiffusion_jax import build
+from vqdiffusion_jax import build, plan
 from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.data import real, sources, token_cache
 from vqdiffusion_jax.diffusion import schedule as schedules
@@ -156,3 +156,13 @@ def test_paella_objective_refuses_a_masking_schedule():
   with pytest.raises(ValueError, match="uniform"):
     denoiser_step.make_train_step(denoiser, masking, config, config.diffusion, optimizer,
                                   grid=(8, 8))
+
+
+def test_plan_compiles_the_class_and_unconditional_steps():
+  figures = {module.__name__: plan.plan(module.get_config("runlocal"), 8)
+             for module in (imagenet, ffhq)}
+  # The class model's extra parameters: AdaLN class tables of 1001 rows (one per block).
+  assert figures["configs.imagenet"]["params"] > figures["configs.ffhq"]["params"] + 2 * 1001 * 32
+  assert all(f["flops"] > 0 for f in figures.values())
+  with pytest.raises(ValueError, match="paella"):
+    plan.plan(paella_shapes.get_config("runlocal"), 8)
