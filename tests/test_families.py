@@ -20,7 +20,7 @@ from vqdiffusion_jax import config_schema as schema
 from vqdiffusion_jax.data import real, sources, token_cache
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.main import train_and_evaluate
-from vqdiffusion_jax.train import denoiser_step
+from vqdiffusion_jax.train import denoiser_stage, denoiser_step
 from vqdiffusion_jax.train import state as state_lib
 
 
@@ -58,6 +58,7 @@ def test_imagenet_runlocal_trains_on_class_labels_with_null_class_dropout(tmp_pa
   assert [cache[i]["label"] for i in range(len(cache))] == [
       int(train[i]["label"]) for i in range(len(train))]
   assert {cache[i]["label"] for i in range(len(cache))} == set(range(len(classes)))
+  assert cache.metadata["label_range"] == [0, len(classes) - 1]
   metrics = _metrics(workdir / "denoiser")
   assert [m["step"] for m in metrics] == [1, 2]
   # Half the labels were replaced by the null class 1000 (a learned row).
@@ -166,3 +167,11 @@ def test_plan_compiles_the_class_and_unconditional_steps():
   assert all(f["flops"] > 0 for f in figures.values())
   with pytest.raises(ValueError, match="paella"):
     plan.plan(paella_shapes.get_config("runlocal"), 8)
+
+
+def test_class_training_refuses_caches_without_labels_or_with_too_many_classes():
+  denoiser_stage.check_labels({"label_range": [0, 999]}, 1000, "class_image_folders")
+  with pytest.raises(ValueError, match="holds no labels"):
+    denoiser_stage.check_labels({"label_range": None}, 1000, "plain_image_folder")
+  with pytest.raises(ValueError, match="num_classes to at least 1001"):
+    denoiser_stage.check_labels({"label_range": [0, 1000]}, 1000, "class_image_folders")

@@ -4,7 +4,8 @@ The denoiser trainer then reads tokens, never images, and never runs the VQ
 encoder. A cache is a directory::
 
   records.array_record   one record per image, in source order
-  metadata.json          written last: grid, codebook size, counts, shapes, source
+  metadata.json          written last: grid, codebook size, counts, shapes, the
+                         labels' [min, max] (``label_range``, None without), source
 
 Each record is an ``.npz`` (no pickle) with ``tokens`` (h * w,)
 int16 when the codebook has at most 2**15 entries, else int32; ``captions``, all
@@ -173,7 +174,7 @@ def _write_records(path: pathlib.Path, batches: Iterable[tuple],
   writer = array_record_module.ArrayRecordWriter(str(path), _WRITER_OPTIONS)
   dtype = token_dtype(codebook_size)
   facts = {"num_records": 0, "grid": None, "feature_shape": None, "image_size": None,
-           "caption_counts": []}
+           "caption_counts": [], "label_range": None}
   pad_to = None
   try:
     for images, captions, labels in batches:
@@ -185,7 +186,12 @@ def _write_records(path: pathlib.Path, batches: Iterable[tuple],
       facts["grid"], facts["image_size"] = list(tokens.shape[1:]), int(images.shape[1])
       feats = (_encode_captions(encode_text, captions, pad_to) if encode_text
                else [None] * len(images))
-      labels = [None] * len(images) if labels is None else [int(v) for v in labels]
+      if labels is None:
+        labels = [None] * len(images)
+      else:
+        labels = [int(v) for v in labels]
+        low, high = facts["label_range"] or (min(labels), max(labels))
+        facts["label_range"] = [min(low, *labels), max(high, *labels)]
       for tok, caps, feat, label in zip(tokens, captions, feats, labels, strict=True):
         if feat is not None:
           facts["feature_shape"] = list(feat.shape[1:])
@@ -208,6 +214,7 @@ def _metadata(facts: dict, codebook_size: int, max_captions: int | None,
       "text_features": (None if facts["feature_shape"] is None
                         else {"shape": facts["feature_shape"], "dtype": "float16"}),
       "max_captions": max_captions, "captions_per_record": [min(counts), max(counts)],
+      "label_range": facts["label_range"],
       "source": description, "files": [RECORDS],
   }
 

@@ -47,6 +47,25 @@ def fit_vocabulary(config: Any, directory: str, cache) -> WordTokenizer:
   return vocabulary
 
 
+def check_labels(metadata: dict, num_classes: int, data_name: str) -> None:
+  """Raises unless a token cache's labels are all classes of a ``num_classes`` model.
+
+  Args:
+    metadata: the cache's metadata (``label_range``: [min, max] or None).
+    num_classes: ``denoiser.model.num_classes``.
+    data_name: the dataset, for the message.
+  """
+  label_range = metadata.get("label_range")
+  if label_range is None:
+    raise ValueError(f"denoiser.model.conditioning is 'class' but the token cache of "
+                     f"{data_name!r} holds no labels; train on a labelled dataset such as "
+                     "class_image_folders")
+  if label_range[0] < 0 or label_range[1] >= num_classes:
+    raise ValueError(f"the labels of {data_name!r} span {label_range[0]}..{label_range[1]}, "
+                     f"outside 0..{num_classes - 1}: set denoiser.model.num_classes to at "
+                     f"least {label_range[1] + 1}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoiserTrainer:
   """What the step loop runs: the model, its state layout and builder, jitted steps, batches."""
@@ -69,6 +88,8 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
   vocabulary = fit_vocabulary(config, directory, cache) if trained_text else None
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
   denoiser = conditioned.denoiser
+  if denoiser.conditioning == "class":
+    check_labels(cache.metadata, denoiser.num_classes, config.data.name)
   schedule = build.schedule(config, vqvae.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   rules, rng = config.mesh.rules, jax.random.key(int(config.seed))
