@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import types
 import weakref
 
 import jax
@@ -249,6 +250,8 @@ def test_scoring_holds_one_batch_at_a_time():
 
 class _CountingPipe:
   """Stands in for ``Pipeline``: records each call and how many earlier outputs live on."""
+
+  denoiser = types.SimpleNamespace(conditioning="text")
 
   def __init__(self):
     self.calls, self.outputs = [], []

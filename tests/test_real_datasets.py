@@ -212,7 +212,7 @@ def test_missing_manual_dir_and_captions_file_are_named(tmp_path):
   _write(manual / "a.png", _noise(0, 3))
   with pytest.raises(FileNotFoundError, match=r"no_listing/captions.jsonl not found"):
     _prepare("captioned_folder", tmp_path, manual)
-  with pytest.raises(ValueError, match="unknown captioned dataset"):
+  with pytest.raises(ValueError, match="unknown dataset"):
     _prepare("imagenet", tmp_path, manual)
 
 

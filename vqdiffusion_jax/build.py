@@ -23,8 +23,9 @@ from etils import epath
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, precision
-from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
+from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser, TextConditionedPaella
 from vqdiffusion_jax.models.denoiser import Denoiser
+from vqdiffusion_jax.models.paella import PaellaPredictor
 from vqdiffusion_jax.models.text_encoder import TextEncoder, WordTokenizer, split_words
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
 from vqdiffusion_jax.models.vqgan import VQGAN, VQGANConfig
@@ -95,6 +96,9 @@ def transformer_config(config: Any, *, codebook_size: int, grid: tuple[int, int]
   """
   model, train = config.denoiser.model, config.train
   return TransformerConfig(
+      conditioning=str(model.conditioning), num_classes=int(model.num_classes),
+      learnable_null_class=bool(model.learnable_null_class), mlp_type=str(model.mlp_type),
+      position_grid=tuple(model.position_grid) or None,
       codebook_size=codebook_size, spatial_size=tuple(grid),
       num_layers=int(model.num_layers), embed_dim=int(model.embed_dim),
       num_heads=int(model.num_heads), mlp_ratio=int(model.mlp_ratio),
@@ -116,10 +120,32 @@ def trained_text_encoder(config: Any, vocab_size: int) -> TextEncoder:
                      matmul_dtype=denoiser_matmul_dtype(config))
 
 
+DENOISER_KINDS = ("transformer", "paella")
+
+
+def reads_text(config: Any) -> bool:
+  """Whether the configured denoiser is conditioned on text (``text`` section) at all."""
+  return config.denoiser.kind == "paella" or config.denoiser.model.conditioning == "text"
+
+
+def paella_predictor(config: Any, *, codebook_size: int,
+                     condition: tuple[int, int]) -> PaellaPredictor:
+  """Paella's predictor of ``config.denoiser.paella`` over (L, D) text features."""
+  sizes = config.denoiser.paella
+  return PaellaPredictor(
+      codebook_size=codebook_size, num_timesteps=int(config.diffusion.num_timesteps),
+      condition_dim=condition[1], condition_length=condition[0],
+      channels=tuple(int(c) for c in sizes.channels),
+      blocks_per_level=int(sizes.blocks_per_level), kernel_size=int(sizes.kernel_size),
+      mlp_ratio=int(sizes.mlp_ratio), modulation_dim=int(sizes.modulation_dim),
+      timestep_dim=int(sizes.timestep_dim), dtype=jnp.dtype(config.train.dtype),
+      remat=bool(config.train.remat))
+
+
 def denoiser(config: Any, *, codebook_size: int, grid: tuple[int, int],
              vocab_size: int | None = None,
              clip: clip_text.CLIPTextTransformer | None = None) -> Denoiser:
-  """The denoiser of ``config.text.kind``, behind the ``Denoiser`` interface.
+  """The denoiser of ``config.denoiser`` and ``config.text.kind``, behind ``Denoiser``.
 
   Args:
     config: the experiment config.
@@ -128,20 +154,36 @@ def denoiser(config: Any, *, codebook_size: int, grid: tuple[int, int],
     clip: the frozen CLIP text tower ("clip" text); its params are the
       frozen params every ``Denoiser.encode_text`` call is given.
   """
-  kind = config.text.kind
+  if config.denoiser.kind not in DENOISER_KINDS:
+    raise ValueError(f"unknown denoiser kind {config.denoiser.kind!r}; choose one of "
+                     f"{DENOISER_KINDS}")
+  paella = config.denoiser.kind == "paella"
   geometry = {"codebook_size": codebook_size, "grid": grid}
+  if not reads_text(config):
+    return Denoiser(VQDiffusionTransformer(transformer_config(config, condition=(1, 1),
+                                                              **geometry)))
+  kind = config.text.kind
   if kind == "trainable":
     if vocab_size is None:
       raise ValueError("a trainable text encoder needs the vocabulary's size")
     text = config.text
-    cfg = transformer_config(config, condition=(int(text.length), int(text.width)), **geometry)
-    return Denoiser(TextConditionedDenoiser(cfg, trained_text_encoder(config, vocab_size)))
+    condition = (int(text.length), int(text.width))
+    encoder = trained_text_encoder(config, vocab_size)
+    if paella:
+      return Denoiser(TextConditionedPaella(
+          paella_predictor(config, codebook_size=codebook_size, condition=condition), encoder))
+    cfg = transformer_config(config, condition=condition, **geometry)
+    return Denoiser(TextConditionedDenoiser(cfg, encoder))
   if kind == "clip":
     if clip is None:
       raise ValueError("text.kind 'clip' needs the CLIP text tower")
-    cfg = transformer_config(config, condition=(clip.max_positions, clip.hidden_size),
-                             **geometry)
-    return Denoiser(VQDiffusionTransformer(cfg), frozen_text_encoder=clip_features(clip))
+    condition = (clip.max_positions, clip.hidden_size)
+    if paella:
+      network = paella_predictor(config, codebook_size=codebook_size, condition=condition)
+    else:
+      network = VQDiffusionTransformer(transformer_config(config, condition=condition,
+                                                          **geometry))
+    return Denoiser(network, frozen_text_encoder=clip_features(clip))
   raise ValueError(f"unknown text kind {kind!r}; choose 'trainable' or 'clip'")
 
 
@@ -167,10 +209,10 @@ def encode_words(words: WordTokenizer, length: int, texts: Sequence[str]) -> np.
 
 @dataclasses.dataclass(frozen=True)
 class Conditioned:
-  """A run's denoiser with its text side: prompts -> ids, and a frozen encoder's params."""
+  """A run's denoiser with its text side: prompts -> ids (None without text), frozen params."""
 
   denoiser: Denoiser
-  tokenize: Tokenize
+  tokenize: Tokenize | None
   frozen_params: Any = None
 
 
@@ -184,6 +226,8 @@ def conditioned_denoiser(config: Any, vqvae: VQVAE,
     vocabulary: the caption vocabulary of a "trainable" text encoder.
   """
   geometry = {"codebook_size": vqvae.codebook_size, "grid": vqvae.grid}
+  if not reads_text(config):
+    return Conditioned(denoiser(config, **geometry), tokenize=None)
   if config.text.kind == "clip":
     module, params, hf_tokenizer = clip_convert.load_clip_text(config.text.clip_path)
     return Conditioned(denoiser(config, clip=module, **geometry),

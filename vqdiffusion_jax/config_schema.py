@@ -5,7 +5,8 @@ with ``finish(config, arg)``. The sections and their keys:
 
   seed
   data:        name, data_dir, image_size, train_split, eval_split,
-               caption_dropout, text_length, random_flip, random_crop,
+               caption_dropout (also the class-label dropout to the null
+               class), text_length, random_flip, random_crop,
                cache_dir (token cache), num_workers, in_memory, num_train,
                num_test (shapes only)
   mesh:        shape {data, fsdp, tensor} (one may be -1), dcn {data, fsdp,
@@ -31,8 +32,22 @@ with ``finish(config, arg)``. The sections and their keys:
   text:        kind ("trainable" | "clip"), clip_path, width, length,
                num_layers, num_heads, max_vocab, position_encoding ("learned"
                | "rotary") (trainable)
-  denoiser:    model (TransformerConfig sizes; K, grid, T, text sizes derive
-               from the VQ-VAE, text and diffusion sections)
+  denoiser:    kind ("transformer" | "paella"), model (TransformerConfig
+               sizes and its condition: conditioning "text" | "class" |
+               "none", num_classes, learnable_null_class, mlp_type,
+               position_grid (empty: the token grid); K, grid, T, text sizes
+               derive from the VQ-VAE, text and diffusion sections), paella
+               (PaellaPredictor sizes and the label_smoothing of its loss)
+
+The condition of a run: a "transformer" denoiser reads what
+``denoiser.model.conditioning`` names: text (``text``: captions through a
+trained or CLIP encoder), class labels (the data's ``label``; a
+``data.caption_dropout`` fraction of them trains the null class
+``num_classes``, a learned row with ``learnable_null_class``, which guided
+sampling reads) or nothing (unconditional). A "paella" denoiser reads text
+and trains with Paella's objective: a fraction ``1 - abar_t`` of the tokens
+(the "uniform" schedule's, at a uniformly drawn step) replaced by random
+tokens, cross-entropy of all the original tokens.
   eval:        samplers (specs ``name[/steps[/guidance[/truncation]]]``; none:
                no report), num_samples, batch_size, grid_size, seed,
                inception_path, clip_path (the end-of-run evaluation)
@@ -156,13 +171,28 @@ def text(kind: str = "clip", clip_path: str = "", width: int = 512,
   })
 
 
-def denoiser(num_layers: int = 19, embed_dim: int = 1024,
-             num_heads: int = 16) -> ml_collections.ConfigDict:
+def denoiser(num_layers: int = 19, embed_dim: int = 1024, num_heads: int = 16, *,
+             conditioning: str = "text", num_classes: int = 1000,
+             kind: str = "transformer") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
+      "kind": kind,
       "model": {"num_layers": num_layers, "embed_dim": embed_dim, "num_heads": num_heads,
                 "mlp_ratio": 4, "learnable_null_text": True, "pooled_text": False,
                 # attention.IMPLEMENTATIONS; "auto": one head at a time for long sequences on CPU
-                "attention": "auto"},
+                "attention": "auto",
+                "conditioning": conditioning, "num_classes": num_classes,
+                "learnable_null_class": True, "mlp_type": "fc", "position_grid": ()},
+      "paella": paella(),
+  })
+
+
+def paella(channels=(256, 512), *, blocks_per_level: int = 2,
+           modulation_dim: int = 256) -> ml_collections.ConfigDict:
+  """Paella's convolutional predictor (``denoiser.kind = "paella"``) and its loss."""
+  return ml_collections.ConfigDict({
+      "channels": tuple(channels), "blocks_per_level": blocks_per_level, "kernel_size": 3,
+      "mlp_ratio": 4, "modulation_dim": modulation_dim, "timestep_dim": 64,
+      "label_smoothing": 0.1,  # Paella's cross-entropy
   })
 
 

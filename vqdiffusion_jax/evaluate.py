@@ -14,7 +14,10 @@ directory (``python -m vqdiffusion_jax.convert``) or a diffusers
 ``VQDiffusionPipeline`` directory. A workdir's captions and real images are
 its evaluation split; for any checkpoint ``--dataset`` names a split of a
 built dataset (shapes or TFDS) and ``--captions`` a file of prompts, one a
-line. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps
+line. A class-conditional model samples the evaluation split's labels (one
+sample each, guided through its null class), an unconditional one as many
+images as the split gives real ones; the "captions" below are then those
+labels, or None. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps
 ``all`` meaning every step (or one token per call for reveal samplers).
 Measured per sampler:
 
@@ -181,8 +184,16 @@ class ReferenceImages:
                      for i in range(start, stop)])
 
 
-def first_captions(records: Sequence, count: int) -> list[str]:
-  """The first caption of each of the first ``count`` records."""
+def first_captions(records: Sequence, count: int) -> list:
+  """The condition of each of the first ``count`` records: its first caption.
+
+  Records without ``captions`` give their class ``label`` (an int) when they
+  have one (class folders), else None (unlabelled images).
+  """
+  if count and "captions" not in records[0]:
+    if "label" in records[0]:
+      return [int(records[i]["label"]) for i in range(count)]
+    return [None] * count
   captions = []
   for i in range(count):
     found = loader.decode_captions(records[i].get("captions"))
@@ -342,7 +353,7 @@ class SampleScorer:
       self.running = fid.RunningStatistics(inception.POOL_FEATURES)
       self.scores = image_metrics.InceptionScoreAccumulator(
           num_images, min(is_splits, num_images))
-    self.clip_sum, self.count = 0.0, 0
+    self.clip_sum, self.clip_count, self.count = 0.0, 0, 0
 
   def update(self, start: int, captions: Sequence[str], images: np.ndarray) -> None:
     """Scores uint8 ``(b, H, W, 3)`` images ``start .. start + b - 1`` for their captions."""
@@ -358,11 +369,12 @@ class SampleScorer:
       pool, logits = self.networks.inception_outputs(images)
       self.running.update(pool)
       self.scores.update(logits, start)
-    if self.networks.clip is not None:
+    if self.networks.clip is not None and all(isinstance(c, str) for c in captions):
       image_embeds = self.networks.clip.embed_images(jnp.asarray(images, jnp.float32) / 255.0)
       text_embeds = self.networks.clip.embed_texts(list(captions))
       self.clip_sum += float(np.sum(np.asarray(clip_score(image_embeds, text_embeds),
                                                np.float64)))
+      self.clip_count += len(images)
     self.count += len(images)
 
   def result(self) -> dict:
@@ -378,8 +390,8 @@ class SampleScorer:
       reference = self.networks.reference_stats
       if reference is not None and self.running.count > 1:
         scores["fid"] = fid.frechet_distance(*self.running.statistics(), *reference)
-    if self.networks.clip is not None:
-      scores["clip_score"] = self.clip_sum / self.count
+    if self.clip_count:
+      scores["clip_score"] = self.clip_sum / self.clip_count
     return scores
 
 
@@ -393,12 +405,27 @@ def score_samples(images: np.ndarray, captions: Sequence[str], *, oracle_ok: boo
   return scorer.result()
 
 
-def generate(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
+def condition_arguments(pipe: Pipeline, conditions: Sequence) -> dict:
+  """The ``Pipeline`` arguments that ask for one sample of each condition.
+
+  Prompts for a text model, ``class_labels`` for a class-conditional one,
+  ``num_images`` for an unconditional one (whose conditions are ignored).
+  """
+  kind = pipe.denoiser.conditioning
+  if kind == "class":
+    return {"class_labels": [int(c) for c in conditions]}
+  if kind == "none":
+    return {"num_images": len(conditions)}
+  return {"prompts": list(conditions)}
+
+
+def generate(pipe: Pipeline, captions: Sequence, spec: SamplerSpec, *, seed: int,
              batch_size: int) -> np.ndarray:
-  """uint8 samples of ``captions``, the batch padded to ``batch_size`` (one compiled shape)."""
+  """uint8 samples of ``captions`` (prompts, labels or Nones), the batch padded to
+  ``batch_size`` (one compiled shape)."""
   padded = list(captions) + [captions[-1]] * (batch_size - len(captions))
-  return to_uint8(np.stack(pipe(padded, seed=seed, output_type="np",
-                                **spec.options())[:len(captions)]))
+  return to_uint8(np.stack(pipe(**condition_arguments(pipe, padded), seed=seed,
+                                output_type="np", **spec.options())[:len(captions)]))
 
 
 def sample_batches(pipe: Pipeline, captions: Sequence[str], spec: SamplerSpec, *, seed: int,
@@ -517,8 +544,10 @@ def accuracy_by_object_count(results: Sequence[dict], captions: Sequence[str]
   return {str(count): float(np.mean(hits)) for count, hits in sorted(groups.items())}
 
 
-def is_shapes_captions(captions: Sequence[str]) -> bool:
+def is_shapes_captions(captions: Sequence) -> bool:
   """Whether the oracle can parse every caption (the embedded shapes data)."""
+  if not all(isinstance(c, str) for c in captions):
+    return False
   try:
     return all(shapes.parse_caption(c) for c in captions)
   except ValueError:
@@ -639,12 +668,19 @@ def markdown_report(report: dict, run_summary: dict | None = None, grids: bool =
   lines += _by_object_count_table(rows)
   if not grids:
     return "\n".join(lines) + "\n"
-  lines += ["", "## Sample grids", "", "Captions of the grid cells, row-major: "
-            + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(report.get("grid_captions", []))),
-            ""]
+  lines += ["", "## Sample grids", ""] + _grid_conditions(report.get("grid_captions", []))
   for label in rows:
     lines += [f"### {label}", "", f"![{label}]({label}.png)", ""]
   return "\n".join(lines)
+
+
+def _grid_conditions(conditions: Sequence) -> list[str]:
+  """The line naming each grid cell's caption or class (none for unconditional samples)."""
+  if not conditions or all(c is None for c in conditions):
+    return []
+  what = "Captions" if isinstance(conditions[0], str) else "Classes"
+  return [f"{what} of the grid cells, row-major: "
+          + "; ".join(f"{i + 1}. {c}" for i, c in enumerate(conditions)), ""]
 
 
 def _metric_cell(row: dict, name: str) -> str:

@@ -83,6 +83,9 @@ def plan(config: Any, num_devices: int) -> dict:
                      "as `python -m vqdiffusion_jax.plan --devices=N`")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices)
   denoiser, frozen = _model(config)
+  if denoiser.resizable:
+    raise ValueError("plan compiles the transformer denoiser's step; this config trains "
+                     "Paella's predictor (denoiser.kind = 'paella')")
   cfg = denoiser.network.config
   schedule = build.schedule(config, cfg.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
@@ -91,10 +94,13 @@ def plan(config: Any, num_devices: int) -> dict:
   shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   global_batch = int(config.train.global_batch)
-  length = cfg.condition_length
-  batch = _abstract({"tokens": jnp.zeros((global_batch, cfg.num_tokens), jnp.int32),
-                     "text_ids": jnp.zeros((global_batch, length), jnp.int32),
-                     "drop_text": jnp.zeros((global_batch,), bool)}, batch_sharding)
+  batch = {"tokens": jnp.zeros((global_batch, cfg.num_tokens), jnp.int32),
+           "drop_text": jnp.zeros((global_batch,), bool)}
+  if cfg.conditioning == "text":
+    batch["text_ids"] = jnp.zeros((global_batch, cfg.condition_length), jnp.int32)
+  if cfg.conditioning == "class":
+    batch["label"] = jnp.zeros((global_batch,), jnp.int32)
+  batch = _abstract(batch, batch_sharding)
   replicated = mesh_lib.replicated(mesh)
   step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion, optimizer)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda _: replicated, frozen)

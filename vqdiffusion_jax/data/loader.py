@@ -362,17 +362,24 @@ def sequential_batches(source: Sequence[Record], *, image_size: int, batch_size:
 
   Returns:
     An iterator of dicts: ``image`` float32 (b, S, S, 3) in [-1, 1], ``captions`` a
-    list of b lists of str, ``index`` int64 (b,) the records' indices.
+    list of b lists of str, ``index`` int64 (b,) the records' indices, and
+    ``label`` int64 (b,) when the records have one.
   """
   def example(index: int) -> dict:
     record = source[index]
-    return {"image": to_float(resize_and_crop(record["image"], image_size)),
-            "captions": decode_captions(record.get("captions")), "index": index}
+    out = {"image": to_float(resize_and_crop(record["image"], image_size)),
+           "captions": decode_captions(record.get("captions")), "index": index}
+    if "label" in record:
+      out["label"] = int(record["label"])
+    return out
 
   def stack(examples: Sequence[dict]) -> dict:
-    return {"image": np.stack([e["image"] for e in examples]),
-            "captions": [e["captions"] for e in examples],
-            "index": np.asarray([e["index"] for e in examples], np.int64)}
+    out = {"image": np.stack([e["image"] for e in examples]),
+           "captions": [e["captions"] for e in examples],
+           "index": np.asarray([e["index"] for e in examples], np.int64)}
+    if "label" in examples[0]:
+      out["label"] = np.asarray([e["label"] for e in examples], np.int64)
+    return out
 
   ds = grain.MapDataset.range(process_index, len(source), process_count).map(example)
   ds = ds.batch(batch_size, drop_remainder=False, batch_fn=stack)

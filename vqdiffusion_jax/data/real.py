@@ -17,6 +17,10 @@ Splits and ids:
 * ``conceptual_captions``: ``train`` / ``validation``, for whichever TSVs are
   present; rows whose image is missing or unreadable are skipped and counted
   in ``builder.info.metadata``; id the image's file name.
+
+``prepare`` also builds the uncaptioned datasets of ``image_folders``:
+``class_image_folders`` (ImageNet's class folders, with labels) and
+``plain_image_folder`` (FFHQ's folders of images).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from vqdiffusion_jax.data import folder
+from vqdiffusion_jax.data import folder, image_folders
 from vqdiffusion_jax.data.folder import CaptionedFolder
 
 # -- CUB-200 with the captions of Reed et al. (2016) --------------------------------------------
@@ -386,16 +390,18 @@ def _tsv_caption(line: bytes, where: str) -> str:
 # -- Building -------------------------------------------------------------------------------------
 
 BUILDERS = {cls.name: cls for cls in (CaptionedFolder, Cub200Captions, MscocoCaptions,
-                                       ConceptualCaptions)}
+                                       ConceptualCaptions, image_folders.ClassImageFolders,
+                                       image_folders.PlainImageFolder)}
 
 
 def prepare(name: str, *, data_dir: epath.PathLike, manual_dir: epath.PathLike | None = None,
             config: str | tfds.core.BuilderConfig | None = None) -> tfds.core.DatasetBuilder:
-  """Builds a captioned dataset as ArrayRecord files, once, and returns its builder.
+  """Builds a dataset as ArrayRecord files, once, and returns its builder.
 
   Args:
     name: a key of ``BUILDERS``: ``captioned_folder``, ``cub200_captions``,
-      ``mscoco_captions`` or ``conceptual_captions``.
+      ``mscoco_captions``, ``conceptual_captions``, or the uncaptioned
+      ``class_image_folders`` and ``plain_image_folder`` (``image_folders``).
     data_dir: where TFDS keeps built datasets.
     manual_dir: the user's download directory; TFDS's default
       (``data_dir/downloads/manual``) when None.
@@ -405,7 +411,7 @@ def prepare(name: str, *, data_dir: epath.PathLike, manual_dir: epath.PathLike |
     The prepared builder; read it with ``builder.as_data_source(split=...)``.
   """
   if name not in BUILDERS:
-    raise ValueError(f"unknown captioned dataset {name!r}; known: {', '.join(BUILDERS)}")
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
   builder = BUILDERS[name](data_dir=epath.Path(data_dir).expanduser(), config=config,
                            file_format="array_record")
   manual = None if manual_dir is None else epath.Path(manual_dir).expanduser()

@@ -6,7 +6,9 @@ use under ``data.data_dir`` (default ``WORKDIR/data``; a local directory, as
 array_record files are written and read as local files, so it must be given
 when the workdir is a URL such as ``gs://``); any other name is a TFDS dataset
 the user has built (``data.real`` has builders for CUB-200, MSCOCO,
-Conceptual Captions and captioned folders).
+Conceptual Captions, captioned folders, and ImageNet-style class folders and
+FFHQ-style image folders, whose records carry a ``label`` or no condition
+instead of captions).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ directory::
 
   records-00000-of-00002.array_record   one shard per process, records in source order
   records-00000-of-00002.json           the shard's counts (read once, when the cache is made)
-  metadata.json                         written last: grid, codebook size, counts, shards, source
+  metadata.json                         written last: grid, codebook size, counts, shards,
+                                        the labels' [min, max] (``label_range``, None
+                                        without), source
 
 Process ``p`` of ``P`` encodes the contiguous range ``shard_range(n, p, P)`` of
 the source and writes its shard; after a barrier process 0 writes the metadata,
@@ -24,6 +26,8 @@ same draw as ``loader.image_batches``); the price is C * L * D * 2 bytes per
 image (about 400 KB for 5 CLIP captions of 77 x 512), which ``max_captions``
 bounds. The metadata names the text encoder that made the features
 (``text_encoder_identity``), so a run can tell a cache made with another one.
+A record of a class-labelled source (``image_folders``) also holds its
+``label``, an int64 scalar.
 
 The cache is built in a sibling staging directory, each file under a
 temporary name renamed when complete, and the directory is renamed into place
@@ -131,7 +135,7 @@ def text_encoder_identity(kind: str, path: str, params: Any, **settings: Any) ->
 
 def encode_record(tokens: np.ndarray, captions: Sequence[str],
                   text_features: np.ndarray | None = None,
-                  feature_dtype: str = "float16") -> bytes:
+                  feature_dtype: str = "float16", label: int | None = None) -> bytes:
   """Serializes one cache record.
 
   Args:
@@ -139,6 +143,7 @@ def encode_record(tokens: np.ndarray, captions: Sequence[str],
     captions: all captions of the image.
     text_features: (C, L, D) features, one per caption (one, of "", without captions), or None.
     feature_dtype: the stored features' dtype.
+    label: the image's class label, or None.
 
   Returns:
     The record's bytes.
@@ -147,6 +152,8 @@ def encode_record(tokens: np.ndarray, captions: Sequence[str],
             "captions": np.asarray([c.encode("utf-8") for c in captions], dtype=np.bytes_)}
   if text_features is not None:
     arrays["text_features"] = np.asarray(text_features, feature_dtype)
+  if label is not None:
+    arrays["label"] = np.asarray(label, np.int64)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
@@ -159,11 +166,14 @@ def decode_record(data: bytes) -> dict:
     data: a record's bytes.
 
   Returns:
-    ``{"tokens": (N,), "captions": list[str]}`` plus ``text_features`` when stored.
+    ``{"tokens": (N,), "captions": list[str]}`` plus ``text_features`` and
+    ``label`` (an int) when stored.
   """
   with np.load(io.BytesIO(data), allow_pickle=False) as npz:
     out = {k: npz[k] for k in npz.files}
   out["captions"] = [c.decode("utf-8") for c in out["captions"].tolist()]
+  if "label" in out:
+    out["label"] = int(out["label"])
   return out
 
 
@@ -188,8 +198,8 @@ class _Range(Sequence):
 
 def _input_batches(data: Any, image_size: int | None, batch_size: int, num_threads: int,
                    process_index: int, process_count: int,
-                   ) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
-  """(images float32 (b, S, S, 3), captions per image) of this process's range."""
+                   ) -> Iterator[tuple[np.ndarray, list[list[str]], np.ndarray | None]]:
+  """(images float32 (b, S, S, 3), captions per image, labels (b,) or None) of this range."""
   if _is_source(data):
     if image_size is None:
       raise ValueError("image_size is needed to encode a record source")
@@ -198,14 +208,14 @@ def _input_batches(data: Any, image_size: int | None, batch_size: int, num_threa
     part = _Range(data, *shard_range(len(data), process_index, process_count))
     for batch in loader.sequential_batches(part, image_size=image_size, batch_size=batch_size,
                                              num_threads=num_threads):
-      yield batch["image"], batch["captions"]
+      yield batch["image"], batch["captions"], batch.get("label")
     return
   if process_count != 1:
     raise ValueError("an iterable of batches can only be encoded by one process; pass a "
                      "random-access source to share the work")
   for batch in data:
     captions = [loader.decode_captions(c) for c in batch["captions"]]
-    yield np.asarray(batch["image"], np.float32), captions
+    yield np.asarray(batch["image"], np.float32), captions, batch.get("label")
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -248,7 +258,7 @@ def _encode_captions(encode_text: EncodeText, captions: list[list[str]], chunk: 
   return [flat_feats[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _write_records(path: epath.Path, batches: Iterable[tuple[np.ndarray, list[list[str]]]],
+def _write_records(path: epath.Path, batches: Iterable[tuple],
                    encode_images: EncodeImages, encode_text: EncodeText | None,
                    codebook_size: int, max_captions: int | None, pad_to: int | None,
                    feature_dtype: str) -> dict:
@@ -256,9 +266,9 @@ def _write_records(path: epath.Path, batches: Iterable[tuple[np.ndarray, list[li
   writer = array_record_module.ArrayRecordWriter(os.fspath(path), _WRITER_OPTIONS)
   dtype = token_dtype(codebook_size)
   facts = {"num_records": 0, "grid": None, "feature_shape": None, "image_size": None,
-           "caption_counts": []}
+           "caption_counts": [], "label_range": None}
   try:
-    for images, captions in batches:
+    for images, captions, labels in batches:
       pad_to = pad_to or len(images)
       captions = [caps[:max_captions] for caps in captions]
       tokens = _encode_tokens(encode_images, images, pad_to, codebook_size)
@@ -267,10 +277,17 @@ def _write_records(path: epath.Path, batches: Iterable[tuple[np.ndarray, list[li
       facts["grid"], facts["image_size"] = list(tokens.shape[1:]), int(images.shape[1])
       feats = (_encode_captions(encode_text, captions, pad_to, feature_dtype) if encode_text
                else [None] * len(images))
-      for tok, caps, feat in zip(tokens, captions, feats, strict=True):
+      if labels is None:
+        labels = [None] * len(images)
+      else:
+        labels = [int(v) for v in labels]
+        low, high = facts["label_range"] or (min(labels), max(labels))
+        facts["label_range"] = [min(low, *labels), max(high, *labels)]
+      for tok, caps, feat, label in zip(tokens, captions, feats, labels, strict=True):
         if feat is not None:
           facts["feature_shape"] = list(feat.shape[1:])
-        writer.write(encode_record(tok.reshape(-1).astype(dtype), caps, feat, feature_dtype))
+        writer.write(encode_record(tok.reshape(-1).astype(dtype), caps, feat, feature_dtype,
+                                   label))
         facts["caption_counts"].append(len(caps))
       facts["num_records"] += len(images)
   finally:
@@ -330,6 +347,12 @@ def _merge_facts(staging: epath.Path, process_count: int) -> list[dict]:
   return shards
 
 
+def _label_range(shards: list[dict]) -> list[int] | None:
+  """[min, max] of every shard's labels; None when the records carry none."""
+  ranges = [s["label_range"] for s in shards if s.get("label_range")]
+  return [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None
+
+
 def _metadata(shards: list[dict], codebook_size: int, max_captions: int | None,
               description: str, feature_dtype: str, text_encoder: dict | None) -> dict:
   filled = [s for s in shards if s["num_records"]]
@@ -350,6 +373,7 @@ def _metadata(shards: list[dict], codebook_size: int, max_captions: int | None,
       "captions_per_record": [min(counts), max(counts)], "source": description,
       "files": [shard_name(p, len(shards)) for p in range(len(shards))],
       "shard_records": [s["num_records"] for s in shards],
+      "label_range": _label_range(shards),
   }
 
 
@@ -530,6 +554,8 @@ def _token_example(record: dict, rng: np.random.Generator, caption_dropout: floa
                    feature_shape: Sequence[int] | None) -> dict:
   k, caption, drop = loader.pick_caption(record["captions"], rng, caption_dropout)
   out = {"tokens": record["tokens"].astype(np.int32), "captions": caption, "drop_text": drop}
+  if "label" in record:
+    out["label"] = np.int32(record["label"])
   if feature_shape is not None:
     feats = record.get("text_features")
     if feats is None or len(feats) <= k or tuple(feats.shape[1:]) != tuple(feature_shape):
@@ -569,7 +595,8 @@ def token_batches(cache: TokenCacheSource | loader.MemoizedSource | str | os.Pat
     A grain iterator of dicts: ``tokens`` int32 (b, N); ``captions`` str (b,);
     ``drop_text`` bool (b,); ``text_ids`` int32 (b, L) with ``tokenize``;
     ``features_key`` float32 (b, L, D) when cached and wanted (those of "" for
-    an image without captions).
+    an image without captions); ``label`` int32 (b,) when cached (``drop_text``
+    then marks the rows trained on the null class).
   """
   source = TokenCacheSource(cache) if isinstance(cache, str | os.PathLike) else cache
   spec = source.metadata["text_features"]

@@ -9,7 +9,8 @@ through ``Denoiser`` and never ask which network is behind it:
 * ``TextConditionedDenoiser``: the transformer with its own text encoder,
   trained with it (its params include the encoder's);
 * ``PaellaPredictor``: the convolutional predictor, on a token grid of any
-  size its U-Net divides.
+  size its U-Net divides, alone (text features given) or with its own
+  trained text encoder (``TextConditionedPaella``).
 
 Everything here is pure: params come in as arguments, so the methods trace
 inside any jitted step or sampling loop.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vqdiffusion_jax.models import transformer
-from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
+from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser, TextConditionedPaella
 from vqdiffusion_jax.models.paella import PaellaPredictor
 
 FrozenTextEncoder = Callable[[Any, jax.Array], jax.Array]
@@ -49,20 +50,25 @@ class Denoiser:
   @property
   def trains_text_encoder(self) -> bool:
     """Whether the text encoder is part of the network and trains with it."""
-    return isinstance(self.network, TextConditionedDenoiser)
+    return isinstance(self.network, TextConditionedDenoiser | TextConditionedPaella)
 
   @property
   def resizable(self) -> bool:
     """Whether the network works on token grids of other sizes (convolutional)."""
-    return isinstance(self.network, PaellaPredictor)
+    return isinstance(self.network, PaellaPredictor | TextConditionedPaella)
+
+  @property
+  def predictor(self) -> PaellaPredictor:
+    """The Paella predictor of a resizable network."""
+    return self.network.denoiser if self.trains_text_encoder else self.network
 
   @property
   def codebook_size(self) -> int:
-    return self.network.codebook_size if self.resizable else self.network.config.codebook_size
+    return self.predictor.codebook_size if self.resizable else self.network.config.codebook_size
 
   @property
   def num_timesteps(self) -> int:
-    return self.network.num_timesteps if self.resizable else self.network.config.num_timesteps
+    return self.predictor.num_timesteps if self.resizable else self.network.config.num_timesteps
 
   @property
   def conditioning(self) -> str:
@@ -90,7 +96,7 @@ class Denoiser:
   def condition_shape(self) -> tuple[int, int]:
     """(L, D) of the text features the network reads."""
     if self.resizable:
-      return self.network.condition_length, self.network.condition_dim
+      return self.predictor.condition_length, self.predictor.condition_dim
     return self.network.config.condition_length, self.network.config.condition_dim
 
   def init(self, rng: jax.Array, grid: tuple[int, int] | None = None) -> dict:
@@ -102,8 +108,11 @@ class Denoiser:
     """
     if self.resizable:
       length, width = self.condition_shape()
-      return self.network.init(rng, jnp.zeros((1, *grid), jnp.int32), jnp.zeros((1,), jnp.int32),
-                               jnp.zeros((1, length, width)))
+      tokens, t = jnp.zeros((1, *grid), jnp.int32), jnp.zeros((1,), jnp.int32)
+      if self.trains_text_encoder:
+        return self.network.init(rng, tokens, t, jnp.zeros((1, length), jnp.int32),
+                                 method="from_ids")
+      return self.network.init(rng, tokens, t, jnp.zeros((1, length, width)))
     config = self.network.config
     tokens, t, condition = transformer.dummy_inputs(config)
     if self.trains_text_encoder:

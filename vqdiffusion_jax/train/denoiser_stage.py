@@ -1,18 +1,23 @@
-"""The denoiser stage of a run: text conditioning, model, state, batches, samples.
+"""The denoiser stage of a run: conditioning, model, state, batches, samples.
 
-Text conditioning follows ``config.text.kind`` (``build.conditioned_denoiser``):
-"trainable" fits a word vocabulary on the cached captions once (saved as
-``text_tokenizer.json`` beside the checkpoints) and trains a small text
-encoder jointly with the denoiser; "clip" loads a frozen CLIP text tower from
-``config.text.clip_path``. The token cache then holds the CLIP features of
-every caption (``frozen_text_encoder``), so the step reads them from the batch
-and never runs CLIP; with a cache whose features another encoder made, the
-step runs the tower on the caption ids, its params a frozen input.
+The condition follows ``config.denoiser`` (``build.conditioned_denoiser``):
+class labels (the token cache's ``label``, a ``data.caption_dropout`` share
+of them replaced by the null class), nothing, or text. Text follows
+``config.text.kind``: "trainable" fits a word vocabulary on the cached
+captions once (saved as ``text_tokenizer.json`` beside the checkpoints) and
+trains a small text encoder jointly with the denoiser; "clip" loads a frozen
+CLIP text tower from ``config.text.clip_path``. The token cache then holds
+the CLIP features of every caption (``frozen_text_encoder``), so the step
+reads them from the batch and never runs CLIP; with a cache whose features
+another encoder made, the step runs the tower on the caption ids, its params
+a frozen input. A "paella" denoiser trains with Paella's objective
+(``denoiser_step.make_paella_step``) and samples with its renoising sampler.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +50,25 @@ def fit_vocabulary(config: Any, directory: str | os.PathLike, cache) -> WordToke
   if jax.process_index() == 0:
     vocabulary.save(path)
   return vocabulary
+
+
+def check_labels(metadata: dict, num_classes: int, data_name: str) -> None:
+  """Raises unless a token cache's labels are all classes of a ``num_classes`` model.
+
+  Args:
+    metadata: the cache's metadata (``label_range``: [min, max] or None).
+    num_classes: ``denoiser.model.num_classes``.
+    data_name: the dataset, for the message.
+  """
+  label_range = metadata.get("label_range")
+  if label_range is None:
+    raise ValueError(f"denoiser.model.conditioning is 'class' but the token cache of "
+                     f"{data_name!r} holds no labels; train on a labelled dataset such as "
+                     "class_image_folders")
+  if label_range[0] < 0 or label_range[1] >= num_classes:
+    raise ValueError(f"the labels of {data_name!r} span {label_range[0]}..{label_range[1]}, "
+                     f"outside 0..{num_classes - 1}: set denoiser.model.num_classes to at "
+                     f"least {label_range[1] + 1}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,21 +157,24 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
   step then runs no text encoder); by default when the cache holds those of the
   run's frozen encoder.
   """
-  vocabulary = (fit_vocabulary(config, directory, cache) if config.text.kind == "trainable"
-                else None)
+  trained_text = build.reads_text(config) and config.text.kind == "trainable"
+  vocabulary = fit_vocabulary(config, directory, cache) if trained_text else None
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
   if cached_features is None:
     cached_features = uses_cached_features(config, conditioned, cache)
   denoiser = conditioned.denoiser
+  if denoiser.conditioning == "class":
+    check_labels(cache.metadata, denoiser.num_classes, config.data.name)
   schedule = build.schedule(config, vqvae.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   rules, rng = config.mesh.rules, jax.random.key(int(config.seed))
-  layout = {"history_timesteps": (denoiser.num_timesteps
-                                  if config.diffusion.importance_sampling else None)}
-  shardings = state_lib.state_shardings(rng, denoiser.init, optimizer, mesh, rules, **layout)
+  importance_sampling = config.diffusion.importance_sampling and not denoiser.resizable
+  layout = {"history_timesteps": denoiser.num_timesteps if importance_sampling else None}
+  init_fn = functools.partial(denoiser.init, grid=vqvae.grid)
+  shardings = state_lib.state_shardings(rng, init_fn, optimizer, mesh, rules, **layout)
 
   def init_state(params=None):
-    state, _ = state_lib.create_state(rng, denoiser.init, optimizer, mesh, rules, **layout)
+    state, _ = state_lib.create_state(rng, init_fn, optimizer, mesh, rules, **layout)
     if params is None:
       return state
     params = jax.device_put(denoiser.with_network_params(state.params, params),
@@ -161,7 +188,7 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
     frozen_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen)
     frozen = jax.device_put(frozen, frozen_shardings)
   train_step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion,
-                                             optimizer)
+                                             optimizer, grid=vqvae.grid)
 
   def jitted(step, sharding):
     fn = denoiser_step.jit_train_step(step, mesh, shardings, sharding,
@@ -180,8 +207,7 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
 
   return DenoiserTrainer(
       conditioned=conditioned, schedule=schedule,
-      abstract_state=state_lib.abstract_state(rng, denoiser.init, optimizer, mesh, rules,
-                                              **layout),
+      abstract_state=state_lib.abstract_state(rng, init_fn, optimizer, mesh, rules, **layout),
       frozen=frozen, init_state=init_state,
       step_fn=jitted(train_step, mesh_lib.batch_sharding(mesh)),
       steps_fn=jitted(runner.scan_steps(train_step), mesh_lib.stacked_batch_sharding(mesh)),
@@ -238,26 +264,47 @@ def seconds_per_step(trainer: DenoiserTrainer, calls: int = 4) -> float:
   return float(np.median(times[1:]))
 
 
+def sample_conditions(conditioned: build.Conditioned, batch: dict,
+                      count: int = 8) -> tuple[np.ndarray, list[str]]:
+  """The condition inputs of ``count`` samples drawn for a training batch, and their text.
+
+  Returns:
+    (text ids of the batch's captions, its class labels, or an empty
+    (count, 0) array for an unconditional denoiser; one line per sample
+    naming its caption or class, none when unconditional).
+  """
+  kind = conditioned.denoiser.conditioning
+  if kind == "class":
+    labels = np.asarray(batch["label"][:count], np.int32)
+    return labels, [f"class {label}" for label in labels.tolist()]
+  if kind == "none":
+    return np.zeros((count, 0), np.int32), []
+  captions = [str(c) for c in batch["captions"][:count]]
+  return np.asarray(conditioned.tokenize(captions)), captions
+
+
 def sample_writer(trainer: DenoiserTrainer, vqvae: build.VQVAE, seed: int,
                   guidance_scale: float = 3.0):
-  """``on_sample`` for the denoiser: EMA-weight samples for 8 of the batch's captions.
+  """``on_sample`` for the denoiser: EMA-weight samples for 8 of the batch's conditions.
 
-  Every step of the reverse process (``sampling.program``), with
-  classifier-free guidance when the model has a learnable null text.
+  Every step of the reverse process (``sampling.program``; Paella's renoising
+  sampler for its predictor), with classifier-free guidance when the model
+  has a null condition (learnable null text, null class). The captions or
+  classes go beside the grid in a ``.txt``.
   """
   conditioned = trainer.conditioned
   scale = guidance_scale if conditioned.denoiser.has_null_condition else 1.0
+  sampler = "paella" if conditioned.denoiser.resizable else "vqdiffusion"
   generate = jax.jit(sampling.program(
       conditioned.denoiser, trainer.schedule, vqvae.module,
-      samplers.SamplerConfig("vqdiffusion", guidance_scale=scale), vqvae.grid))
+      samplers.SamplerConfig(sampler, guidance_scale=scale), vqvae.grid))
 
   def write(step, state, batch, writer):
-    captions = [str(c) for c in batch["captions"][:8]]
+    inputs, lines = sample_conditions(conditioned, batch)
     _, images = generate(state.ema_params, trainer.frozen, vqvae.variables,
-                         [jnp.asarray(conditioned.tokenize(captions))], jax.random.key(seed),
-                         None, {})
+                         [jnp.asarray(inputs)], jax.random.key(seed), None, {})
     path = writer.write_images(step, "samples", np.asarray(images) * 2.0 - 1.0)
-    if path is not None:
-      epath.Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
+    if path is not None and lines:
+      epath.Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
 
   return write

@@ -21,6 +21,15 @@ The batch is a dict of arrays sharing a leading batch dimension:
   drop_text  (B,) bool     optional: rows trained unconditionally
   label      (B,) int      class labels ("class" conditioning); ``drop_text``
                            turns a row into the null class ``num_classes``
+                           (the share of such rows is logged as
+                           ``null_class_fraction``)
+
+Paella's convolutional predictor (a resizable ``Denoiser``) trains with its
+own objective instead (``make_train_step`` picks it; ``paella_loss``): t
+uniform over the steps, x_t = x_0 with a fraction 1 - abar_t of the tokens
+replaced by uniformly drawn ones (``q_sample`` of a "uniform" schedule, which
+never masks), and the label-smoothed cross-entropy of every original token.
+Paella's sampler ("paella") renoises with the same abar_t.
 
 Compute dtype (bfloat16) and rematerialisation come from the model's config.
 A non-finite loss or gradient norm shows as ``metrics["finite"] == False``;
@@ -34,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -131,22 +141,93 @@ def masked_accuracy(logits: jax.Array, x0: jax.Array, x_t: jax.Array,
   return hits / jnp.maximum(jnp.sum(masked), 1).astype(jnp.float32)
 
 
+def paella_loss(logits: jax.Array, x0: jax.Array, label_smoothing: float) -> jax.Array:
+  """Paella's loss: mean label-smoothed cross-entropy of every clean token.
+
+  Args:
+    logits: (B, N, K) network output.
+    x0: (B, N) clean tokens.
+    label_smoothing: the mass spread evenly over the K classes.
+
+  Returns:
+    A float32 scalar.
+  """
+  targets = optax.smooth_labels(jax.nn.one_hot(x0, logits.shape[-1]), label_smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def _optimizer_update(state: TrainState, grads: Any, optimizer, ema_decay: float,
+                      history: Any) -> TrainState:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=state_lib.ema_update(state.ema_params, params, ema_decay),
+                       loss_history=history)
+
+
+def make_paella_step(denoiser: Denoiser, schedule: Schedule, train_config: Any,
+                     optimizer: optax.GradientTransformation, grid: tuple[int, int]) -> Callable:
+  """The train step of Paella's predictor (module docstring); arguments as ``make_train_step``."""
+  if np.any(np.exp(np.asarray(schedule.log_cumprod_ct)) > 0):
+    raise ValueError("Paella's objective renoises with random tokens, never [MASK]: set "
+                     "diffusion.schedule to 'uniform'")
+  learning_rate = state_lib.learning_rate_schedule(train_config.optim,
+                                                   int(train_config.train.num_steps))
+  ema_decay = float(train_config.optim.ema_decay)
+  label_smoothing = float(train_config.denoiser.paella.label_smoothing)
+
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
+                 frozen_params: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng_t, rng_q = jax.random.split(jax.random.fold_in(rng, state.step))
+    x0 = batch["tokens"]
+    t, _ = sample_timesteps(rng_t, None, x0.shape[0], schedule.num_timesteps, False)
+    x_t = discrete.q_sample(schedule, rng_q, x0, t)
+
+    def loss_fn(params):
+      text = _text_features(denoiser, params, batch, frozen_params)
+      condition = condition_input(denoiser, params, batch, text)
+      logits = denoiser.logits(params, x_t, t, condition, grid, extra=state.extra)
+      return paella_loss(logits, x0, label_smoothing), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = _optimizer_update(state, grads, optimizer, ema_decay, state.loss_history)
+    grad_norm = state_lib.global_norm(grads)
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "param_norm": state_lib.global_norm(new_state.params),
+        "learning_rate": learning_rate(state.step),
+        "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == x0),
+        "noise_fraction": jnp.mean(x_t != x0),
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
 def make_train_step(denoiser: Denoiser, schedule: Schedule, train_config: Any,
-                    diffusion_config: Any, optimizer: optax.GradientTransformation) -> Callable:
+                    diffusion_config: Any, optimizer: optax.GradientTransformation,
+                    grid: tuple[int, int] | None = None) -> Callable:
   """Builds the pure train step of the denoiser.
 
   Args:
     denoiser: the denoiser (its network's config sets dtype and remat).
     schedule: the noise schedule.
     train_config: the experiment config (its ``optim`` section: ema_decay and
-      the learning-rate schedule, logged; ``train.num_steps``).
+      the learning-rate schedule, logged; ``train.num_steps``; for Paella
+      ``denoiser.paella.label_smoothing``).
     diffusion_config: ``config.diffusion`` (aux_weight, adaptive_aux,
       mask_weight, importance_sampling).
     optimizer: the optax transformation the state was created with.
+    grid: (h, w) of the tokens; needed by a resizable (Paella) network,
+      which trains with ``make_paella_step``.
 
   Returns:
     ``train_step(state, batch, rng, frozen_params=None) -> (state, metrics)``.
   """
+  if denoiser.resizable:
+    if grid is None:
+      raise ValueError("Paella's predictor needs the token grid to train")
+    return make_paella_step(denoiser, schedule, train_config, optimizer, grid)
   learning_rate = state_lib.learning_rate_schedule(train_config.optim,
                                                    int(train_config.train.num_steps))
   ema_decay = float(train_config.optim.ema_decay)
@@ -186,6 +267,9 @@ def make_train_step(denoiser: Denoiser, schedule: Schedule, train_config: Any,
         "learning_rate": learning_rate(state.step), "accuracy": accuracy,
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     }
+    if denoiser.conditioning == "class":
+      labels = condition_input(denoiser, state.params, batch, None)
+      metrics["null_class_fraction"] = jnp.mean(labels == denoiser.num_classes)
     return new_state, metrics
 
   return train_step
