@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax import build, loading
+from vqdiffusion_jax import build, config_schema, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -46,6 +46,7 @@ def train(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages did not run.
   """
+  config_schema.check_user_paths(config)
   deadline = None
   if budget.enabled(config):
     deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
