@@ -21,4 +21,4 @@ def get_config(arg=None):
   config.mesh = schema.mesh(data=-1, fsdp=8)
   config.train.remat = True
   config.train.scan_layers = True  # one compiled block for the 36 layers
-  return schema.finish(config, arg)
+  return schema.finish(config, arg, runlocal_keeps_dtype=True)  # bfloat16 at any size

@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 
-from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
+from tests import user_files
 from tests.test_diffusers_pipeline import tiny_pipeline
 from vqdiffusion_jax import evaluate, loading, report, sample
 from vqdiffusion_jax.convert import __main__ as convert_cli
@@ -49,7 +48,7 @@ def test_the_main_job_writes_its_report(tiny_workdir):
   text = (out / "report.md").read_text()
   assert "Oracle accuracy of the reconstructions" in text
   assert "by the number of objects in the caption" in text
-  assert "| purity | 8 | 2 | 1 |" in text and "## VQ-VAE reconstruction" in text
+  assert "| purity | 3 | 2 | 1 |" in text and "## VQ-VAE reconstruction" in text
   assert "target" not in text.lower() and "met" not in text.split()  # figures only
   assert f"- machine: {len(jax.devices())} x {jax.devices()[0].device_kind}" in text
   assert "matmuls: VQ-VAE float32, denoiser float32" in text  # runlocal: float32
@@ -287,23 +286,10 @@ def tiny_checkpoints(tmp_path_factory):
   return str(root), ours
 
 
-def _tiny_clip_dir(path):
-  """A tiny random Hugging Face CLIPModel directory with its tokenizer (save_pretrained)."""
-  torch.manual_seed(3)
-  sizes = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-           "intermediate_size": 37}
-  config = transformers.CLIPConfig(
-      text_config={**TEXT_CONFIG, **sizes},
-      vision_config={**sizes, "image_size": 16, "patch_size": 8}, projection_dim=16)
-  transformers.CLIPModel(config).save_pretrained(str(path))
-  TOKENIZER.save_pretrained(str(path))
-  return str(path)
-
-
 def test_evaluate_reads_converted_and_diffusers_directories(tiny_checkpoints, tmp_path):
   captions = tmp_path / "captions.txt"
   captions.write_text("a cat\n\na dog\nthe cat\n")
-  clip = _tiny_clip_dir(tmp_path / "clip")
+  clip = user_files.clip_dir(tmp_path / "clip", vision=True, seed=3)
   for kind, path in zip(("diffusers", "converted"), tiny_checkpoints, strict=True):
     assert evaluate.checkpoint_kind(path) == kind
     out = tmp_path / kind

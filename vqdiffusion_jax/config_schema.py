@@ -191,16 +191,19 @@ RUNLOCAL_SAMPLER_STEPS = 3
 RUNLOCAL_FSDP = 4
 
 
-def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def runlocal(config: ml_collections.ConfigDict, *,
+             keep_dtype: bool = False) -> ml_collections.ConfigDict:
   """Shrinks a config's sizes and steps to a 2-core CPU (minutes), keeping its path.
 
   Every kind stays: dataset, text kind, patch or convolutional VQ-VAE, its
   perceptual and adversarial losses (the adversarial term from step 0),
   mesh axes (an fsdp axis over ``RUNLOCAL_FSDP`` devices), remat, scanned
-  layers, dtypes, sampler names. Sizes shrink: ``RUNLOCAL_IMAGE_SIZE`` px
-  images, tiny widths and depths, ``RUNLOCAL_STEPS`` steps a stage of
+  layers, sampler names. Sizes shrink: ``RUNLOCAL_IMAGE_SIZE`` px images,
+  tiny widths and depths, ``RUNLOCAL_STEPS`` steps a stage of
   ``RUNLOCAL_BATCH`` images, and samplers of at most
-  ``RUNLOCAL_SAMPLER_STEPS`` steps on 8 images. User files stay as given.
+  ``RUNLOCAL_SAMPLER_STEPS`` steps on 8 images. Compute is float32
+  (bfloat16 is emulated on most CPUs, ten times slower) unless
+  ``keep_dtype``, and so are matmuls. User files stay as given.
   """
   with config.unlocked():
     _shrink_data(config.data)
@@ -212,8 +215,12 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.denoiser.model.update(num_layers=2, embed_dim=32, num_heads=2)
     config.diffusion.num_timesteps = 10
     config.optim.update(learning_rate=1e-3, warmup_steps=1, ema_decay=0.99)
+    # float32 matmuls: "auto" would pick bfloat16 on some CPUs, and tests want one answer.
     config.train.update(global_batch=RUNLOCAL_BATCH, num_steps=RUNLOCAL_STEPS, log_every=1,
-                        checkpoint_every=1, sample_every=0, steps_per_call=1)
+                        checkpoint_every=1, sample_every=0, steps_per_call=1,
+                        matmul_dtype="float32")
+    if not keep_dtype:
+      config.train.dtype = "float32"
     samplers = dict.fromkeys(_shrunk_sampler(s) for s in config.eval.samplers)
     config.eval.update(samplers=tuple(samplers),
                        num_samples=8, batch_size=8, grid_size=4)
@@ -239,7 +246,8 @@ def _shrink_vqvae(section: ml_collections.ConfigDict) -> None:
   model.update(num_embeddings=64, embed_dim=16)
   section.loss.update(disc_start=0, disc_channels=8, disc_layers=2)
   section.optim.update(learning_rate=1e-3, warmup_steps=0)
-  section.train.update(global_batch=RUNLOCAL_BATCH, num_steps=RUNLOCAL_STEPS, steps_per_call=1)
+  section.train.update(global_batch=RUNLOCAL_BATCH, num_steps=RUNLOCAL_STEPS, steps_per_call=1,
+                       matmul_dtype="float32")
 
 
 def _shrink_text(section: ml_collections.ConfigDict) -> None:
@@ -316,10 +324,15 @@ def _filled(values: dict, default: dict) -> dict:
   return out
 
 
-def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the config argument (only "runlocal" exists), completes and locks the config."""
+def finish(config: ml_collections.ConfigDict, arg: str | None, *,
+           runlocal_keeps_dtype: bool = False) -> ml_collections.ConfigDict:
+  """Applies the config argument (only "runlocal" exists), completes and locks the config.
+
+  ``runlocal_keeps_dtype``: ``runlocal`` keeps ``train.dtype`` (a config
+  whose path is its precision) instead of float32.
+  """
   if arg == "runlocal":
-    config = runlocal(config)
+    config = runlocal(config, keep_dtype=runlocal_keeps_dtype)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
   config = complete(config)
