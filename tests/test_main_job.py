@@ -156,6 +156,7 @@ def _shapes(config, workdir):
 def _cub200(config, workdir):
   _trained_vqvae(config, workdir, gan=True)
   _clip_text(config, workdir, "cub200_captions")
+  assert {tuple(s["shape"]) for s in _shardings(workdir / "denoiser", 2)} == {(8, 1, 1)}
 
 
 def _coco(config, workdir):
@@ -172,6 +173,18 @@ def _cc(config, workdir):
 def _ithq_large(config, workdir):
   _converted_vqvae(config, workdir)
   _clip_text(config, workdir, "captioned_folder")
+  shardings = _shardings(workdir / "denoiser", 2)
+  assert {tuple(s["shape"]) for s in shardings} == {(2, 4, 1)}  # data 2 x fsdp 4
+  assert any("fsdp" in s["partition_spec"] for s in shardings)
+  state, _ = _saved(workdir / "denoiser", 2)
+  blocks = [path for path, _ in _leaves(state["params"]) if "block" in path]
+  assert blocks and not any("block_0" in path for path in blocks), blocks[:3]  # scanned
+
+
+def _shardings(stage_dir, step):
+  """The mesh and partition spec of every array of a saved state, as Orbax records them."""
+  path = pathlib.Path(stage_dir, "checkpoints", str(step), "state", "_sharding")
+  return list(json.loads(path.read_text()).values())
 
 
 PATHS = {"shapes": _shapes, "cub200": _cub200, "coco": _coco, "cc": _cc,

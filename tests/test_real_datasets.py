@@ -9,10 +9,12 @@ import io
 import pathlib
 import pickle
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests import user_files
 from tests.user_files import (
   H,
   W,
@@ -25,7 +27,7 @@ from tests.user_files import (
   tsv,
   write,
 )
-from vqdiffusion_jax.data import folder, real
+from vqdiffusion_jax.data import folder, real, sources
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:
@@ -334,3 +336,36 @@ def test_conceptual_captions_layout_errors(tmp_path):
   (manual / "Validation_GCC-1.1.0-Validation.tsv").write_text("a\thttp://x\nno tab here\n")
   with pytest.raises(ValueError, match=r"Validation_GCC-1.1.0-Validation.tsv line 2"):
     _prepare("conceptual_captions", tmp_path, manual, data="d4")
+
+
+# -- built in the run -----------------------------------------------------------------------------
+
+def _data_section(name, manual_dir="", data_dir=""):
+  return ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "manual_dir": manual_dir,
+                                    "image_size": 32, "num_train": 0, "num_test": 0})
+
+
+def test_a_run_builds_its_dataset_from_the_manual_dir_once(tmp_path):
+  manual = user_files.coco_download(tmp_path / "coco")
+  workdir = tmp_path / "run"
+  source = sources.split_source(_data_section("mscoco_captions", str(manual)), "train",
+                                str(workdir))
+  assert len(source) == 12 and source[0]["image"].shape == (40, 48, 3)
+  built = workdir / "data" / "mscoco_captions"
+  assert built.is_dir()
+  stamp = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
+  again = sources.split_source(_data_section("mscoco_captions", str(manual)), "validation",
+                               str(workdir))
+  assert len(again) == 4
+  assert {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()} == stamp
+
+
+def test_a_run_names_the_flag_or_the_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"empty: pass --config.data.manual_dir"):
+    sources.split_source(_data_section("cub200_captions", data_dir=str(tmp_path / "tfds")),
+                         "train", str(tmp_path / "run"))
+  manual = user_files.coco_download(tmp_path / "coco")
+  (manual / "annotations" / "captions_val2014.json").unlink()
+  with pytest.raises(FileNotFoundError, match=r"annotations/captions_val2014.json not found"):
+    sources.split_source(_data_section("mscoco_captions", str(manual)), "train",
+                         str(tmp_path / "run"))

@@ -283,6 +283,8 @@ def check_user_paths(config: Any) -> None:
     if not loss.lpips_heads_path:
       missing.append("--config.vqvae.loss.lpips_heads_path=FILE (the LPIPS heads, vgg.pth of "
                      "the lpips package)")
+    if not (loss.lpips_vgg_path and loss.lpips_heads_path):
+      missing.append("or --config.vqvae.loss.perceptual_weight=0 to train without LPIPS")
   if missing:
     raise ValueError("the config needs files it does not name; pass " + "; ".join(missing))
 
