@@ -77,7 +77,8 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
       return state
     params = jax.device_put(denoiser.with_network_params(state.params, params),
                             shardings.params)
-    return state.replace(params=params, ema_params=params,
+    # The EMA gets its own buffers: the step donates the state, each buffer once.
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                          opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(
                              params))
 
