@@ -39,9 +39,12 @@ VQVAE_STAGE, TOKEN_CACHE, DENOISER_STAGE, REPORT_DIR = (
 
 
 def is_workdir(path: str) -> bool:
-  """Whether ``path`` holds a training run's VQ-VAE and denoiser stages."""
-  return all(os.path.isdir(os.path.join(path, stage)) for stage in (VQVAE_STAGE,
-                                                                     DENOISER_STAGE))
+  """Whether ``path`` holds a training run: its denoiser stage's checkpoints.
+
+  Its VQ-VAE is the VQ-VAE stage's, or the converted one its config's
+  ``vqvae.path`` names (then no VQ-VAE stage ran).
+  """
+  return os.path.isdir(os.path.join(path, DENOISER_STAGE, "checkpoints"))
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -76,7 +79,7 @@ def pipeline_parts(path: str, *, use_ema: bool = True, dtype: Any = None,
   if converted.is_converted(path) or os.path.isfile(os.path.join(path, "model_index.json")):
     return _converted_parts(path, dtype)
   raise FileNotFoundError(
-      f"{path} is neither a training workdir (with {VQVAE_STAGE}/ and {DENOISER_STAGE}/) "
+      f"{path} is neither a training workdir (with {DENOISER_STAGE}/checkpoints/) "
       "nor a converted (python -m vqdiffusion_jax.convert) or diffusers pipeline directory")
 
 
