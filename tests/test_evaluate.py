@@ -34,7 +34,9 @@ def test_sampler_specs_parse_and_reject_bad_ones():
 def test_the_main_job_writes_its_report(tiny_workdir):
   out = pathlib.Path(tiny_workdir, loading.REPORT_DIR)
   figures = json.loads((out / "report.json").read_text())
-  assert set(figures["samplers"]) == {"vqdiffusion_3steps_g1_r1", "purity_8steps_g2_r1"}
+  assert set(figures["samplers"]) == {  # shapes' samplers, 3 steps each in runlocal
+      "vqdiffusion_3steps_g1_r1", "vqdiffusion_3steps_g2_r1", "fewer_tokens_3steps_g2_r1",
+      "purity_3steps_g1.5_r1", "purity_3steps_g2_r1"}
   for label, row in figures["samplers"].items():
     assert set(row["oracle"]) == {*shapes.ATTRIBUTES, "all"}
     assert all(0.0 <= v <= 1.0 for v in row["oracle"].values())
