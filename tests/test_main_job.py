@@ -184,7 +184,7 @@ def _ithq_large(config, workdir):
 def _shardings(stage_dir, step):
   """The mesh and partition spec of every array of a saved state, as Orbax records them."""
   path = pathlib.Path(stage_dir, "checkpoints", str(step), "state", "_sharding")
-  return list(json.loads(path.read_text()).values())
+  return [json.loads(value) for value in json.loads(path.read_text()).values()]
 
 
 PATHS = {"shapes": _shapes, "cub200": _cub200, "coco": _coco, "cc": _cc,
