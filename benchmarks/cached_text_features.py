@@ -21,29 +21,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import torch
-import transformers
 
 from configs import shapes
-from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
+from tests import user_files
 from vqdiffusion_jax import build
 from vqdiffusion_jax.data import sources, token_cache
 from vqdiffusion_jax.train import denoiser_stage, loop
 from vqdiffusion_jax.train import mesh as mesh_lib
-
-
-def clip_dir(path: pathlib.Path, width: int, layers: int) -> str:
-  """A random CLIPModel directory with its tokenizer, as ``save_pretrained`` writes it."""
-  torch.manual_seed(0)
-  sizes = {"hidden_size": width, "num_hidden_layers": layers,
-           "num_attention_heads": max(1, width // 16), "intermediate_size": 4 * width}
-  config = transformers.CLIPConfig(
-      text_config={**TEXT_CONFIG, **sizes},
-      vision_config={**sizes, "num_hidden_layers": 1, "image_size": 16, "patch_size": 8},
-      projection_dim=16)
-  transformers.CLIPModel(config).save_pretrained(str(path))
-  TOKENIZER.save_pretrained(str(path))
-  return str(path)
 
 
 def main() -> None:
@@ -58,7 +42,9 @@ def main() -> None:
   config = shapes.get_config("runlocal")
   with config.unlocked():
     config.text.kind = "clip"
-    config.text.clip_path = clip_dir(root / "clip", args.width, args.layers)
+    config.text.clip_path = user_files.clip_dir(
+        root / "clip", hidden_size=args.width, num_heads=max(1, args.width // 16),
+        intermediate_size=4 * args.width, num_layers=args.layers)
     config.train.global_batch = args.batch
   module = build.vqvae_module(config)
   vqvae = build.VQVAE(module, jax.device_get(module.init(jax.random.key(0),

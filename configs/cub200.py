@@ -4,9 +4,17 @@
       --config.data.data_dir=/path/to/tfds --config.text.clip_path=/path/to/clip-vit-b32 \
       --config.vqvae.path=/path/to/converted-vqvae
 
-Needs the CUB-200 TFDS dataset built from a manual download, a CLIP
-ViT-B/32 text checkpoint directory and a trained or converted VQ-VAE.
-``:runlocal`` swaps all of that for the embedded shapes data and tiny models.
+Needs the CUB-200 download (built into TFDS on first use from
+``--config.data.manual_dir``, or built beforehand into ``data.data_dir``), a
+CLIP ViT-B/32 text checkpoint directory, and a converted VQ-VAE or the LPIPS
+weights to train one. ``:runlocal`` runs the same path at 32 px with tiny
+models and 2 steps a stage, on the same kinds of files (a tiny random CLIP
+will do)::
+
+  python -m vqdiffusion_jax.main --config=configs/cub200.py:runlocal --workdir=runs/cub-local \
+      --config.data.manual_dir=/path/to/birds --config.text.clip_path=/path/to/clip \
+      --config.vqvae.loss.lpips_vgg_path=/path/to/vgg16-397923af.pth \
+      --config.vqvae.loss.lpips_heads_path=/path/to/lpips/vgg.pth
 """
 
 import ml_collections

@@ -4,7 +4,7 @@
       --config.data.data_dir=/path/to/tfds --config.text.clip_path=/path/to/clip-vit-b32 \
       --config.vqvae.path=/path/to/converted-vqvae
 
-Activation rematerialisation and FSDP: plan the mesh first with
+Scanned, rematerialised layers and FSDP: plan the mesh first with
 ``python -m vqdiffusion_jax.plan --config=configs/ithq_large.py --devices=32``.
 """
 
@@ -20,4 +20,5 @@ def get_config(arg=None):
   config.denoiser = schema.denoiser(num_layers=36, embed_dim=1408, num_heads=16)
   config.mesh = schema.mesh(data=-1, fsdp=8)
   config.train.remat = True
-  return schema.finish(config, arg)
+  config.train.scan_layers = True  # one compiled block for the 36 layers
+  return schema.finish(config, arg, runlocal_keeps_dtype=True)  # bfloat16 at any size

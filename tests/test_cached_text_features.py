@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from configs import shapes
-from tests.test_evaluate import _tiny_clip_dir
+from tests import user_files
 from tests.two_process_worker import run_two_processes
 from vqdiffusion_jax import build
 from vqdiffusion_jax.data import sources, token_cache
@@ -36,7 +36,8 @@ def _vqvae(config):
 def clip_run(tmp_path_factory):
   """A tiny CLIP, a runlocal shapes config using it, a random VQ-VAE and the train split."""
   root = tmp_path_factory.mktemp("clip_run")
-  config = _clip_config(_tiny_clip_dir(root / "clip"), caption_dropout=0.5)
+  config = _clip_config(user_files.clip_dir(root / "clip", vision=True, seed=3),
+                        caption_dropout=0.5)
   source = sources.split_source(config.data, config.data.train_split, str(root))
   return config, _vqvae(config), source, root
 

@@ -7,6 +7,7 @@ import shutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from tests.helpers import assert_logically_partitioned
+from vqdiffusion_jax import build
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.convert.common import ConversionError
 from vqdiffusion_jax.models import clip_text
@@ -199,3 +201,16 @@ def test_logical_axes_and_bf16_compute(safetensors_dir):
   assert low.dtype == np.float32
   full = _ours_hidden(module, params, ids)
   assert 0 < np.abs(low - full).max() < 0.1
+
+
+def test_a_clip_of_another_width_than_the_config_states_is_named(safetensors_dir):
+  module, _, _ = clip_convert.load_clip_text(safetensors_dir)
+  text = ml_collections.ConfigDict({"clip_path": safetensors_dir, "width": 512})
+  with pytest.raises(ValueError, match=r"32 wide, the config's text.width is 512.*"
+                                       r"--config.text.width=32"):
+    build.check_clip_width(text, module)
+  for width in (0, 32):  # 0: the CLIP decides
+    text.width = width
+    build.check_clip_width(text, module)
+  with pytest.raises(ValueError, match=r"--config.text.clip_path=DIR"):
+    build.required_clip_path(ml_collections.ConfigDict({"clip_path": ""}))

@@ -38,3 +38,14 @@ def test_a_saved_config_gets_todays_defaults_for_what_it_lacks():
   assert config.train.steps_per_call == 1 and config.denoiser.model.pooled_text is False
   assert config.train.num_steps == 1234 and config.data.retired_key == "kept"
   assert config.denoiser.model.embed_dim == 128  # its own values stay
+
+
+def test_runlocal_needs_the_files_of_the_path_it_keeps():
+  cub = importlib.import_module("configs.cub200").get_config("runlocal")
+  with pytest.raises(ValueError, match=r"--config.text.clip_path=DIR.*lpips_vgg_path=FILE"
+                                       r".*lpips_heads_path=FILE.*perceptual_weight=0"):
+    schema.check_user_paths(cub)
+  with cub.unlocked():
+    cub.text.clip_path, cub.vqvae.path = "/clip", "/converted"  # no VQ-VAE to train: no LPIPS
+  schema.check_user_paths(cub)
+  schema.check_user_paths(importlib.import_module("configs.shapes").get_config("runlocal"))

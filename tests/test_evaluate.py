@@ -10,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 
-from tests.test_clip_text import TEXT_CONFIG, TOKENIZER
+from tests import user_files
 from tests.test_diffusers_pipeline import tiny_pipeline
 from vqdiffusion_jax import evaluate, loading, report, sample
 from vqdiffusion_jax.convert import __main__ as convert_cli
@@ -36,7 +35,9 @@ def test_sampler_specs_parse_and_reject_bad_ones():
 def test_the_main_job_writes_its_report(tiny_workdir):
   out = pathlib.Path(tiny_workdir, loading.REPORT_DIR)
   figures = json.loads((out / "report.json").read_text())
-  assert set(figures["samplers"]) == {"vqdiffusion_3steps_g1_r1", "purity_8steps_g2_r1"}
+  assert set(figures["samplers"]) == {  # shapes' samplers, 3 steps each in runlocal
+      "vqdiffusion_3steps_g1_r1", "vqdiffusion_3steps_g2_r1", "fewer_tokens_3steps_g2_r1",
+      "purity_3steps_g1.5_r1", "purity_3steps_g2_r1"}
   for label, row in figures["samplers"].items():
     assert set(row["oracle"]) == {*shapes.ATTRIBUTES, "all"}
     assert all(0.0 <= v <= 1.0 for v in row["oracle"].values())
@@ -50,7 +51,7 @@ def test_the_main_job_writes_its_report(tiny_workdir):
   text = (out / "report.md").read_text()
   assert "Oracle accuracy of the reconstructions" in text
   assert "by the number of objects in the caption" in text
-  assert "| purity | 8 | 2 | 1 |" in text and "## VQ-VAE reconstruction" in text
+  assert "| purity | 3 | 2 | 1 |" in text and "## VQ-VAE reconstruction" in text
   assert "target" not in text.lower() and "met" not in text.split()  # figures only
   assert f"- machine: {len(jax.devices())} x {jax.devices()[0].device_kind}" in text
   assert "matmuls: VQ-VAE float32, denoiser float32" in text  # runlocal: float32
@@ -290,23 +291,10 @@ def tiny_checkpoints(tmp_path_factory):
   return str(root), ours
 
 
-def _tiny_clip_dir(path):
-  """A tiny random Hugging Face CLIPModel directory with its tokenizer (save_pretrained)."""
-  torch.manual_seed(3)
-  sizes = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-           "intermediate_size": 37}
-  config = transformers.CLIPConfig(
-      text_config={**TEXT_CONFIG, **sizes},
-      vision_config={**sizes, "image_size": 16, "patch_size": 8}, projection_dim=16)
-  transformers.CLIPModel(config).save_pretrained(str(path))
-  TOKENIZER.save_pretrained(str(path))
-  return str(path)
-
-
 def test_evaluate_reads_converted_and_diffusers_directories(tiny_checkpoints, tmp_path):
   captions = tmp_path / "captions.txt"
   captions.write_text("a cat\n\na dog\nthe cat\n")
-  clip = _tiny_clip_dir(tmp_path / "clip")
+  clip = user_files.clip_dir(tmp_path / "clip", vision=True, seed=3)
   for kind, path in zip(("diffusers", "converted"), tiny_checkpoints, strict=True):
     assert evaluate.checkpoint_kind(path) == kind
     out = tmp_path / kind
@@ -409,7 +397,7 @@ def test_dataset_flags_stream_a_split(monkeypatch, tmp_path):
 def test_two_processes_evaluate_as_one_and_only_the_first_writes(tiny_checkpoints, tmp_path):
   from tests.two_process_worker import run_two_processes  # noqa: PLC0415
   converted = tiny_checkpoints[1]
-  clip = _tiny_clip_dir(tmp_path / "clip")
+  clip = user_files.clip_dir(tmp_path / "clip", vision=True, seed=3)
   (tmp_path / "captions.txt").write_text("a cat\na dog\nthe cat\nthe dog sat\na cat at\n")
   one = evaluate.main(["--checkpoint", converted, "--captions", str(tmp_path / "captions.txt"),
                        "--sampler", "vqdiffusion/2/2", "--batch_size", "4", "--clip", clip,

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 from torch import nn as tnn
 
+from tests import user_files
 from tests.helpers import assert_logically_partitioned
 from vqdiffusion_jax.convert import lpips as lpips_convert
 from vqdiffusion_jax.convert.common import ConversionError
@@ -22,41 +23,15 @@ from vqdiffusion_jax.models import lpips
 SHIFT = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
 SCALE = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
 FEATURE_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-WIDTHS = (64, 128, 256, 512, 512)
-
-
-def _vgg16_features() -> tnn.Sequential:
-  """torchvision's vgg16().features, index for index."""
-  layers, in_channels = [], 3
-  for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-               512, 512, 512, "M"):
-    if item == "M":
-      layers.append(tnn.MaxPool2d(kernel_size=2, stride=2))
-      continue
-    conv = tnn.Conv2d(in_channels, item, kernel_size=3, padding=1)
-    tnn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    tnn.init.normal_(conv.bias, 0.0, 0.1)
-    layers += [conv, tnn.ReLU(inplace=True)]
-    in_channels = item
-  return tnn.Sequential(*layers)
-
-
-class _Head(tnn.Module):
-
-  def __init__(self, channels):
-    super().__init__()
-    self.model = tnn.Sequential(tnn.Dropout(), tnn.Conv2d(channels, 1, 1, bias=False))
-    with torch.no_grad():
-      self.model[1].weight.uniform_(0.0, 2.0 / channels)
 
 
 class _TorchLPIPS(tnn.Module):
 
   def __init__(self):
     super().__init__()
-    self.features = _vgg16_features()
-    for i, width in enumerate(WIDTHS):
-      setattr(self, f"lin{i}", _Head(width))
+    self.features = user_files.vgg16_features()
+    for i, width in enumerate(user_files.LPIPS_WIDTHS):
+      setattr(self, f"lin{i}", user_files.LpipsHead(width))
 
   def forward(self, x, y):
     x, y = (x - SHIFT) / SCALE, (y - SHIFT) / SCALE

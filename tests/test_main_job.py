@@ -15,12 +15,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import user_files
+from vqdiffusion_jax import build
+from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.main import train_and_evaluate
+from vqdiffusion_jax.models import transformer
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ["shapes", "cub200", "coco", "cc", "ithq_large"]
+CLIP_WIDTH, OFFICIAL_CLIP_WIDTH = 32, 512
 
 
 def _config(name, **train):
@@ -40,22 +45,150 @@ def _untimed(metrics):
   return {k: v for k, v in metrics.items() if k not in runner.TIMING_SCALARS}
 
 
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+  """The files a user hands the text-to-image configs: CLIP, LPIPS, downloads, a VQ-VAE."""
+  root = tmp_path_factory.mktemp("user")
+  vgg, heads = user_files.lpips_files(root / "lpips")
+  # COCO's: as wide as CLIP ViT-B/32, which the official model's null text is made for.
+  wide_clip = user_files.clip_dir(root / "clip512", hidden_size=OFFICIAL_CLIP_WIDTH,
+                                  num_heads=8, intermediate_size=64)
+  coco = _runlocal("coco", {})
+  sizes = transformer.TransformerConfig(
+      codebook_size=user_files.VQGAN_CODES, spatial_size=(8, 8),
+      num_layers=coco.denoiser.model.num_layers, embed_dim=coco.denoiser.model.embed_dim,
+      num_heads=coco.denoiser.model.num_heads, condition_dim=OFFICIAL_CLIP_WIDTH,
+      num_timesteps=coco.diffusion.num_timesteps)
+  return {"clip": user_files.clip_dir(root / "clip"), "lpips_vgg": vgg, "lpips_heads": heads,
+          "vqvae": user_files.converted_vqvae(root / "vqvae"), "wide_clip": wide_clip,
+          "official": user_files.converted_official(root / "official", wide_clip, sizes),
+          "cub": str(user_files.cub_download(root / "cub")),
+          "coco": str(user_files.coco_download(root / "coco")),
+          "cc": str(user_files.cc_download(root / "cc")),
+          "folder": str(user_files.folder_download(root / "folder"))}
+
+
+def _overrides(name, user):
+  """The command-line overrides a user gives each config: the files it reads."""
+  text = {"text.clip_path": user["clip"]}
+  lpips = {"vqvae.loss.lpips_vgg_path": user["lpips_vgg"],
+           "vqvae.loss.lpips_heads_path": user["lpips_heads"]}
+  return {
+      "shapes": {},
+      "cub200": {**text, **lpips, "data.manual_dir": user["cub"]},
+      "coco": {"text.clip_path": user["wide_clip"], "data.manual_dir": user["coco"],
+               "vqvae.path": user["official"], "checkpoint.init_from": user["official"]},
+      "cc": {**text, "data.manual_dir": user["cc"], "vqvae.path": user["vqvae"]},
+      "ithq_large": {**text, "data.manual_dir": user["folder"], "vqvae.path": user["vqvae"]},
+  }[name]
+
+
+def _runlocal(name, overrides):
+  config = importlib.import_module(f"configs.{name}").get_config("runlocal")
+  with config.unlocked():
+    for key, value in overrides.items():
+      section, *rest = key.split(".")
+      target = config[section]
+      for part in rest[:-1]:
+        target = target[part]
+      target[rest[-1]] = value
+  return config
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_each_config_runs_two_steps_in_its_runlocal_form(name, tmp_path):
-  summary = train_and_evaluate(_config(name, sample_every=2), str(tmp_path))
+def test_each_config_runs_its_own_path_in_its_runlocal_form(name, user, tmp_path):
+  config = _runlocal(name, {**_overrides(name, user), "train.sample_every": 2})
+  summary = train_and_evaluate(config, str(tmp_path))
   assert summary["denoiser_step"] == 2
-  assert (tmp_path / "vqvae" / "samples" / "reconstructions_00000002.png").exists()
   captions = (tmp_path / "denoiser" / "samples" / "samples_00000002.txt").read_text()
   assert (tmp_path / "denoiser" / "samples" / "samples_00000002.png").exists()
   assert len(captions.splitlines()) == 8
+  assert [m["step"] for m in _metrics(tmp_path / "denoiser")] == [1, 2]
   for stage in ("vqvae", "denoiser"):
-    steps = [m["step"] for m in _metrics(tmp_path / stage)]
-    assert steps == [1, 2]
-    assert all(all(v == v for v in m.values()) for m in _metrics(tmp_path / stage))
-    assert all(0 <= m["input_fraction"] <= 1 and m["steps_per_second"] > 0
-               for m in _metrics(tmp_path / stage))
+    lines = _metrics(tmp_path / stage) if (tmp_path / stage / "metrics.jsonl").exists() else []
+    assert all(all(v == v for v in m.values()) for m in lines)
+    assert all(0 <= m["input_fraction"] <= 1 and m["steps_per_second"] > 0 for m in lines)
   assert (tmp_path / "token_cache" / "metadata.json").exists()
-  assert (tmp_path / "denoiser" / "checkpoints").is_dir()
+  assert (tmp_path / "report" / "report.md").exists()
+  PATHS[name](config, tmp_path)
+
+
+def _trained_vqvae(config, workdir, *, gan):
+  metrics = _metrics(workdir / "vqvae")
+  assert [m["step"] for m in metrics] == [1, 2]
+  assert (workdir / "vqvae" / "samples" / "reconstructions_00000002.png").exists()
+  last = metrics[-1]
+  assert ("d_loss" in last) == gan, sorted(last)  # the PatchGAN discriminator trained
+  assert (last["perceptual"] > 0) == gan and (last["g_loss"] != 0) == gan, last
+
+
+def _converted_vqvae(config, workdir):
+  assert not (workdir / "vqvae" / "metrics.jsonl").exists()
+  module, _ = checkpoints.load_vqvae(config.vqvae.path)
+  assert module.config.vocabulary_size == user_files.VQGAN_CODES
+  cache = json.loads((workdir / "token_cache" / "metadata.json").read_text())
+  assert cache["codebook_size"] == user_files.VQGAN_CODES
+
+
+def _clip_text(config, workdir, dataset, width=CLIP_WIDTH):
+  """The denoiser reads CLIP features of the user's CLIP width; the data is the dataset built."""
+  assert config.text.kind == "clip"
+  state, _ = _saved(workdir / "denoiser", 2)
+  null_text = [leaf for path, leaf in _leaves(state["params"]) if path.endswith("null_text")]
+  assert [leaf.shape for leaf in null_text] == [(77, width)]
+  assert (workdir / "data" / dataset).is_dir()
+
+
+def _leaves(tree, prefix=""):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _leaves(value, f"{prefix}/{key}")
+  else:
+    yield prefix, np.asarray(tree)
+
+
+def _shapes(config, workdir):
+  _trained_vqvae(config, workdir, gan=False)
+  assert config.vqvae.model.patch_size and config.text.kind == "trainable"
+  assert (workdir / "denoiser" / build.VOCABULARY_FILE).exists()
+
+
+def _cub200(config, workdir):
+  _trained_vqvae(config, workdir, gan=True)
+  _clip_text(config, workdir, "cub200_captions")
+  assert {tuple(s["shape"]) for s in _shardings(workdir / "denoiser", 2)} == {(8, 1, 1)}
+
+
+def _coco(config, workdir):
+  _converted_vqvae(config, workdir)
+  _clip_text(config, workdir, "mscoco_captions", width=OFFICIAL_CLIP_WIDTH)
+  assert _saved(workdir / "denoiser", 1)[1]["origin"] == "init_from"
+
+
+def _cc(config, workdir):
+  _converted_vqvae(config, workdir)
+  _clip_text(config, workdir, "conceptual_captions")
+
+
+def _ithq_large(config, workdir):
+  _converted_vqvae(config, workdir)
+  _clip_text(config, workdir, "captioned_folder")
+  shardings = _shardings(workdir / "denoiser", 2)
+  assert {tuple(s["shape"]) for s in shardings} == {(2, 4, 1)}  # data 2 x fsdp 4
+  assert any("fsdp" in s["partition_spec"] for s in shardings)
+  state, _ = _saved(workdir / "denoiser", 2)
+  blocks = [path for path, _ in _leaves(state["params"]) if "block" in path]
+  assert blocks and not any("block_0" in path for path in blocks), blocks[:3]  # scanned
+
+
+def _shardings(stage_dir, step):
+  """The mesh and partition spec of every array of a saved state, as Orbax records them."""
+  path = pathlib.Path(stage_dir, "checkpoints", str(step), "state", "_sharding")
+  return [json.loads(value) for value in json.loads(path.read_text()).values()]
+
+
+PATHS = {"shapes": _shapes, "cub200": _cub200, "coco": _coco, "cc": _cc,
+         "ithq_large": _ithq_large}
 
 
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):

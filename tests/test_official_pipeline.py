@@ -19,6 +19,7 @@ from torch.nn import functional
 
 from tests import official_taming as taming
 from tests import official_vqdiffusion as official
+from tests import user_files
 from tests.test_clip_text import TOKENIZER
 from tests.test_convert_codecs import (
   GUMBEL_DD,
@@ -58,18 +59,6 @@ def _official_model(codec):
   return model
 
 
-def _clip_dir(path):
-  torch.manual_seed(1)
-  config = transformers.CLIPTextConfig(
-      hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=8, intermediate_size=64,
-      vocab_size=len(TOKENIZER), max_position_embeddings=TEXT_LEN,
-      bos_token_id=TOKENIZER.bos_token_id, eos_token_id=TOKENIZER.eos_token_id,
-      pad_token_id=TOKENIZER.pad_token_id)
-  transformers.CLIPTextModel(config).save_pretrained(path)
-  TOKENIZER.save_pretrained(path)
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("official_pipeline")
@@ -81,9 +70,11 @@ def files(tmp_path_factory):
   optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
   checkpoint = str(root / "coco_learnable.pth")
   official.save_checkpoint(checkpoint, model, ema, optimizer)
+  clip = user_files.clip_dir(root / "clip", hidden_size=TEXT_DIM, num_heads=8,
+                             intermediate_size=64, seed=1)
   return {"checkpoint": checkpoint, "model": model, "codec": codec, "root": root,
           "config": _write(root / "taming_f8.yaml", _model_yaml(GUMBEL_TARGET, GUMBEL_DD, 8)),
-          "remap": _write(root / "remap.pt", remap), "clip": _clip_dir(root / "clip")}
+          "remap": _write(root / "remap.pt", remap), "clip": clip}
 
 
 @pytest.fixture

@@ -253,7 +253,7 @@ def test_the_trainers_resolve_auto_for_this_machine():
   config = shapes_config.get_config("runlocal")
   with config.unlocked():
     config.train.matmul_dtype = config.vqvae.train.matmul_dtype = "auto"
-    config.vqvae.model.patch_size = 4  # runlocal's VQ-VAE is convolutional
+    config.vqvae.model.patch_size = 4
   here = precision.resolve_matmul_dtype("auto")
   assert build.denoiser_matmul_dtype(config) == here
   assert build.vqvae_module(config, training=True).matmul_dtype == here

@@ -6,44 +6,28 @@ reads it back through ``as_data_source``.
 """
 
 import io
-import json
 import pathlib
 import pickle
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from vqdiffusion_jax.data import folder, real
-
-H, W = 12, 16
-
-
-def _noise(seed: int, channels: int) -> np.ndarray:
-  shape = (H, W) if channels == 1 else (H, W, channels)
-  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def _smooth(seed: int) -> np.ndarray:
-  """A gradient image, which JPEG keeps within a few levels."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[0:H, 0:W]
-  base, gy, gx = rng.uniform(60, 190, 3), rng.uniform(-3, 3, 3), rng.uniform(-3, 3, 3)
-  return np.clip(base + y[..., None] * gy + x[..., None] * gx, 0, 255).astype(np.uint8)
-
-
-def _write(path: pathlib.Path, pixels: np.ndarray, mode: str | None = None) -> np.ndarray:
-  """Writes pixels (format from the suffix); returns the RGB pixels a reader should get."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image = Image.fromarray(pixels)
-  if mode:
-    image = image.convert(mode)
-  if path.suffix == ".png":
-    image.save(path)
-  else:
-    image.save(path, format="JPEG", quality=95, subsampling=0)
-  with Image.open(path) as written:
-    return np.asarray(written.convert("RGB"))
+from tests import user_files
+from tests.user_files import (
+  H,
+  W,
+  coco_split,
+  cub,
+  listing,
+  noise,
+  py2_pickle,
+  smooth,
+  tsv,
+  write,
+)
+from vqdiffusion_jax.data import folder, real, sources
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:
@@ -74,14 +58,14 @@ def _prepare(name, tmp_path, manual, config=None, data="data"):
 
 def test_rgb_image_bytes_passes_rgb_through_and_converts_the_rest(tmp_path):
   rgb_png, rgb_jpg = tmp_path / "a.png", tmp_path / "b.jpg"
-  _write(rgb_png, _noise(0, 3))
-  _write(rgb_jpg, _smooth(1))
+  write(rgb_png, noise(0, 3))
+  write(rgb_jpg, smooth(1))
   assert folder.rgb_image_bytes(rgb_png) == rgb_png.read_bytes()
   assert folder.rgb_image_bytes(rgb_jpg) == rgb_jpg.read_bytes()
-  for name, pixels, mode in [("g.jpg", _smooth(2), "L"), ("a.png", _noise(3, 4), None),
-                             ("c.jpg", _smooth(4), "CMYK"), ("p.png", _noise(5, 3), "P")]:
+  for name, pixels, mode in [("g.jpg", smooth(2), "L"), ("a.png", noise(3, 4), None),
+                             ("c.jpg", smooth(4), "CMYK"), ("p.png", noise(5, 3), "P")]:
     path = tmp_path / "other" / name
-    expected = _write(path, pixels, mode)
+    expected = write(path, pixels, mode)
     encoded = folder.rgb_image_bytes(path)
     assert encoded[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as original, Image.open(io.BytesIO(encoded)) as image:
@@ -112,27 +96,20 @@ def test_hash_split_is_stable_and_takes_the_fraction():
 
 # -- captioned folder -----------------------------------------------------------------------------
 
-def _folder(manual: pathlib.Path, lines: list) -> pathlib.Path:
-  manual.mkdir(parents=True, exist_ok=True)
-  text = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines)
-  (manual / folder.CAPTIONS_FILE).write_text(text + "\n")
-  return manual
-
-
 def _folder_images(manual: pathlib.Path) -> dict:
   return {
-      "a.png": _write(manual / "a.png", _noise(10, 3)),
-      "sub/b.jpg": _write(manual / "sub" / "b.jpg", _smooth(11)),
-      "c.png": _write(manual / "c.png", _noise(12, 1)),
-      "d.png": _write(manual / "d.png", _noise(13, 4)),
-      "sub/e.jpg": _write(manual / "sub" / "e.jpg", _smooth(14), "L"),
+      "a.png": write(manual / "a.png", noise(10, 3)),
+      "sub/b.jpg": write(manual / "sub" / "b.jpg", smooth(11)),
+      "c.png": write(manual / "c.png", noise(12, 1)),
+      "d.png": write(manual / "d.png", noise(13, 4)),
+      "sub/e.jpg": write(manual / "sub" / "e.jpg", smooth(14), "L"),
   }
 
 
 def test_captioned_folder_groups_captions_and_keeps_pixels(tmp_path):
   manual = tmp_path / "manual"
   expected = _folder_images(manual)
-  _folder(manual, [
+  listing(manual, [
       {"file": "a.png", "caption": "  a red\tsquare \n"},
       {"file": "./sub/b.jpg", "captions": ["first of b", "second  of b"], "extra": 1},
       "",
@@ -151,13 +128,13 @@ def test_captioned_folder_groups_captions_and_keeps_pixels(tmp_path):
   assert set(examples) == set(expected)
   for name in ("a.png", "c.png", "d.png", "sub/e.jpg"):
     np.testing.assert_array_equal(examples[name][0], expected[name])
-  np.testing.assert_array_equal(test["c.png"][0], _rgb(_noise(12, 1)))
-  np.testing.assert_array_equal(train["d.png"][0], _noise(13, 4)[..., :3])
+  np.testing.assert_array_equal(test["c.png"][0], _rgb(noise(12, 1)))
+  np.testing.assert_array_equal(train["d.png"][0], noise(13, 4)[..., :3])
   np.testing.assert_array_equal(train["sub/b.jpg"][0], expected["sub/b.jpg"])
-  diff = np.abs(train["sub/b.jpg"][0].astype(int) - _smooth(11))
+  diff = np.abs(train["sub/b.jpg"][0].astype(int) - smooth(11))
   assert diff.max() <= 8 and diff.mean() < 2
   gray = np.abs(train["sub/e.jpg"][0].astype(int) - _rgb(np.asarray(
-      Image.fromarray(_smooth(14)).convert("L"))))
+      Image.fromarray(smooth(14)).convert("L"))))
   assert gray.max() <= 8
 
 
@@ -165,8 +142,8 @@ def test_captioned_folder_hash_split_config_and_determinism(tmp_path):
   manual = tmp_path / "manual"
   names = [f"img{i}.png" for i in range(12)]
   for i, name in enumerate(names):
-    _write(manual / name, _noise(100 + i, 3))
-  _folder(manual, [{"file": n, "caption": f"image {i}"} for i, n in enumerate(names)]
+    write(manual / name, noise(100 + i, 3))
+  listing(manual, [{"file": n, "caption": f"image {i}"} for i, n in enumerate(names)]
           + [{"file": names[0], "caption": "pinned", "split": "val"}])
   config = folder.CaptionedFolderConfig(name="half", test_fraction=0.5)
   first = _prepare("captioned_folder", tmp_path, manual, config=config, data="one")
@@ -197,8 +174,8 @@ def test_captioned_folder_hash_split_config_and_determinism(tmp_path):
 ])
 def test_captioned_folder_errors_name_the_line(tmp_path, lines, error, pattern):
   manual = tmp_path / "manual"
-  _write(manual / "a.png", _noise(0, 3))
-  _folder(manual, lines)
+  write(manual / "a.png", noise(0, 3))
+  listing(manual, lines)
   with pytest.raises(error, match=pattern):
     _prepare("captioned_folder", tmp_path, manual)
 
@@ -209,7 +186,7 @@ def test_missing_manual_dir_and_captions_file_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*CUB-200-2011"):
     _prepare("cub200_captions", tmp_path, tmp_path / "nowhere")
   manual = tmp_path / "no_listing"
-  _write(manual / "a.png", _noise(0, 3))
+  write(manual / "a.png", noise(0, 3))
   with pytest.raises(FileNotFoundError, match=r"no_listing/captions.jsonl not found"):
     _prepare("captioned_folder", tmp_path, manual)
   with pytest.raises(ValueError, match="unknown dataset"):
@@ -217,29 +194,6 @@ def test_missing_manual_dir_and_captions_file_are_named(tmp_path):
 
 
 # -- CUB-200 --------------------------------------------------------------------------------------
-
-def _py2_pickle(names: list[str]) -> bytes:
-  """A protocol-0 pickle of a list of Python 2 ``str``, as the AttnGAN metadata is."""
-  items = b"".join(b"S'%s'\np%d\na" % (n.encode(), i + 1) for i, n in enumerate(names))
-  return b"(lp0\n" + items + b"."
-
-
-def _cub(root: pathlib.Path, images: str, text: str, classes: dict) -> dict:
-  """Writes CUB images and caption files; returns name -> (pixels, captions)."""
-  out = {}
-  for c, (cls, stems) in enumerate(classes.items()):
-    for s, stem in enumerate(stems):
-      name = f"{cls}/{stem}"
-      mode = "L" if (c + s) % 3 == 2 else None
-      pixels = _write(root / images / f"{name}.jpg", _smooth(7 * c + s), mode)
-      captions = [f"bird {name} caption {k}" for k in range(10)]
-      text_path = root / text / f"{name}.txt"
-      text_path.parent.mkdir(parents=True, exist_ok=True)
-      text_path.write_text("".join(f"{line}  \n" for line in captions[:5]) + "\n"
-                           + "\n".join(captions[5:]) + "\n")
-      out[name] = (pixels, captions)
-  return out
-
 
 def _check_cub(builder, written: dict, splits: dict):
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
@@ -254,14 +208,14 @@ def _check_cub(builder, written: dict, splits: dict):
 
 def test_cub_attngan_layout_with_filenames_pickles(tmp_path):
   manual = tmp_path / "birds"
-  written = _cub(manual, "CUB_200_2011/images", "text", {
+  written = cub(manual, "CUB_200_2011/images", "text", {
       "001.Black_footed_Albatross": ["Black_Footed_Albatross_0001_1", "Black_Footed_Albatross_2"],
       "002.Laysan_Albatross": ["Laysan_Albatross_0003_3"],
       "003.Sooty_Albatross": ["Sooty_Albatross_0004_4", "Sooty_Albatross_0005_5"]})
   names = sorted(written)
   splits = {"train": names[:2], "test": names[3:]}
   (manual / "train").mkdir()
-  (manual / "train" / "filenames.pickle").write_bytes(_py2_pickle(splits["train"]))
+  (manual / "train" / "filenames.pickle").write_bytes(py2_pickle(splits["train"]))
   (manual / "test").mkdir()
   with open(manual / "test" / "filenames.pickle", "wb") as f:
     pickle.dump(splits["test"], f, protocol=4)
@@ -271,7 +225,7 @@ def test_cub_attngan_layout_with_filenames_pickles(tmp_path):
 def test_cub_reed_and_vq_diffusion_layouts(tmp_path):
   reed = tmp_path / "reed"
   classes = {f"{i:03d}.Class_{i}": [f"Class_{i}_{j}" for j in range(2)] for i in (1, 2, 3)}
-  written = _cub(reed, "images", "text_c10", classes)
+  written = cub(reed, "images", "text_c10", classes)
   (reed / "trainvalclasses.txt").write_text("001.Class_1\n003.Class_3\n\n")
   (reed / "testclasses.txt").write_text("002.Class_2\n")
   splits = {"train": [n for n in written if not n.startswith("002")],
@@ -279,7 +233,7 @@ def test_cub_reed_and_vq_diffusion_layouts(tmp_path):
   _check_cub(_prepare("cub200_captions", tmp_path, reed, data="reed_data"), written, splits)
 
   vq = tmp_path / "vq"
-  written = _cub(vq, "images", "text/text", {f"{i:03d}.C{i}": [f"C{i}_0"] for i in range(1, 9)})
+  written = cub(vq, "images", "text/text", {f"{i:03d}.C{i}": [f"C{i}_0"] for i in range(1, 9)})
   splits = {"train": [n for n in written if not n.startswith(("004", "008"))],
             "test": [n for n in written if n.startswith(("004", "008"))]}
   _check_cub(_prepare("cub200_captions", tmp_path, vq, data="vq_data"), written, splits)
@@ -287,7 +241,7 @@ def test_cub_reed_and_vq_diffusion_layouts(tmp_path):
 
 def test_cub_errors(tmp_path):
   manual = tmp_path / "birds"
-  _cub(manual, "images", "text_c10", {"001.A": ["A_1", "A_2"]})
+  cub(manual, "images", "text_c10", {"001.A": ["A_1", "A_2"]})
   (manual / "text_c10" / "001.A" / "A_2.txt").unlink()
   with pytest.raises(FileNotFoundError, match=r"001.A/A_2.*A_2.txt not found"):
     _prepare("cub200_captions", tmp_path, manual)
@@ -303,34 +257,13 @@ def test_cub_errors(tmp_path):
 
 # -- MSCOCO ---------------------------------------------------------------------------------------
 
-def _coco_split(root: pathlib.Path, prefix: str, year: str, images: list, nested: bool) -> dict:
-  """Writes one COCO split; images: (image_id, [(annotation_id, caption)]); returns expected."""
-  folder_name = f"{prefix}{year}"
-  image_dir = root / folder_name / folder_name if nested else root / folder_name
-  records, annotations, expected = [], [], {}
-  for image_id, captions in images:
-    file_name = (f"COCO_{folder_name}_{image_id:012d}.jpg" if year == "2014"
-                 else f"{image_id:012d}.jpg")
-    mode = "L" if image_id % 2 else None
-    pixels = _write(image_dir / file_name, _smooth(image_id), mode)
-    records.append({"id": image_id, "file_name": file_name, "height": H, "width": W})
-    annotations += [{"id": a, "image_id": image_id, "caption": c} for a, c in captions]
-    if captions:
-      expected[file_name] = (pixels, [" ".join(c.split()) for _, c in sorted(captions)])
-  (root / "annotations").mkdir(parents=True, exist_ok=True)
-  annotations.reverse()
-  (root / "annotations" / f"captions_{folder_name}.json").write_text(
-      json.dumps({"images": records[::-1], "annotations": annotations}))
-  return expected
-
-
 def test_coco_2014_groups_captions_per_image(tmp_path):
   manual = tmp_path / "coco"
-  train = _coco_split(manual, "train", "2014", [
+  train = coco_split(manual, "train", "2014", [
       (9, [(30, "A plate of food. "), (12, "Some  food\n"), (41, "dinner")]),
       (25, [(7, "A giraffe.")]),
       (30, [])], nested=False)
-  val = _coco_split(manual, "val", "2014", [(42, [(2, "a cat"), (1, "two cats")]),
+  val = coco_split(manual, "val", "2014", [(42, [(2, "a cat"), (1, "two cats")]),
                                             (73, [(5, "a bike")])], nested=True)
   builder = _prepare("mscoco_captions", tmp_path, manual)
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
@@ -350,8 +283,8 @@ def test_coco_2014_groups_captions_per_image(tmp_path):
 
 def test_coco_2017_and_missing_image(tmp_path):
   manual = tmp_path / "coco17"
-  train = _coco_split(manual, "train", "2017", [(3, [(1, "x")])], nested=False)
-  _coco_split(manual, "val", "2017", [(4, [(2, "y")])], nested=False)
+  train = coco_split(manual, "train", "2017", [(3, [(1, "x")])], nested=False)
+  coco_split(manual, "val", "2017", [(4, [(2, "y")])], nested=False)
   builder = _prepare("mscoco_captions", tmp_path, manual, config="2017")
   assert set(_read(builder, "train")) == set(train) == {"000000000003.jpg"}
   (manual / "val2017" / "000000000004.jpg").unlink()
@@ -361,22 +294,18 @@ def test_coco_2017_and_missing_image(tmp_path):
 
 # -- Conceptual Captions --------------------------------------------------------------------------
 
-def _tsv(path: pathlib.Path, captions: list[str]):
-  path.write_text("".join(f"{c}\thttp://example.com/{i}.jpg\n" for i, c in enumerate(captions)))
-
-
 def test_conceptual_captions_skips_and_counts_missing_images(tmp_path):
   manual = tmp_path / "cc"
   manual.mkdir()
-  _tsv(manual / "Train_GCC-training.tsv",
+  tsv(manual / "Train_GCC-training.tsv",
        [f"  caption  {i} " for i in range(6)])
-  _tsv(manual / "Validation_GCC-1.1.0-Validation.tsv", ["val zero", "val one"])
-  train = {"0.jpg": (_write(manual / "training" / "0.jpg", _smooth(0)), ["caption 0"]),
-           "000002.png": (_write(manual / "training" / "000002.png", _noise(2, 1)), ["caption 2"]),
-           "5.png": (_write(manual / "training" / "5.png", _noise(5, 4)), ["caption 5"])}
+  tsv(manual / "Validation_GCC-1.1.0-Validation.tsv", ["val zero", "val one"])
+  train = {"0.jpg": (write(manual / "training" / "0.jpg", smooth(0)), ["caption 0"]),
+           "000002.png": (write(manual / "training" / "000002.png", noise(2, 1)), ["caption 2"]),
+           "5.png": (write(manual / "training" / "5.png", noise(5, 4)), ["caption 5"])}
   (manual / "training" / "3.jpg").write_bytes(b"<html>gone</html>")
   (manual / "training" / "notes.txt").write_text("ignored")
-  val = {"1.jpeg": (_write(manual / "validation" / "1.jpeg", _smooth(8), "L"), ["val one"])}
+  val = {"1.jpeg": (write(manual / "validation" / "1.jpeg", smooth(8), "L"), ["val one"])}
   builder = _prepare("conceptual_captions", tmp_path, manual)
   for split, expected in (("train", train), ("validation", val)):
     got = _read(builder, split)
@@ -392,18 +321,51 @@ def test_conceptual_captions_skips_and_counts_missing_images(tmp_path):
 def test_conceptual_captions_layout_errors(tmp_path):
   manual = tmp_path / "cc"
   manual.mkdir()
-  _tsv(manual / "Validation_GCC-1.1.0-Validation.tsv", ["a", "b"])
+  tsv(manual / "Validation_GCC-1.1.0-Validation.tsv", ["a", "b"])
   with pytest.raises(FileNotFoundError, match=r"cc/validation for Validation_GCC"):
     _prepare("conceptual_captions", tmp_path, manual, data="d1")
-  _write(manual / "validation" / "1.jpg", _smooth(0))
-  _write(manual / "validation" / "01.png", _noise(1, 3))
+  write(manual / "validation" / "1.jpg", smooth(0))
+  write(manual / "validation" / "01.png", noise(1, 3))
   with pytest.raises(ValueError, match=r"both row 1"):
     _prepare("conceptual_captions", tmp_path, manual, data="d2")
   (manual / "validation" / "01.png").unlink()
-  _write(manual / "validation" / "7.jpg", _smooth(7))
+  write(manual / "validation" / "7.jpg", smooth(7))
   with pytest.raises(ValueError, match=r"7.jpg: row 7 is past the end"):
     _prepare("conceptual_captions", tmp_path, manual, data="d3")
   (manual / "validation" / "7.jpg").unlink()
   (manual / "Validation_GCC-1.1.0-Validation.tsv").write_text("a\thttp://x\nno tab here\n")
   with pytest.raises(ValueError, match=r"Validation_GCC-1.1.0-Validation.tsv line 2"):
     _prepare("conceptual_captions", tmp_path, manual, data="d4")
+
+
+# -- built in the run -----------------------------------------------------------------------------
+
+def _data_section(name, manual_dir="", data_dir=""):
+  return ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "manual_dir": manual_dir,
+                                    "image_size": 32, "num_train": 0, "num_test": 0})
+
+
+def test_a_run_builds_its_dataset_from_the_manual_dir_once(tmp_path):
+  manual = user_files.coco_download(tmp_path / "coco")
+  workdir = tmp_path / "run"
+  source = sources.split_source(_data_section("mscoco_captions", str(manual)), "train",
+                                str(workdir))
+  assert len(source) == 12 and source[0]["image"].shape == (40, 48, 3)
+  built = workdir / "data" / "mscoco_captions"
+  assert built.is_dir()
+  stamp = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
+  again = sources.split_source(_data_section("mscoco_captions", str(manual)), "validation",
+                               str(workdir))
+  assert len(again) == 4
+  assert {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()} == stamp
+
+
+def test_a_run_names_the_flag_or_the_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"empty: pass --config.data.manual_dir"):
+    sources.split_source(_data_section("cub200_captions", data_dir=str(tmp_path / "tfds")),
+                         "train", str(tmp_path / "run"))
+  manual = user_files.coco_download(tmp_path / "coco")
+  (manual / "annotations" / "captions_val2014.json").unlink()
+  with pytest.raises(FileNotFoundError, match=r"annotations/captions_val2014.json not found"):
+    sources.split_source(_data_section("mscoco_captions", str(manual)), "train",
+                         str(tmp_path / "run"))

@@ -229,13 +229,32 @@ def conditioned_denoiser(config: Any, vqvae: VQVAE,
   if not reads_text(config):
     return Conditioned(denoiser(config, **geometry), tokenize=None)
   if config.text.kind == "clip":
-    module, params, hf_tokenizer = clip_convert.load_clip_text(config.text.clip_path)
+    module, params, hf_tokenizer = clip_convert.load_clip_text(required_clip_path(config.text))
+    check_clip_width(config.text, module)
     return Conditioned(denoiser(config, clip=module, **geometry),
                        clip_tokenize(module, hf_tokenizer), params)
   if vocabulary is None:
     raise ValueError("a trainable text encoder needs its caption vocabulary")
   return Conditioned(denoiser(config, vocab_size=vocabulary.vocab_size, **geometry),
                      functools.partial(encode_words, vocabulary, int(config.text.length)))
+
+
+def required_clip_path(text: Any) -> str:
+  """``text.clip_path``, or a ValueError naming the flag that sets it."""
+  if not text.clip_path:
+    raise ValueError("text.clip_path is empty: text.kind 'clip' reads a Hugging Face CLIP "
+                     "directory (weights and tokenizer, e.g. a local copy of "
+                     "openai/clip-vit-base-patch32); pass --config.text.clip_path=DIR")
+  return str(text.clip_path)
+
+
+def check_clip_width(text: Any, clip: clip_text.CLIPTextTransformer) -> None:
+  """A ValueError when the config states a text width (above 0) that the CLIP lacks."""
+  width = int(text.get("width", 0))
+  if width and width != clip.hidden_size:
+    raise ValueError(f"the CLIP text tower in {text.clip_path} is {clip.hidden_size} wide, the "
+                     f"config's text.width is {width}: pass the CLIP the config was made for, "
+                     f"or --config.text.width={clip.hidden_size}")
 
 
 def read_vocabulary(directory: str | os.PathLike) -> WordTokenizer:

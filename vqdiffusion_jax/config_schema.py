@@ -4,7 +4,9 @@
 with ``finish(config, arg)``. The sections and their keys:
 
   seed
-  data:        name, data_dir, image_size, train_split, eval_split,
+  data:        name, data_dir, manual_dir (the user's download a real
+               dataset is built from on first use, into data_dir or
+               WORKDIR/data), image_size, train_split, eval_split,
                caption_dropout (also the class-label dropout to the null
                class), text_length, random_flip, random_crop,
                cache_dir (token cache), num_workers, in_memory, num_train,
@@ -29,7 +31,8 @@ with ``finish(config, arg)``. The sections and their keys:
                adversarial weights, disc_start, lpips paths), optim (as
                ``optim``, without EMA), train (global_batch,
                num_steps, matmul_dtype as in train, steps_per_call)
-  text:        kind ("trainable" | "clip"), clip_path, width, length,
+  text:        kind ("trainable" | "clip"), clip_path, width (of a "clip"
+               tower: checked against clip_path's; 0 takes it), length,
                num_layers, num_heads, max_vocab, position_encoding ("learned"
                | "rotary") (trainable)
   denoiser:    kind ("transformer" | "paella"), model (TransformerConfig
@@ -58,7 +61,12 @@ default. A run's saved config goes through ``complete`` too when it is read
 back: keys added since it was written take today's defaults.
 
 ``runlocal`` (``--config=configs/X.py:runlocal``) shrinks any config to a
-2-core CPU: the embedded shapes data at 32 px, tiny models, a few steps.
+2-core CPU and keeps its path: the same dataset, text kind, VQ-VAE kind and
+losses, mesh axes, remat and scan, precision and samplers, at 32 px with
+tiny widths and depths, 2 steps a stage and a tiny evaluation. The files a
+run reads from the user (``text.clip_path``, ``data.manual_dir``, the LPIPS
+weights, ``vqvae.path``, ``checkpoint.init_from``) stay as given on the
+command line.
 """
 
 from typing import Any
@@ -104,7 +112,7 @@ def train(global_batch: int, num_steps: int, *, dtype: str = "bfloat16", remat: 
 def data(name: str, image_size: int, *, data_dir: str = "", text_length: int = 77,
          caption_dropout: float = 0.1) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      "name": name, "data_dir": data_dir, "image_size": image_size,
+      "name": name, "data_dir": data_dir, "manual_dir": "", "image_size": image_size,
       "train_split": "train", "eval_split": "test", "caption_dropout": caption_dropout,
       "text_length": text_length, "random_flip": False, "random_crop": False,
       "cache_dir": "",
@@ -206,32 +214,111 @@ def evaluation(samplers=("vqdiffusion/all/1", "vqdiffusion/all/3", "vqdiffusion/
   })
 
 
-def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a config to the embedded shapes data and tiny models (CPU, minutes)."""
+RUNLOCAL_IMAGE_SIZE = 32
+RUNLOCAL_STEPS = 2
+RUNLOCAL_BATCH = 8
+RUNLOCAL_SAMPLER_STEPS = 3
+RUNLOCAL_FSDP = 4
+
+
+def runlocal(config: ml_collections.ConfigDict, *,
+             keep_dtype: bool = False) -> ml_collections.ConfigDict:
+  """Shrinks a config's sizes and steps to a 2-core CPU (minutes), keeping its path.
+
+  Every kind stays: dataset, text kind, patch or convolutional VQ-VAE, its
+  perceptual and adversarial losses (the adversarial term from step 0),
+  mesh axes (an fsdp axis over ``RUNLOCAL_FSDP`` devices), remat, scanned
+  layers, sampler names. Sizes shrink: ``RUNLOCAL_IMAGE_SIZE`` px images,
+  tiny widths and depths, ``RUNLOCAL_STEPS`` steps a stage of
+  ``RUNLOCAL_BATCH`` images, and samplers of at most
+  ``RUNLOCAL_SAMPLER_STEPS`` steps on 8 images. Compute is float32
+  (bfloat16 is emulated on most CPUs, ten times slower) unless
+  ``keep_dtype``, and so are matmuls. User files stay as given.
+  """
   with config.unlocked():
-    config.data = data("shapes", 32, text_length=24)
-    config.data.num_train, config.data.num_test = 64, 16
-    config.mesh = mesh()
+    _shrink_data(config.data)
+    if config.mesh.shape.fsdp != 1:
+      config.mesh.shape.update(data=-1, fsdp=RUNLOCAL_FSDP, tensor=1)
     config.time_budget = time_budget()
-    config.vqvae = vqvae(block_out_channels=(32, 64, 64), num_embeddings=64, embed_dim=16,
-                         latent_channels=32, attention_levels=())
-    config.vqvae.model.norm_num_groups = 8
-    config.vqvae.model.mid_block_attention = False
-    config.vqvae.loss.perceptual_weight = 0.0
-    config.vqvae.loss.disc_weight = 0.0
-    config.vqvae.optim.learning_rate = 1e-3
-    config.vqvae.train.global_batch = 8
-    config.vqvae.train.num_steps = 2
-    config.text = text("trainable", width=32, length=24)
-    config.text.max_vocab = 256
-    config.denoiser = denoiser(num_layers=2, embed_dim=32, num_heads=2)
-    config.diffusion = diffusion(num_timesteps=10)
-    config.optim = optim(1e-3, warmup_steps=1, ema_decay=0.99)
-    config.train = train(8, 2, dtype="float32", log_every=1, checkpoint_every=1,
-                         sample_every=0)
-    config.eval = evaluation(("vqdiffusion/3/1", "purity/8/2"), num_samples=8, batch_size=8,
-                             grid_size=4)
+    _shrink_vqvae(config.vqvae)
+    _shrink_text(config.text)
+    config.denoiser.model.update(num_layers=2, embed_dim=32, num_heads=2)
+    config.diffusion.num_timesteps = 10
+    config.optim.update(learning_rate=1e-3, warmup_steps=1, ema_decay=0.99)
+    # float32 matmuls: "auto" would pick bfloat16 on some CPUs, and tests want one answer.
+    config.train.update(global_batch=RUNLOCAL_BATCH, num_steps=RUNLOCAL_STEPS, log_every=1,
+                        checkpoint_every=1, sample_every=0, steps_per_call=1,
+                        matmul_dtype="float32")
+    if not keep_dtype:
+      config.train.dtype = "float32"
+    samplers = dict.fromkeys(_shrunk_sampler(s) for s in config.eval.samplers)
+    config.eval.update(samplers=tuple(samplers),
+                       num_samples=8, batch_size=8, grid_size=4)
   return config
+
+
+def _shrink_data(section: ml_collections.ConfigDict) -> None:
+  section.image_size = RUNLOCAL_IMAGE_SIZE
+  section.in_memory = False
+  if section.name == "shapes":
+    section.update(num_train=64, num_test=16)
+
+
+def _shrink_vqvae(section: ml_collections.ConfigDict) -> None:
+  """Tiny widths (f = 4: an 8x8 token grid at 32 px), 64 codes, 2 steps from step 0."""
+  model = section.model
+  if model.patch_size:
+    model.update(block_out_channels=(32,), latent_channels=32)
+  else:
+    attention = (2,) if model.encoder_attention_levels else ()
+    model.update(block_out_channels=(32, 64, 64), latent_channels=32, norm_num_groups=8,
+                 encoder_attention_levels=attention, decoder_attention_levels=attention)
+  model.update(num_embeddings=64, embed_dim=16)
+  section.loss.update(disc_start=0, disc_channels=8, disc_layers=2)
+  section.optim.update(learning_rate=1e-3, warmup_steps=0)
+  section.train.update(global_batch=RUNLOCAL_BATCH, num_steps=RUNLOCAL_STEPS, steps_per_call=1,
+                       matmul_dtype="float32")
+
+
+def _shrink_text(section: ml_collections.ConfigDict) -> None:
+  if section.kind == "clip":
+    section.width = 0  # the user's CLIP decides, a tiny one or the real one
+  else:
+    section.update(width=32, length=min(int(section.length), 24), max_vocab=256)
+
+
+def _shrunk_sampler(spec: str) -> str:
+  """``name/steps/...`` with at most ``RUNLOCAL_SAMPLER_STEPS`` steps (all steps too)."""
+  name, *rest = spec.split("/")
+  if rest and (rest[0] in ("", "all") or int(rest[0]) > RUNLOCAL_SAMPLER_STEPS):
+    rest[0] = str(RUNLOCAL_SAMPLER_STEPS)
+  return "/".join([name, *rest]) if rest else f"{name}/{RUNLOCAL_SAMPLER_STEPS}"
+
+
+def check_user_paths(config: Any) -> None:
+  """A ValueError naming the flag to set for each file the run needs that the config lacks.
+
+  A denoiser that reads "clip" text needs ``text.clip_path``; a VQ-VAE trained with a
+  perceptual loss needs both LPIPS weight files.
+  """
+  missing = []
+  reads_text = (config.denoiser.kind == "paella"
+                or config.denoiser.model.conditioning == "text")
+  if reads_text and config.text.kind == "clip" and not config.text.clip_path:
+    missing.append("--config.text.clip_path=DIR (a Hugging Face CLIP directory: weights and "
+                   "tokenizer)")
+  loss = config.vqvae.loss
+  if not config.vqvae.path and float(loss.perceptual_weight) > 0:
+    if not loss.lpips_vgg_path:
+      missing.append("--config.vqvae.loss.lpips_vgg_path=FILE (torchvision's VGG16 state dict, "
+                     "vgg16-397923af.pth)")
+    if not loss.lpips_heads_path:
+      missing.append("--config.vqvae.loss.lpips_heads_path=FILE (the LPIPS heads, vgg.pth of "
+                     "the lpips package)")
+    if not (loss.lpips_vgg_path and loss.lpips_heads_path):
+      missing.append("or --config.vqvae.loss.perceptual_weight=0 to train without LPIPS")
+  if missing:
+    raise ValueError("the config needs files it does not name; pass " + "; ".join(missing))
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -271,10 +358,15 @@ def _filled(values: dict, default: dict) -> dict:
   return out
 
 
-def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the config argument (only "runlocal" exists), completes and locks the config."""
+def finish(config: ml_collections.ConfigDict, arg: str | None, *,
+           runlocal_keeps_dtype: bool = False) -> ml_collections.ConfigDict:
+  """Applies the config argument (only "runlocal" exists), completes and locks the config.
+
+  ``runlocal_keeps_dtype``: ``runlocal`` keeps ``train.dtype`` (a config
+  whose path is its precision) instead of float32.
+  """
   if arg == "runlocal":
-    config = runlocal(config)
+    config = runlocal(config, keep_dtype=runlocal_keeps_dtype)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
   config = complete(config)

@@ -131,7 +131,7 @@ def checkpoint_kind(path: str) -> str:
     return "diffusers"
   raise ValueError(
       f"--checkpoint {path} is not a checkpoint evaluate can read; expected a training workdir "
-      f"(with {loading.VQVAE_STAGE}/ and {loading.DENOISER_STAGE}/), a converted directory "
+      f"(with {loading.DENOISER_STAGE}/checkpoints/), a converted directory "
       f"(python -m vqdiffusion_jax.convert; {converted.CONFIG_NAME} of format "
       f"{converted.FORMAT!r}) or a diffusers VQDiffusionPipeline directory ({DIFFUSERS_INDEX})")
 

@@ -40,8 +40,12 @@ VQVAE_STAGE, TOKEN_CACHE, DENOISER_STAGE, REPORT_DIR = (
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
-  """Whether ``path`` (local or a URL) holds a training run's VQ-VAE and denoiser stages."""
-  return all((epath.Path(path) / stage).is_dir() for stage in (VQVAE_STAGE, DENOISER_STAGE))
+  """Whether ``path`` (local or a URL) holds a training run: its denoiser stage's checkpoints.
+
+  Its VQ-VAE is the VQ-VAE stage's, or the converted one its config's
+  ``vqvae.path`` names (then no VQ-VAE stage ran).
+  """
+  return (epath.Path(path) / DENOISER_STAGE / "checkpoints").is_dir()
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -76,7 +80,7 @@ def pipeline_parts(path: str, *, use_ema: bool = True, dtype: Any = None,
   if converted.is_converted(path) or os.path.isfile(os.path.join(path, "model_index.json")):
     return _converted_parts(path, dtype)
   raise FileNotFoundError(
-      f"{path} is neither a training workdir (with {VQVAE_STAGE}/ and {DENOISER_STAGE}/) "
+      f"{path} is neither a training workdir (with {DENOISER_STAGE}/checkpoints/) "
       "nor a converted (python -m vqdiffusion_jax.convert) or diffusers pipeline directory")
 
 

@@ -4,11 +4,14 @@
 cache and evaluation find their records: the shapes data is built on first
 use under ``data.data_dir`` (default ``WORKDIR/data``; a local directory, as
 array_record files are written and read as local files, so it must be given
-when the workdir is a URL such as ``gs://``); any other name is a TFDS dataset
-the user has built (``data.real`` has builders for CUB-200, MSCOCO,
-Conceptual Captions, captioned folders, and ImageNet-style class folders and
-FFHQ-style image folders, whose records carry a ``label`` or no condition
-instead of captions).
+when the workdir is a URL such as ``gs://``). The datasets of ``data.real``
+(CUB-200, MSCOCO, Conceptual Captions, captioned folders, and ImageNet-style
+class folders and FFHQ-style image folders, whose records carry a ``label``
+or no condition instead of captions) are built on first use from the user's
+download in ``data.manual_dir``, into ``data.data_dir`` (default
+``WORKDIR/data`` when a manual directory is given, else TFDS's default data
+dir); process 0 builds while the others wait. Any other name is a TFDS
+dataset the user has built.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import tensorflow_datasets as tfds
+from etils import epath
+from jax.experimental import multihost_utils
 
-from vqdiffusion_jax.data import shapes
+from vqdiffusion_jax.data import real, shapes
 
 Record = Mapping[str, Any]
 
@@ -28,10 +34,11 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
   """The records of one split of ``data.name``.
 
   Args:
-    data: the config's ``data`` section (name, data_dir, image_size and the
-      shapes split sizes num_train / num_test, 0 for the default).
+    data: the config's ``data`` section (name, data_dir, manual_dir,
+      image_size and the shapes split sizes num_train / num_test, 0 for the
+      default).
     split: a split name or slice, e.g. ``"train"`` or ``"test[:100]"``.
-    workdir: the run's directory (the shapes data's default home).
+    workdir: the run's directory (the default home of the data it builds).
   """
   if data.name == "shapes":
     if not data.data_dir and "://" in os.fspath(workdir):
@@ -42,7 +49,37 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
     builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
                            int(data.image_size), **sizes)
     return builder.as_data_source(split=split)
-  return tfds_source(data.name, split, data.data_dir)
+  manual_dir = str(data.get("manual_dir", "") or "")
+  data_dir = data.data_dir or (os.path.join(workdir, "data") if manual_dir else "")
+  if data.name in real.BUILDERS:
+    ensure_built(data.name, data_dir, manual_dir)
+  return tfds_source(data.name, split, data_dir)
+
+
+def ensure_built(name: str, data_dir: str, manual_dir: str) -> None:
+  """Builds the captioned dataset ``name`` from ``manual_dir`` unless ``data_dir`` has it.
+
+  Process 0 builds; every process waits for it at a barrier (none with one
+  process).
+
+  Raises:
+    FileNotFoundError: the dataset is not built and no ``manual_dir`` is
+      given, naming the flag to set; or the manual directory lacks a file or
+      folder of the dataset's layout, naming it.
+  """
+  root = epath.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
+  builder_class = real.BUILDERS[name]
+  if (root / name).exists() and builder_class(data_dir=root).is_prepared():
+    return
+  if not manual_dir:
+    raise FileNotFoundError(
+        f"dataset {name!r} is not built in {root} and data.manual_dir is empty: pass "
+        f"--config.data.manual_dir=DIR, your download laid out as {name} expects, to build "
+        f"it there:\n{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  if jax.process_index() == 0:
+    real.prepare(name, data_dir=root, manual_dir=manual_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"built {name}")
 
 
 def tfds_source(name: str, split: str, data_dir: str = "") -> Sequence[Record]:

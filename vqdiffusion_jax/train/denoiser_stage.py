@@ -91,7 +91,7 @@ def frozen_text_encoder(config: Any) -> FrozenText | None:
   The features are ``build.clip_features`` of the tokenized captions, the
   same function the step would run.
   """
-  if config.text.kind != "clip":
+  if not build.reads_text(config) or config.text.kind != "clip":
     return None
   module, params, hf_tokenizer = clip_convert.load_clip_text(config.text.clip_path)
   tokenize = build.clip_tokenize(module, hf_tokenizer)
@@ -127,7 +127,7 @@ def features_mismatch(metadata: dict, identity: dict | None) -> str | None:
 
 def uses_cached_features(config: Any, conditioned: build.Conditioned, cache) -> bool:
   """Whether the cache holds the features of this run's frozen text encoder."""
-  if config.text.kind != "clip":
+  if conditioned.frozen_params is None:
     return False
   length, width = conditioned.denoiser.condition_shape()
   identity = clip_identity(config, conditioned.frozen_params, length, width)
@@ -179,7 +179,8 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
       return state
     params = jax.device_put(denoiser.with_network_params(state.params, params),
                             shardings.params)
-    return state.replace(params=params, ema_params=params,
+    # The EMA gets its own buffers: the step donates the state, each buffer once.
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                          opt_state=jax.jit(optimizer.init, out_shardings=shardings.opt_state)(
                              params))
 

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqdiffusion_jax import build, loading
+from vqdiffusion_jax import build, config_schema, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget, denoiser_stage
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -51,6 +51,7 @@ def train(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages did not run.
   """
+  config_schema.check_user_paths(config)
   if "://" in os.fspath(workdir) and not config.data.cache_dir:
     raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
                      "data.cache_dir to a local directory for the token cache (its "
