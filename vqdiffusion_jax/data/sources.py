@@ -2,7 +2,8 @@
 
 ``split_source(config.data, split, workdir)`` is how training, the token
 cache and evaluation find their records: the shapes data is built on first
-use under ``data.data_dir`` (default ``WORKDIR/data``); any other name is a
+use under ``data.data_dir`` (default ``WORKDIR/data``; by process 0, the others
+waiting); any other name is a
 TFDS dataset the user has built (``data.real`` has builders for CUB-200,
 MSCOCO, Conceptual Captions and captioned folders).
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from vqdiffusion_jax import hosts
 from vqdiffusion_jax.data import shapes
 
 Record = Mapping[str, Any]
@@ -31,8 +33,9 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
   """
   if data.name == "shapes":
     sizes = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
-    builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
-                           int(data.image_size), **sizes)
+    with hosts.process_zero_first("vqdiffusion_jax_shapes_build"):
+      builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
+                             int(data.image_size), **sizes)
     return builder.as_data_source(split=split)
   return tfds_source(data.name, split, data.data_dir)
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax import build, sampling
+from vqdiffusion_jax import build, hosts, sampling
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.data import loader, token_cache
 from vqdiffusion_jax.diffusion import samplers
@@ -30,14 +30,14 @@ from vqdiffusion_jax.train import state as state_lib
 
 
 def fit_vocabulary(config: Any, directory: str, cache) -> WordTokenizer:
-  """The caption vocabulary: read back, or fitted once on the cached captions and saved."""
+  """The caption vocabulary: read back, or fitted once (by process 0) and saved."""
   path = os.path.join(directory, build.VOCABULARY_FILE)
-  if os.path.exists(path):
-    return WordTokenizer.load(path)
-  captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
-  vocabulary = WordTokenizer.fit(captions, int(config.text.max_vocab))
-  os.makedirs(directory, exist_ok=True)
-  if jax.process_index() == 0:
+  with hosts.process_zero_first("vqdiffusion_jax_vocabulary"):
+    if os.path.exists(path):
+      return WordTokenizer.load(path)
+    captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
+    vocabulary = WordTokenizer.fit(captions, int(config.text.max_vocab))
+    os.makedirs(directory, exist_ok=True)
     vocabulary.save(path)
   return vocabulary
 
@@ -94,12 +94,13 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
     extra = () if frozen is None else (frozen,)
     return lambda s, b, r: fn(s, runner.to_global(b, sharding), r, *extra)
 
+  block, blocks = mesh_lib.batch_block(mesh, int(config.train.global_batch), "train.global_batch")
+
   def batches():
     return token_cache.token_batches(
-        cache, batch_size=loader.per_host_batch(int(config.train.global_batch),
-                                                jax.process_count()),
-        seed=int(config.seed), process_index=jax.process_index(),
-        process_count=jax.process_count(), tokenize=conditioned.tokenize,
+        cache, batch_size=loader.per_host_batch(int(config.train.global_batch), blocks),
+        seed=int(config.seed), process_index=block, process_count=blocks,
+        tokenize=conditioned.tokenize,
         caption_dropout=float(config.data.caption_dropout), text_features=False,
         num_threads=int(config.data.num_workers))
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax import build, loading
+from vqdiffusion_jax import build, hosts, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -66,17 +66,18 @@ def train(config: Any, workdir: str) -> dict:
 
 
 def build_cache(config: Any, workdir: str, vqvae: build.VQVAE, source) -> str:
-  """Encodes the training split to tokens once; returns the cache directory."""
+  """Encodes the training split to tokens once (on process 0); returns the cache directory."""
   cache_dir = config.data.cache_dir or os.path.join(workdir, loading.TOKEN_CACHE)
-  try:
-    token_cache.TokenCacheSource(cache_dir)
-    return cache_dir
-  except (FileNotFoundError, ValueError):
-    pass
-  encode = jax.jit(lambda v, x: vqvae.module.apply(v, x, method="encode"))
-  token_cache.build_token_cache(
-      source, lambda images: np.asarray(encode(vqvae.variables, jnp.asarray(images))),
-      cache_dir, codebook_size=vqvae.codebook_size, image_size=int(config.data.image_size),
-      batch_size=64, description=f"{config.data.name} {config.data.train_split}",
-      overwrite=True)
+  with hosts.process_zero_first("vqdiffusion_jax_token_cache"):
+    try:
+      token_cache.TokenCacheSource(cache_dir)
+      return cache_dir
+    except (FileNotFoundError, ValueError):
+      pass
+    encode = jax.jit(lambda v, x: vqvae.module.apply(v, x, method="encode"))
+    token_cache.build_token_cache(
+        source, lambda images: np.asarray(encode(vqvae.variables, jnp.asarray(images))),
+        cache_dir, codebook_size=vqvae.codebook_size, image_size=int(config.data.image_size),
+        batch_size=64, description=f"{config.data.name} {config.data.train_split}",
+        overwrite=True)
   return cache_dir
