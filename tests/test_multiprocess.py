@@ -1,9 +1,10 @@
 """Several processes for real: launch/local_multiprocess.sh, two processes of four CPU devices.
 
-The runs are shared between the checks: one 2-process run straight through, one
-stopped by SIGTERM to a single process and relaunched, then that finished run
-with its newest denoiser step damaged and relaunched; each must end with the
-parameters of one process with eight devices on the same config.
+The runs are shared between the checks: a 2-process run straight through must end
+with (all but a few elements of) the parameters of one process with eight devices
+on the same config; a 2-process run stopped by SIGTERM to one process and
+relaunched, then relaunched again with its newest denoiser step damaged, must end
+with exactly the parameters of the straight run.
 """
 
 import os
@@ -101,28 +102,52 @@ def one_process(tmp_path_factory):
   return workdir
 
 
-def test_two_processes_train_what_one_process_does(one_process, tmp_path):
-  start = time.monotonic()
-  output = _launch(tmp_path)
-  assert "done: {" in output
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """The same config run straight through by two processes of four devices."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  output = _launch(workdir)
+  assert output.count("done: {") == 2, output[-6000:]
+  return workdir
+
+
+def _assert_all_but_a_few_close(got: dict, want: dict, tol: float = 1e-4, few: float = 1e-3):
+  """At most a ``few`` fraction of each array's elements differ by more than ``tol``."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for name, a, b in zip(ckpt_lib._leaf_names(got), jax.tree.leaves(got), jax.tree.leaves(want),
+                        strict=True):
+    far = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) > tol
+    assert far.mean() <= few, f"{name}: {far.sum()} of {far.size} elements differ by > {tol}"
+
+
+def _assert_same_final_state(workdir, reference) -> None:
+  for stage in ("vqvae", "denoiser"):
+    got_step, got = _final_arrays(workdir / stage)
+    want_step, want = _final_arrays(reference / stage)
+    assert got_step == want_step
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_two_processes_train_what_one_process_does(one_process, two_processes):
   for stage in ("vqvae", "denoiser"):
     want_step, want = _final_arrays(one_process / stage)
-    got_step, got = _final_arrays(tmp_path / stage)
+    got_step, got = _final_arrays(two_processes / stage)
     assert got_step == want_step == 2
-    # Same global batches in the same order, same keys: only the reduction order of the
-    # collectives (in-process vs. Gloo) may differ.
-    diff = _max_abs_diff(got, want)
-    print(f"{stage}: max abs diff to one process {diff:.3g}")
-    assert diff <= 1e-5, stage
+    # The same global batches in the same order and the same keys: only the order of the
+    # collectives' sums differs (in one process vs. over Gloo), by ~1e-5 after two steps.
+    # A different batch or key moves nearly every element by about the learning rate
+    # (1e-3); Adam may move a rare element that far too, where a near-zero gradient
+    # changes sign.
+    print(f"{stage}: max abs diff to one process {_max_abs_diff(got, want):.3g}")
+    _assert_all_but_a_few_close(got, want)
   # Process 0 alone wrote the metrics; no half-built dataset of a lost race remains.
-  assert (tmp_path / "config.json").exists()
-  assert len((tmp_path / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
-  assert not list(tmp_path.rglob("*incomplete*"))
-  print(f"straight 2-process run: {time.monotonic() - start:.0f}s")
+  assert (two_processes / "denoiser" / "config.json").exists()
+  assert len((two_processes / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
+  assert not list(two_processes.rglob("*incomplete*"))
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_then_resume_and_set_aside(
-    one_process, tmp_path):
+    two_processes, tmp_path):
   start = time.monotonic()
   process = _start(tmp_path)
   # Once the first stage's checkpointer exists its watcher is installed; the first
@@ -150,9 +175,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_resume_and_set_aside
 
   start = time.monotonic()
   _launch(tmp_path)
-  for stage in ("vqvae", "denoiser"):
-    assert _max_abs_diff(_final_arrays(tmp_path / stage)[1],
-                         _final_arrays(one_process / stage)[1]) <= 1e-5, stage
+  _assert_same_final_state(tmp_path, two_processes)
   print(f"resumed to the end: {time.monotonic() - start:.0f}s")
 
   start = time.monotonic()
@@ -163,9 +186,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_resume_and_set_aside
   assert len(re.findall(rf"restored step {damaged - 1} of ", output)) == 2, output
   aside = tmp_path / "denoiser" / "checkpoints_unusable"
   assert len(list(aside.iterdir())) == 1
-  step, arrays = _final_arrays(tmp_path / "denoiser")
-  assert step == damaged and _max_abs_diff(arrays, _final_arrays(one_process / "denoiser")[1]
-                                           ) <= 1e-5
+  _assert_same_final_state(tmp_path, two_processes)
   print(f"set aside step {damaged}, resumed from {damaged - 1}: {time.monotonic() - start:.0f}s")
 
 
