@@ -10,9 +10,11 @@ block.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import jax
+from jax._src import distributed
 from jax.experimental import multihost_utils
 
 
@@ -21,10 +23,25 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+# How long a process waits at a barrier for the others (process 0 may be building a dataset).
+BARRIER_TIMEOUT_SECONDS = 6 * 3600
+_barriers = itertools.count()
+
+
 def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier ``name`` (nothing on one process)."""
-  if jax.process_count() > 1:
+  """Waits until every process reaches the barrier ``name`` (nothing on one process).
+
+  The barrier is JAX's coordination service's, not a collective on the devices,
+  so a long wait is no device timeout (CPU collectives give up after 30 s).
+  Every process must pass the same barriers in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  client = distributed.global_state.client
+  if client is None:  # several processes without jax.distributed: only the devices can tell
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"{name}_{next(_barriers)}", BARRIER_TIMEOUT_SECONDS * 1000)
 
 
 @contextlib.contextmanager
