@@ -8,10 +8,7 @@
 # JAX_PLATFORMS defaults to cpu. SIGTERM or SIGINT to this script reaches every process as
 # SIGTERM (they agree on a step, save it and exit 143). The script reports each process's exit
 # status and exits with the first nonzero one; processes still running GRACE_SECONDS (default
-# 120) after a failure are killed. One process compiles each program and hands it to the others
-# (JAX_SHARE_BINARY_BETWEEN_HOSTS, through the compilation cache, default
-# ~/.cache/vqdiffusion_jax/jax_cache): that halves the compile time and keeps the processes in
-# step, which CPU collectives need (they give up when one process arrives 30 s after another).
+# 120) after a failure are killed.
 set -uo pipefail
 usage="usage: launch/local_multiprocess.sh NUM_PROCESSES [MAIN FLAGS...]"
 num_processes=${1:?$usage}
@@ -25,13 +22,11 @@ fi
 python=${PYTHON:-python3}
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 per_process=$(( total_devices / num_processes ))
-cache_dir=${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vqdiffusion_jax/jax_cache}
 
 pids=()
 declare -A index
 for (( i = 0; i < num_processes; i++ )); do
-  JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} JAX_COMPILATION_CACHE_DIR="$cache_dir" \
-  JAX_SHARE_BINARY_BETWEEN_HOSTS=${JAX_SHARE_BINARY_BETWEEN_HOSTS:-true} \
+  JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per_process" \
   JAX_COORDINATOR_ADDRESS="localhost:$port" JAX_NUM_PROCESSES="$num_processes" \
   JAX_PROCESS_ID="$i" \
