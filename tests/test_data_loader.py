@@ -89,6 +89,18 @@ def test_host_shards_are_disjoint_and_cover_each_epoch_once():
     assert sorted(seen) == list(range(n))
 
 
+def test_hosts_batches_side_by_side_are_the_batch_of_one_host():
+  source, hosts, batch = make_source(20), 4, 2
+  kw = {"image_size": 4, "seed": 5, "caption_dropout": 0.5, "random_flip": True}
+  per_host = [take(loader.image_batches(source, batch_size=batch, process_index=h,
+                                        process_count=hosts, **kw), 6) for h in range(hosts)]
+  single = take(loader.image_batches(source, batch_size=batch * hosts, **kw), 6)
+  for step, want in enumerate(single):
+    for key in ("label", "image", "drop_text", "captions"):
+      got = np.concatenate([per_host[h][step][key] for h in range(hosts)])
+      np.testing.assert_array_equal(got, want[key], err_msg=f"step {step} {key}")
+
+
 def test_finite_stream_gives_every_host_the_same_number_of_steps():
   source = make_source(10)
   counts = []

@@ -5,14 +5,16 @@ permutation of all records, drawn by grain's index shuffle with the seed
 ``derive(seed) + e``, so every epoch is reshuffled. Batches run across epoch
 boundaries; only the end of a finite stream is trimmed.
 
-Sharding. Every host builds the same global stream and keeps the positions
-``p`` with ``p % process_count == process_index`` (a strided slice, not grain's
-contiguous ``ShardOptions``). Host ``h``'s ``k``-th batch therefore holds
-positions ``[k * G, (k + 1) * G)`` of the global stream with ``G = batch_size *
-process_count``: the hosts' batches at one step together are exactly one global
-batch, an epoch is covered once when its length is a multiple of ``G``, and a
-finite stream is cut to a multiple of ``process_count`` so that every host makes
-the same number of steps.
+Sharding. Every host builds the same global stream and cuts it into global
+batches of ``G = batch_size * process_count`` positions; host ``h``'s ``k``-th
+batch is block ``h`` of global batch ``k``, positions ``[k * G + h * batch_size,
+k * G + (h + 1) * batch_size)`` (``HostPositions``). Laid out host after host
+(``jax.make_array_from_process_local_data`` on a mesh whose batch rows go
+process by process), the hosts' batches at one step are exactly the batch one
+host reading ``G`` would have, in the same order, so a run trains the same on
+any number of hosts. An epoch is covered once when its length is a multiple of
+``G``; of a last, partial global batch every host reads the same number of
+positions, so that every host makes the same number of steps.
 
 Randomness. Caption choice, caption dropout, crop and flip come from a NumPy
 generator seeded by ``(seed, epoch, record index)``, never from shared state, so
@@ -28,6 +30,7 @@ needed for that.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -259,6 +262,42 @@ def global_order(num_records: int, *, seed: int, num_epochs: int | None) -> grai
   return order.map_with_index(lambda p, i: (p // num_records, int(i)))
 
 
+@dataclasses.dataclass(frozen=True)
+class HostPositions:
+  """Which positions of the global stream one host reads, in its order.
+
+  Global batch ``k`` is positions ``[k * G, (k + 1) * G)`` with ``G = batch_size
+  * process_count``; host ``h`` reads its block ``[k * G + h * b, k * G + (h + 1)
+  * b)``. Of a last, partial global batch of ``r`` positions each host reads the
+  block of ``r // process_count`` at the same offset.
+  """
+
+  length: int
+  batch_size: int
+  process_index: int
+  process_count: int
+  last_block: int
+
+  def __call__(self, i: int) -> int:
+    batch, offset = divmod(int(i), self.batch_size)
+    size = self.batch_size * self.process_count
+    full = (self.length - self.last_block) // self.batch_size
+    if batch < full:
+      return batch * size + self.process_index * self.batch_size + offset
+    return full * size + self.process_index * self.last_block + (int(i) - full * self.batch_size)
+
+
+def host_positions(num_positions: int, batch_size: int, process_index: int,
+                   process_count: int) -> HostPositions:
+  """This host's share of a stream of ``num_positions`` (see ``HostPositions``)."""
+  size = batch_size * process_count
+  full, rest = divmod(num_positions, size)
+  last_block = rest // process_count
+  return HostPositions(length=full * batch_size + last_block, batch_size=batch_size,
+                       process_index=process_index, process_count=process_count,
+                       last_block=last_block)
+
+
 def sharded_batches(num_records: int, example_fn: Callable[[int, int], dict], *,
                     batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                     finalize: Callable[[dict], dict] | None = None,
@@ -286,9 +325,8 @@ def sharded_batches(num_records: int, example_fn: Callable[[int, int], dict], *,
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   order = global_order(num_records, seed=seed, num_epochs=num_epochs)
-  stop = len(order) - len(order) % process_count
-  ds = order.slice(slice(process_index, stop, process_count))
-  ds = ds.map(lambda pair: example_fn(*pair))
+  position = host_positions(len(order), batch_size, process_index, process_count)
+  ds = grain.MapDataset.range(position.length).map(lambda i: example_fn(*order[position(i)]))
   if num_threads:
     options = grain.ReadOptions(num_threads=num_threads,
                                 prefetch_buffer_size=prefetch or 2 * batch_size)

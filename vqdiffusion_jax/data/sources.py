@@ -20,11 +20,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import tensorflow_datasets as tfds
 from etils import epath
-from jax.experimental import multihost_utils
 
+from vqdiffusion_jax import hosts
 from vqdiffusion_jax.data import real, shapes
 
 Record = Mapping[str, Any]
@@ -46,8 +45,9 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
                        "data.data_dir to a local directory for the shapes data (its "
                        "array_record files are written and read as local files)")
     sizes = {k: v for k, v in (("num_train", data.num_train), ("num_test", data.num_test)) if v}
-    builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
-                           int(data.image_size), **sizes)
+    with hosts.process_zero_first("vqdiffusion_jax_shapes_build"):
+      builder = shapes.build(data.data_dir or os.path.join(workdir, "data"),
+                             int(data.image_size), **sizes)
     return builder.as_data_source(split=split)
   manual_dir = str(data.get("manual_dir", "") or "")
   data_dir = data.data_dir or (os.path.join(workdir, "data") if manual_dir else "")
@@ -76,10 +76,9 @@ def ensure_built(name: str, data_dir: str, manual_dir: str) -> None:
         f"dataset {name!r} is not built in {root} and data.manual_dir is empty: pass "
         f"--config.data.manual_dir=DIR, your download laid out as {name} expects, to build "
         f"it there:\n{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-  if jax.process_index() == 0:
-    real.prepare(name, data_dir=root, manual_dir=manual_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"built {name}")
+  with hosts.process_zero_first(f"vqdiffusion_jax_build_{name}"):
+    if hosts.is_main_process():
+      real.prepare(name, data_dir=root, manual_dir=manual_dir)
 
 
 def tfds_source(name: str, split: str, data_dir: str = "") -> Sequence[Record]:

@@ -53,6 +53,7 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
+from vqdiffusion_jax import hosts
 from vqdiffusion_jax.data import loader
 
 FORMAT = "vqdiffusion_jax.token_cache"
@@ -416,18 +417,13 @@ def staging_dir(out_dir: str | os.PathLike) -> epath.Path:
   return out.with_name(f".{out.name}.building")
 
 
-def _sync(name: str) -> None:
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  multihost_utils.sync_global_devices(name)
-
-
 def build_token_cache(data: Any, encode_images: EncodeImages, out_dir: str | os.PathLike, *,
                       codebook_size: int, image_size: int | None = None, batch_size: int = 64,
                       encode_text: EncodeText | None = None, max_captions: int | None = None,
                       description: str = "", overwrite: bool = False,
                       num_threads: int = 0, feature_dtype: str = "float16",
                       text_encoder: dict | None = None, process_index: int | None = None,
-                      process_count: int | None = None, barrier: Barrier = _sync) -> dict:
+                      process_count: int | None = None, barrier: Barrier = hosts.barrier) -> dict:
   """Encodes a dataset once into a token cache at ``out_dir``, each process its share.
 
   Every process calls this with the same arguments: each encodes its range

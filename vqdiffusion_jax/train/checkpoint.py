@@ -31,17 +31,20 @@ silently. Only once an older step has restored are the newer bad ones moved to
 ``checkpoints_unusable/`` (so that later saves of those step numbers are
 possible); nothing is moved or deleted when no step restores, and a read-only
 ``Checkpointer`` moves nothing. Keep at least two checkpoints (``keep >= 2``) so
-there is something to fall back to.
+there is something to fall back to. On several processes each reads a step on
+its own, then they share their outcomes (an all-gather): a step that any process
+cannot read is unusable on all, so every process picks the same step, and only
+process 0 moves the bad ones while the others wait.
 
 Preemption. ``PreemptionWatcher`` turns SIGTERM (and optionally SIGINT) into a
 flag that the loop polls with ``should_stop(step)``; the loop then saves with
-``force=True``, waits and exits normally. On several processes all hosts must
-agree on the step: there ``should_stop`` uses JAX's preemption sync point
-(``multihost_utils.reached_preemption_sync_point``, available after
-``jax.distributed.initialize()`` with the preemption service, JAX's own SIGTERM
-notifier), and Orbax's ``PreemptionCheckpointingPolicy`` in our save policy also
-saves at that step. Without the service the watcher installs its handler and
-shares the flag across hosts with an all-gather on every poll.
+``force=True``, waits and exits normally. On several processes all must stop at
+the same step, also when only one was signalled: there every poll all-gathers
+the flags, so each process polls at every step and stops at the first poll
+where any flag is set. (JAX's preemption service is switched off by
+``mesh.multihost_initialize``: its sync point is the fastest host's last step
+plus one, matched exactly, which steps that advance several at a time skip and
+which Orbax's own calls with older step numbers move.)
 
 Typical loop::
 
@@ -76,7 +79,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import hosts, outputs
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -164,11 +167,6 @@ def _config_dict(config: Any) -> dict:
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   return json.loads(json.dumps(config))
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def _reason(error: BaseException) -> str:
@@ -374,9 +372,19 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoints in {self.directory}")
     failures: list[tuple[int, str]] = []
     for candidate in candidates:
+      state = data_state = meta = None
       try:
-        state, data_state = self._restore_step(candidate, target(candidate))
-      except Exception as error:  # A step that cannot be read, whatever the cause, is unusable.
+        state, data_state, meta = self._read_step(candidate, target(candidate))
+        error = None
+      except Exception as failure:  # A step that cannot be read, whatever the cause, is unusable.
+        error = failure
+      error = _failure_anywhere(error)
+      if error is None and self.verify:
+        try:  # Collective where arrays span processes; the same verdict on every process.
+          _check_fingerprints(state, meta)
+        except UnusableCheckpointError as mismatch:
+          error = mismatch
+      if error is not None:
         failures.append((candidate, _reason(error)))
         logging.warning("checkpoint step %d in %s is unusable (%s)%s", candidate,
                         self.directory, failures[-1][1],
@@ -390,8 +398,12 @@ class Checkpointer:
     tried = "\n  ".join(f"step {s}: {why}" for s, why in failures)
     raise CheckpointError(f"no restorable checkpoint in {self.directory}; tried:\n  {tried}")
 
-  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """One step's state and data position, or UnusableCheckpointError / a read error."""
+  def _read_step(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """One step's state, data position and metadata, unverified; raises on a bad step.
+
+    Each process reads on its own, with no collective, so that a process that
+    fails here cannot leave the others waiting.
+    """
     if not (epath.Path(self.step_path(step)) / COMMIT_MARKER).exists():
       raise UnusableCheckpointError(
           f"{self.step_path(step)} has no {COMMIT_MARKER}: its save never committed")
@@ -402,9 +414,7 @@ class Checkpointer:
     if meta.get("format") != FORMAT_VERSION or meta.get("step") != step:
       raise UnusableCheckpointError(f"metadata says format {meta.get('format')}, step "
                                     f"{meta.get('step')}; expected {FORMAT_VERSION}, {step}")
-    if self.verify:
-      _check_fingerprints(state, meta)
-    return state, restored[DATA]
+    return state, restored[DATA], meta
 
   def _set_aside(self, steps: Sequence[int]) -> None:
     """Moves bad steps to ``<directory>_unusable/`` so their numbers can be saved again."""
@@ -419,8 +429,23 @@ class Checkpointer:
           target = aside / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
           source.replace(target)
           logging.warning("moved unusable checkpoint step %d to %s", step, target)
-    _sync("vqdiffusion_jax_checkpoint_set_aside")
+    hosts.barrier("vqdiffusion_jax_checkpoint_set_aside")
     self._manager.reload()
+
+
+def _failure_anywhere(error: BaseException | None) -> BaseException | None:
+  """This process's error, or one naming the processes that failed; the same verdict on all.
+
+  Every process calls it at the same point with its own outcome (None: success),
+  so a step that one process cannot read is unusable on every process.
+  """
+  if jax.process_count() == 1:
+    return error
+  failed = multihost_utils.process_allgather(np.array(error is not None))
+  if error is None and np.any(failed):
+    return UnusableCheckpointError(f"process(es) {np.flatnonzero(failed).tolist()} could not "
+                                   "read it")
+  return error
 
 
 def _check_abstract(abstract_state: Any) -> None:
@@ -562,20 +587,18 @@ class PreemptionWatcher:
     self.signals = tuple(signals)
     self.received: int | None = None
     self._previous: dict[int, Any] = {}
-    self._sync_point = None  # None: not probed; True/False: JAX preemption service usable
 
   def install(self) -> PreemptionWatcher:
-    """Installs the handlers (on several processes only if JAX's service is absent)."""
-    if jax.process_count() == 1 or self._sync_point is False:
-      for signum in self.signals:
-        if signum not in self._previous:
-          self._previous[signum] = signal.signal(signum, self._handle)
+    """Installs the handlers."""
+    for signum in self.signals:
+      if signum not in self._previous:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def uninstall(self) -> None:
     """Restores the handlers that were there before ``install``."""
     for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
+      signal.signal(signum, _python_handler(previous))
     self._previous.clear()
 
   def __enter__(self) -> PreemptionWatcher:
@@ -587,39 +610,31 @@ class PreemptionWatcher:
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     if self.received == signum:
-      signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+      signal.signal(signum, _python_handler(self._previous.pop(signum, signal.SIG_DFL)))
       signal.raise_signal(signum)
       return
     self.received = signum
 
   def should_stop(self, step: int) -> bool:
-    """Whether the loop should save now and exit; call it at every step.
+    """Whether the loop should save now and exit; call it at every step, on every process.
 
     Args:
-      step: the current step (the same on every host).
+      step: the current step (the same on every process), for the log.
 
     Returns:
-      True once a stop was requested (on several processes: at the step all
-      hosts agreed on).
+      True once a stop was requested; on several processes, True on all of
+      them at the same call as soon as any one received a signal.
     """
-    if jax.process_count() == 1:
-      stop = self.received is not None
-    elif self._sync_point is not False:
-      try:
-        stop = multihost_utils.reached_preemption_sync_point(int(step))
-        self._sync_point = True
-      except RuntimeError:
-        self._sync_point = False
-        self.install()
-        stop = self._any_host_received()
-    else:
-      stop = self._any_host_received()
+    stop = self.received is not None
+    if jax.process_count() > 1:
+      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
     if stop:
       logging.warning("stop requested (%s) at step %d: saving and exiting",
-                      signal.Signals(self.received).name if self.received else "preemption",
-                      step)
+                      signal.Signals(self.received).name if self.received else
+                      "by another process", step)
     return stop
 
-  def _any_host_received(self) -> bool:
-    flags = multihost_utils.process_allgather(np.array(self.received is not None))
-    return bool(np.any(flags))
+
+def _python_handler(handler: Any) -> Any:
+  """A handler ``signal.signal`` accepts: one installed outside Python reads as None."""
+  return signal.SIG_DFL if handler is None else handler

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vqdiffusion_jax import build, sampling
+from vqdiffusion_jax import build, hosts, sampling
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.data import loader, token_cache
@@ -40,14 +40,14 @@ from vqdiffusion_jax.train import state as state_lib
 
 
 def fit_vocabulary(config: Any, directory: str | os.PathLike, cache) -> WordTokenizer:
-  """The caption vocabulary: read back, or fitted once on the cached captions and saved."""
+  """The caption vocabulary: read back, or fitted once (by process 0) and saved."""
   path = epath.Path(directory) / build.VOCABULARY_FILE
-  if path.exists():
-    return WordTokenizer.load(path)
-  captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
-  vocabulary = WordTokenizer.fit(captions, int(config.text.max_vocab))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+  with hosts.process_zero_first("vqdiffusion_jax_vocabulary"):
+    if path.exists():
+      return WordTokenizer.load(path)
+    captions = [c for i in range(len(cache)) for c in cache[i]["captions"]]
+    vocabulary = WordTokenizer.fit(captions, int(config.text.max_vocab))
+    path.parent.mkdir(parents=True, exist_ok=True)
     vocabulary.save(path)
   return vocabulary
 
@@ -196,12 +196,12 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
                                       frozen_shardings=frozen_shardings)
     return runner.ShardedStep(fn, sharding, () if frozen is None else (frozen,))
 
+  block, blocks = mesh_lib.batch_block(mesh, int(config.train.global_batch), "train.global_batch")
+
   def batches():
     return token_cache.token_batches(
-        cache, batch_size=loader.per_host_batch(int(config.train.global_batch),
-                                                jax.process_count()),
-        seed=int(config.seed), process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        cache, batch_size=loader.per_host_batch(int(config.train.global_batch), blocks),
+        seed=int(config.seed), process_index=block, process_count=blocks,
         tokenize=None if cached_features else conditioned.tokenize,
         caption_dropout=float(config.data.caption_dropout), text_features=cached_features,
         features_key="text", num_threads=int(config.data.num_workers))

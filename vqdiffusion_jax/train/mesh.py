@@ -263,6 +263,38 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_block(mesh: Mesh, global_batch: int, name: str = "global batch") -> tuple[int, int]:
+  """Which block of every global batch this process feeds, and how many blocks there are.
+
+  ``batch_sharding`` cuts the batch into ``data * fsdp`` rows of devices; this
+  process's devices hold some of them, which must be one contiguous run. The
+  loaders give the process that block (``data.loader.sharded_batches`` with
+  ``process_index, process_count = batch_block(...)``), so that the global
+  batch is the same whatever the number of processes. Processes whose devices
+  hold the same rows (a tensor axis across processes) read the same block.
+
+  Args:
+    mesh: the training mesh.
+    global_batch: examples per step, which the batch rows must divide.
+    name: the config key of ``global_batch``, for the error.
+
+  Raises:
+    ValueError: ``global_batch`` not a multiple of the rows, or this
+      process's rows not one contiguous run or not an equal share.
+  """
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch < 1 or global_batch % rows:
+    raise ValueError(f"{name}={global_batch} does not split over the mesh's {rows} batch "
+                     f"shards (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}); "
+                     f"pick a multiple of {rows}")
+  held = sorted({index[0].start or 0 for index in
+                 batch_sharding(mesh).addressable_devices_indices_map((rows,)).values()})
+  if held != list(range(held[0], held[0] + len(held))) or rows % len(held):
+    raise ValueError(f"process {jax.process_index()} holds batch rows {held} of {rows}: not "
+                     "one contiguous equal share; order the mesh's devices process by process")
+  return held[0] // len(held), rows // len(held)
+
+
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
   """``batch_sharding`` behind a leading step axis (batches stacked for ``scan_steps``)."""
   return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
@@ -318,9 +350,36 @@ def multihost_initialize(force: bool | None = None,
   Returns:
     Whether ``jax.distributed.initialize()`` was called (or had been already).
   """
+  environ = os.environ if environ is None else environ
   wanted = is_multiprocess(environ) if force is None else force
   if not wanted:
     return False
   if not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # SIGTERM stays with Python: checkpoint.PreemptionWatcher agrees on the stop step.
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(**explicit_process_arguments(environ))
   return True
+
+
+def explicit_process_arguments(environ: Mapping[str, str]) -> dict[str, int]:
+  """``num_processes`` and ``process_id`` from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``.
+
+  JAX reads ``JAX_COORDINATOR_ADDRESS`` itself but not these two, which
+  ``launch/local_multiprocess.sh`` sets; where they are unset, JAX detects
+  them from the cluster (TPU, SLURM, Open MPI).
+
+  Raises:
+    ValueError: a value that is not a non-negative integer, or only one of the two set.
+  """
+  names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+  values = {key: environ.get(name, "").strip() for key, name in names.items()}
+  given = {key: value for key, value in values.items() if value}
+  if not given:
+    return {}
+  if len(given) != len(names):
+    raise ValueError(f"set both {' and '.join(names.values())} or neither; got "
+                     + ", ".join(f"{names[k]}={v!r}" for k, v in values.items()))
+  for key, value in given.items():
+    if not value.isdigit():
+      raise ValueError(f"{names[key]}={value!r} is not a non-negative integer")
+  return {key: int(value) for key, value in given.items()}

@@ -80,11 +80,14 @@ def run_vqvae(config: Any, directory: str, mesh, source) -> build.VQVAE:
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     return runner.ShardedStep(jitted, sharding, (lpips_params,))
 
+  block, blocks = mesh_lib.batch_block(mesh, int(section.train.global_batch),
+                                       "vqvae.train.global_batch")
+
   def batches():
     return loader.image_batches(
         source, image_size=size, seed=int(config.seed), caption_dropout=0.0,
-        batch_size=loader.per_host_batch(int(section.train.global_batch), jax.process_count()),
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        batch_size=loader.per_host_batch(int(section.train.global_batch), blocks),
+        process_index=block, process_count=blocks,
         random_flip=bool(config.data.random_flip), random_crop=bool(config.data.random_crop),
         num_threads=int(config.data.num_workers))
 

@@ -1,0 +1,159 @@
+"""Several processes for real: launch/local_multiprocess.sh, two processes of four CPU devices.
+
+A 2-process run straight through must end with (all but a few elements of) the
+parameters of one process with eight devices on the same config.
+"""
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes
+from vqdiffusion_jax.data import loader
+from vqdiffusion_jax.main import train_and_evaluate
+from vqdiffusion_jax.train import checkpoint as ckpt_lib
+from vqdiffusion_jax.train import mesh as mesh_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "launch" / "local_multiprocess.sh"
+MESH = {"data": 2, "fsdp": 4}
+FLAGS = ["--config=configs/shapes.py:runlocal", "--config.eval.samplers=()",
+         *(f"--config.mesh.shape.{axis}={size}" for axis, size in MESH.items())]
+TIMEOUT = 900  # seconds for one launch; a loaded 2-core machine compiles slowly
+
+
+def _env() -> dict:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets devices
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return env
+
+
+def _start(workdir) -> subprocess.Popen:
+  return subprocess.Popen([str(LAUNCHER), "2", *FLAGS, f"--workdir={workdir}"], cwd=ROOT,
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+  try:
+    output, _ = process.communicate(timeout=TIMEOUT)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    output, _ = process.communicate()
+    raise AssertionError(f"timed out after {TIMEOUT}s:\n{output[-6000:]}") from None
+  return output
+
+
+def _launch(workdir, want_status: int = 0) -> str:
+  start = time.monotonic()
+  output = _finish(_start(workdir))
+  print(f"launch in {workdir.name}: {time.monotonic() - start:.0f}s")
+  statuses = re.findall(r"process (\d) exited with status (\d+)", output)
+  assert sorted(statuses) == [("0", str(want_status)), ("1", str(want_status))], output[-6000:]
+  return output
+
+
+def _final_arrays(stage_dir) -> tuple[int, dict]:
+  with ckpt_lib.Checkpointer(pathlib.Path(stage_dir) / "checkpoints", read_only=True) as ckpt:
+    step, arrays, _ = ckpt.restore_arrays()
+  return step, arrays
+
+
+def _max_abs_diff(got: dict, want: dict) -> float:
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64)
+                                                          - np.asarray(b, np.float64)),
+                                                   initial=0.0)), got, want)
+  return max(jax.tree.leaves(diffs))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """The reference: the same config in this process, one process with eight devices."""
+  assert jax.device_count() == 8 and jax.process_count() == 1
+  config = shapes.get_config("runlocal")
+  with config.unlocked():
+    config.mesh.shape.update(MESH)
+    config.eval.samplers = ()
+  workdir = tmp_path_factory.mktemp("one_process")
+  train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """The same config run straight through by two processes of four devices."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  output = _launch(workdir)
+  assert output.count("done: {") == 2, output[-6000:]
+  return workdir
+
+
+def _assert_all_but_a_few_close(got: dict, want: dict, tol: float = 1e-4, few: float = 1e-3):
+  """At most a ``few`` fraction of each array's elements differ by more than ``tol``."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for name, a, b in zip(ckpt_lib._leaf_names(got), jax.tree.leaves(got), jax.tree.leaves(want),
+                        strict=True):
+    far = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) > tol
+    assert far.mean() <= few, f"{name}: {far.sum()} of {far.size} elements differ by > {tol}"
+
+
+def test_two_processes_train_what_one_process_does(one_process, two_processes):
+  for stage in ("vqvae", "denoiser"):
+    want_step, want = _final_arrays(one_process / stage)
+    got_step, got = _final_arrays(two_processes / stage)
+    assert got_step == want_step == 2
+    # The same global batches in the same order and the same keys: only the order of the
+    # collectives' sums differs (in one process vs. over Gloo), by ~1e-5 after two steps.
+    # A different batch or key moves nearly every element by about the learning rate
+    # (1e-3); Adam may move a rare element that far too, where a near-zero gradient
+    # changes sign.
+    print(f"{stage}: max abs diff to one process {_max_abs_diff(got, want):.3g}")
+    _assert_all_but_a_few_close(got, want)
+  # Process 0 alone wrote the metrics; no half-built dataset of a lost race remains.
+  assert (two_processes / "denoiser" / "config.json").exists()
+  assert len((two_processes / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
+  assert not list(two_processes.rglob("*incomplete*"))
+
+
+def test_a_process_count_that_does_not_divide_the_batch_is_an_error():
+  with pytest.raises(ValueError, match="global batch 10 is not a positive multiple of the 4"):
+    loader.per_host_batch(10, 4)
+  mesh = mesh_lib.make_mesh({"shape": MESH})
+  with pytest.raises(ValueError, match=r"train.global_batch=12 does not split over the mesh's "
+                                       r"8 batch shards \(data 2 x fsdp 4\)"):
+    mesh_lib.batch_block(mesh, 12, "train.global_batch")
+  assert mesh_lib.batch_block(mesh, 16) == (0, 1)
+
+
+def test_a_mesh_that_does_not_divide_the_devices_is_an_error():
+  with pytest.raises(ValueError, match=r"has 6 devices but 8 are available"):
+    mesh_lib.make_mesh({"shape": {"data": 2, "fsdp": 3}})
+  with pytest.raises(ValueError, match="8 devices are not divisible by the fixed axes' product 3"):
+    mesh_lib.make_mesh({"shape": {"data": -1, "fsdp": 3}})
+
+
+def test_process_arguments_come_from_the_environment():
+  assert mesh_lib.explicit_process_arguments({}) == {}
+  assert mesh_lib.explicit_process_arguments(
+      {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {"num_processes": 2, "process_id": 1}
+  with pytest.raises(ValueError, match="set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+    mesh_lib.explicit_process_arguments({"JAX_NUM_PROCESSES": "2"})
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' is not a non-negative integer"):
+    mesh_lib.explicit_process_arguments({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "x"})
+
+
+def test_launcher_rejects_a_process_count_that_does_not_divide_the_devices():
+  result = subprocess.run([str(LAUNCHER), "3", *FLAGS], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert "NUM_PROCESSES=3 must be a positive divisor of TOTAL_DEVICES=8" in result.stderr

@@ -1,0 +1,59 @@
+"""Several processes, one file system: process 0 writes shared files, the others wait.
+
+``process_zero_first(name)`` runs a block on process 0 first and on every other
+process only after it (a barrier named ``name`` between them), so a block that
+builds a shared file when it is missing (a dataset, a cache, a vocabulary)
+builds it once and the others find it built. On one process it is a plain
+block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import jax
+from jax._src import distributed
+from jax.experimental import multihost_utils
+
+
+def is_main_process() -> bool:
+  """Whether this process writes the files every process shares."""
+  return jax.process_index() == 0
+
+
+# How long a process waits at a barrier for the others (process 0 may be building a dataset).
+BARRIER_TIMEOUT_SECONDS = 6 * 3600
+_barriers = itertools.count()
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (nothing on one process).
+
+  The barrier is JAX's coordination service's, not a collective on the devices,
+  so a long wait is no device timeout (CPU collectives give up after 30 s).
+  Every process must pass the same barriers in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  client = distributed.global_state.client
+  if client is None:  # several processes without jax.distributed: only the devices can tell
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"{name}_{next(_barriers)}", BARRIER_TIMEOUT_SECONDS * 1000)
+
+
+@contextlib.contextmanager
+def process_zero_first(name: str) -> Iterator[None]:
+  """Runs the block on process 0, then on the other processes.
+
+  Every process must enter the block, in the same order as the other
+  collective calls; a block that raises on process 0 leaves the others
+  waiting until JAX's coordination service notices that process 0 is gone.
+  """
+  if not is_main_process():
+    barrier(name)
+  yield
+  if is_main_process():
+    barrier(name)
