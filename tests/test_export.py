@@ -15,6 +15,7 @@ from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
   LearnedClassifierFreeSamplingEmbeddings,
 )
 
+from configs import shapes
 from tests import official_vqdiffusion as official
 from tests.test_clip_text import CONTEXT, TEXT_CONFIG, TOKENIZER
 from tests.test_convert_denoiser import official_log_probs
@@ -22,6 +23,7 @@ from vqdiffusion_jax import export
 from vqdiffusion_jax.convert import checkpoints, converted, denoiser
 from vqdiffusion_jax.convert import export as convert_export
 from vqdiffusion_jax.diffusion import schedule as schedules
+from vqdiffusion_jax.main import train_and_evaluate
 from vqdiffusion_jax.models import clip_text, quantizer, transformer
 from vqdiffusion_jax.models.conditioned import TextConditionedDenoiser
 from vqdiffusion_jax.models.denoiser import Denoiser
@@ -342,13 +344,26 @@ def test_invert_names_parameters_and_transforms_it_cannot_export():
     convert_export.invert(doubled, params, what="toy")
 
 
-def test_a_training_workdir_exports_its_denoiser(tiny_workdir, tmp_path, capsys):
-  """The embedded default trains its own text encoder: the transformer alone goes out."""
+def test_pooled_text_modulation_is_named_as_what_diffusers_lacks(tiny_workdir, tmp_path, capsys):
   out = str(tmp_path / "denoiser")
-  assert export.main([tiny_workdir, "--to", "diffusers", "--out", out]) == 2
+  assert export.main([tiny_workdir, "--to", "diffusers", "--out", out, "--denoiser-only"]) == 2
+  assert "pooled_text" in capsys.readouterr().err and not os.path.exists(out)
+
+
+def test_a_training_workdir_exports_its_denoiser(tmp_path, capsys):
+  """A run that trains its own text encoder: the transformer alone goes out."""
+  config = shapes.get_config("runlocal")
+  with config.unlocked():
+    config.denoiser.model.pooled_text = False  # diffusers' transformer has no such modulation
+    config.train.num_steps = config.vqvae.train.num_steps = 1
+    config.eval.samplers = ()
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config, workdir)
+  out = str(tmp_path / "denoiser")
+  assert export.main([workdir, "--to", "diffusers", "--out", out]) == 2
   assert "word-level text encoder" in capsys.readouterr().err and not os.path.exists(out)
-  assert export.main([tiny_workdir, "--to", "diffusers", "--out", out, "--denoiser-only"]) == 0
-  pipe = Pipeline.from_pretrained(tiny_workdir)
+  assert export.main([workdir, "--to", "diffusers", "--out", out, "--denoiser-only"]) == 0
+  pipe = Pipeline.from_pretrained(workdir)
   config, params = pipe.denoiser.network.config, pipe.params["denoiser"]
   model = Transformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
   rng = np.random.default_rng(5)
