@@ -149,16 +149,19 @@ def test_two_processes_train_what_one_process_does(one_process, two_processes):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
-  """A 2-process run whose process 1 got SIGTERM early in the VQ-VAE stage: workdir, output."""
+  """A 2-process run whose process 1 got SIGTERM before any stage's loop.
+
+  Returns the workdir, the launcher's exit status and output, the newest VQ-VAE
+  step saved and whether the denoiser stage started.
+  """
   workdir = tmp_path_factory.mktemp("stopped")
   start = time.monotonic()
   process = _start(workdir)
-  # The stage's checkpoint directory appears before its first step is compiled and run.
+  # Process 0 builds the dataset while process 1 waits for it, outside any stage.
   deadline = time.monotonic() + TIMEOUT
-  while not (workdir / "vqvae" / "checkpoints").is_dir():
+  while not (workdir / "data").is_dir():
     assert process.poll() is None and time.monotonic() < deadline, _finish(process)[-6000:]
-    time.sleep(0.2)
-  time.sleep(1.0)
+    time.sleep(0.1)
   children = {int(child.environ()["JAX_PROCESS_ID"]): child
               for child in psutil.Process(process.pid).children()
               if "JAX_PROCESS_ID" in child.environ()}
