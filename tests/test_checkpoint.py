@@ -405,6 +405,37 @@ def test_watcher_flags_the_first_signal_and_passes_on_the_second():
     signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_nested_watcher_shares_its_flag_with_the_outer_one():
+  with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as outer:
+    signal.raise_signal(signal.SIGUSR1)  # between two stages' watchers
+    with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as inner:
+      assert inner.should_stop(1) and inner.received == signal.SIGUSR1
+    with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as later:
+      assert later.should_stop(1), "the flag outlives the stage that polled it"
+  with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as outer:
+    with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as inner:
+      assert not inner.should_stop(1)
+      signal.raise_signal(signal.SIGUSR1)  # inside a stage, after its last poll
+    assert outer.received == signal.SIGUSR1
+    with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)) as later:
+      assert later.should_stop(2)
+  assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_a_second_signal_through_nested_watchers_reaches_the_first_handler():
+  calls = []
+  previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+  try:
+    with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)):
+      signal.raise_signal(signal.SIGUSR1)
+      with ckpt_lib.PreemptionWatcher(signals=(signal.SIGUSR1,)):
+        assert not calls
+        signal.raise_signal(signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1]
+  finally:
+    signal.signal(signal.SIGUSR1, previous)
+
+
 def _big_filled(step: int) -> dict:
   """About 8 MB of incompressible int32: fixed noise plus the step."""
   noise = np.random.default_rng(0).integers(0, 2**20, size=(8, 512, 512), dtype=np.int32)

@@ -1,7 +1,10 @@
 """Several processes for real: launch/local_multiprocess.sh, two processes of four CPU devices.
 
 A 2-process run straight through must end with (all but a few elements of) the
-parameters of one process with eight devices on the same config.
+parameters of one process with eight devices on the same config. A 2-process run
+stopped by SIGTERM to one process must stop both at one step; relaunched, and
+relaunched again with its newest denoiser step damaged, it must end with exactly
+the parameters of the straight run.
 """
 
 import os
@@ -13,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from configs import shapes
@@ -76,6 +80,24 @@ def _max_abs_diff(got: dict, want: dict) -> float:
   return max(jax.tree.leaves(diffs))
 
 
+def _damage_newest(stage_dir) -> int:
+  """Truncates the biggest array file of the newest step to half; returns that step."""
+  checkpoints = pathlib.Path(stage_dir) / "checkpoints"
+  newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  files = [p for p in (checkpoints / str(newest) / "state").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  os.truncate(biggest, biggest.stat().st_size // 2)
+  return newest
+
+
+def _assert_same_final_state(workdir, reference) -> None:
+  for stage in ("vqvae", "denoiser"):
+    got_step, got = _final_arrays(workdir / stage)
+    want_step, want = _final_arrays(reference / stage)
+    assert got_step == want_step
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
   """The reference: the same config in this process, one process with eight devices."""
@@ -123,6 +145,71 @@ def test_two_processes_train_what_one_process_does(one_process, two_processes):
   assert (two_processes / "denoiser" / "config.json").exists()
   assert len((two_processes / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
   assert not list(two_processes.rglob("*incomplete*"))
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+  """A 2-process run whose process 1 got SIGTERM before any stage's loop.
+
+  Returns the workdir, the launcher's exit status and output, the newest VQ-VAE
+  step saved and whether the denoiser stage started.
+  """
+  workdir = tmp_path_factory.mktemp("stopped")
+  start = time.monotonic()
+  process = _start(workdir)
+  # Process 0 builds the dataset while process 1 waits for it, outside any stage.
+  deadline = time.monotonic() + TIMEOUT
+  while not (workdir / "data").is_dir():
+    assert process.poll() is None and time.monotonic() < deadline, _finish(process)[-6000:]
+    time.sleep(0.1)
+  children = {int(child.environ()["JAX_PROCESS_ID"]): child
+              for child in psutil.Process(process.pid).children()
+              if "JAX_PROCESS_ID" in child.environ()}
+  children[1].send_signal(signal.SIGTERM)
+  output = _finish(process)
+  print(f"stopped by SIGTERM to process 1: {time.monotonic() - start:.0f}s")
+  with ckpt_lib.Checkpointer(workdir / "vqvae" / "checkpoints", read_only=True) as ckpt:
+    saved = ckpt.latest_step()
+  later_stage_started = (workdir / "denoiser").exists()
+  return workdir, process.returncode, output, saved, later_stage_started
+
+
+@pytest.fixture(scope="module")
+def resumed(stopped):
+  """The stopped run relaunched to its end."""
+  workdir = stopped[0]
+  _launch(workdir)
+  return workdir
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(
+    stopped, resumed, two_processes):
+  workdir, status, output, saved, later_stage_started = stopped
+  assert status == 143, output[-6000:]
+  assert sorted(re.findall(r"process (\d) exited with status (\d+)", output)) == [
+      ("0", "143"), ("1", "143")], output[-6000:]
+  stops = re.findall(r"vqvae stopped at step (\d+) of 2", output)
+  assert len(stops) == 2 and len(set(stops)) == 1, output[-6000:]
+  assert "stop requested (SIGTERM)" in output, output[-6000:]
+  assert "stop requested (by another process)" in output, output[-6000:]
+  print(f"both processes saved vqvae step {stops[0]}")
+  assert saved == int(stops[0])
+  assert not later_stage_started
+  _assert_same_final_state(resumed, two_processes)
+
+
+def test_a_damaged_newest_step_is_set_aside_and_both_resume_from_the_one_before(
+    resumed, two_processes):
+  damaged = _damage_newest(resumed / "denoiser")
+  output = _launch(resumed)
+  # Each process finds the step unusable and restores the one before; process 0 moves it.
+  assert len(re.findall(rf"checkpoint step {damaged} in \S+ is unusable", output)) == 2, output
+  assert len(re.findall(rf"restored step {damaged - 1} of ", output)) == 2, output
+  aside = resumed / "denoiser" / "checkpoints_unusable"
+  assert [p.name.split(".")[0] for p in aside.iterdir()] == [str(damaged)]
+  assert len(re.findall(rf"moved unusable checkpoint step {damaged} to ", output)) == 1, output
+  _assert_same_final_state(resumed, two_processes)
+  print(f"set aside denoiser step {damaged}, both resumed from step {damaged - 1}")
 
 
 def test_a_process_count_that_does_not_divide_the_batch_is_an_error():

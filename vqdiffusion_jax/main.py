@@ -11,7 +11,10 @@ SIGTERM saves the running stage's checkpoint and ends the run there (no
 later stage, no report) with exit status 143 (128 + SIGTERM, the shell's
 convention), so that `main && next-step` does not go on and a scheduler that
 restarts failed jobs restarts it. Re-running the same command resumes where
-the run stopped.
+the run stopped. A SIGTERM outside a stage's step loop (starting up, between
+stages) takes effect at the next stage's first step; one after the last
+stage's last step is ignored. On several processes a SIGTERM to any one of
+them stops all of them at the same step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vqdiffusion_jax import outputs, report
+from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 
@@ -60,13 +64,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   outputs.quiet_logging(outputs.absl_verbosity())
-  mesh_lib.multihost_initialize(force=_MULTIHOST.value)
-  command = " ".join(["python -m vqdiffusion_jax.main", *sys.argv[1:]])
-  try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, command)
-  except runner.StopRequestedError as stop:
-    logging.warning("%s", stop)
-    raise SystemExit(STOPPED_EXIT_STATUS) from None
+  # Held for the whole run: a SIGTERM outside a stage's loop (starting up,
+  # between stages) waits for the next stage's poll instead of killing the
+  # process, which on several processes would leave the others hanging.
+  with ckpt_lib.PreemptionWatcher():
+    mesh_lib.multihost_initialize(force=_MULTIHOST.value)
+    command = " ".join(["python -m vqdiffusion_jax.main", *sys.argv[1:]])
+    try:
+      summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, command)
+    except runner.StopRequestedError as stop:
+      logging.warning("%s", stop)
+      raise SystemExit(STOPPED_EXIT_STATUS) from None
   print(f"done: {summary}")
 
 

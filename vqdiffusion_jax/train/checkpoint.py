@@ -576,6 +576,12 @@ class PreemptionWatcher:
   it, so an impatient operator still gets an immediate stop (the last committed
   checkpoint stays restorable). Handlers can only be installed from the main
   thread.
+
+  Watchers nest: one installed while another watches the same signal shares
+  its flag both ways, so an outer watcher held for the whole program (as
+  ``main`` does) keeps a signal that arrives between two stages' watchers, or
+  after a stage's last poll, for the next stage's polls; without it that
+  signal would kill the process outright.
   """
 
   def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
@@ -585,14 +591,25 @@ class PreemptionWatcher:
       signals: the signals that request a stop.
     """
     self.signals = tuple(signals)
-    self.received: int | None = None
+    self._received: int | None = None
     self._previous: dict[int, Any] = {}
+    self._outer: PreemptionWatcher | None = None
+
+  @property
+  def received(self) -> int | None:
+    """The signal that requested the stop (this watcher's or an outer one's), or None."""
+    if self._received is None and self._outer is not None:
+      return self._outer.received
+    return self._received
 
   def install(self) -> PreemptionWatcher:
     """Installs the handlers."""
     for signum in self.signals:
       if signum not in self._previous:
-        self._previous[signum] = signal.signal(signum, self._handle)
+        previous = signal.signal(signum, self._handle)
+        self._previous[signum] = previous
+        if isinstance(getattr(previous, "__self__", None), PreemptionWatcher):
+          self._outer = previous.__self__
     return self
 
   def uninstall(self) -> None:
@@ -600,6 +617,7 @@ class PreemptionWatcher:
     for signum, previous in self._previous.items():
       signal.signal(signum, _python_handler(previous))
     self._previous.clear()
+    self._outer = None
 
   def __enter__(self) -> PreemptionWatcher:
     return self.install()
@@ -608,12 +626,13 @@ class PreemptionWatcher:
     self.uninstall()
 
   def _handle(self, signum: int, frame: Any) -> None:
-    del frame
     if self.received == signum:
       signal.signal(signum, _python_handler(self._previous.pop(signum, signal.SIG_DFL)))
       signal.raise_signal(signum)
       return
-    self.received = signum
+    self._received = signum
+    if self._outer is not None and self._outer.received is None:
+      self._outer._handle(signum, frame)
 
   def should_stop(self, step: int) -> bool:
     """Whether the loop should save now and exit; call it at every step, on every process.
