@@ -18,7 +18,32 @@ from vqdiffusion_jax.models.text_encoder import TextEncoder
 from vqdiffusion_jax.models.transformer import TransformerConfig, VQDiffusionTransformer
 
 
-class TextConditionedDenoiser(nn.Module):
+def check_text_width(text_encoder: TextEncoder, condition: tuple[int, int], what: str) -> None:
+  """A ValueError unless the encoder's (max_length, width) is the network's (L, D) condition."""
+  if (text_encoder.max_length, text_encoder.width) != tuple(condition):
+    raise ValueError(f"text encoder output ({text_encoder.max_length}, {text_encoder.width}) "
+                     f"does not match the {what}'s condition ({condition[0]}, {condition[1]})")
+
+
+class _WithTextEncoder(nn.Module):
+  """The methods both modules share: a ``denoiser`` network fed by a ``text_encoder``."""
+
+  def encode_text(self, ids: jax.Array) -> jax.Array:
+    """(B, L) int token ids -> (B, L, D) float32 features."""
+    return self.text_encoder(ids)
+
+  def __call__(self, tokens: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
+    return self.denoiser(tokens, t, condition)
+
+  def null_text(self, batch_size: int) -> jax.Array:
+    return self.denoiser.null_text(batch_size)
+
+  def from_ids(self, tokens: jax.Array, t: jax.Array, ids: jax.Array) -> jax.Array:
+    """The network on encoded text; ``init`` with this method creates every param."""
+    return self(tokens, t, self.encode_text(ids))
+
+
+class TextConditionedDenoiser(_WithTextEncoder):
   """``encode_text(ids) -> (B, L, D)`` features, ``__call__`` as the denoiser.
 
   Attributes:
@@ -33,29 +58,12 @@ class TextConditionedDenoiser(nn.Module):
   def setup(self):
     if self.config.conditioning != "text":
       raise ValueError("a text encoder needs a text-conditioned denoiser")
-    if (self.text_encoder.width, self.text_encoder.max_length) != (
-        self.config.condition_dim, self.config.condition_length):
-      raise ValueError(f"text encoder output ({self.text_encoder.max_length}, "
-                       f"{self.text_encoder.width}) does not match the denoiser's condition "
-                       f"({self.config.condition_length}, {self.config.condition_dim})")
+    check_text_width(self.text_encoder,
+                     (self.config.condition_length, self.config.condition_dim), "denoiser")
     self.denoiser = VQDiffusionTransformer(self.config)
 
-  def encode_text(self, ids: jax.Array) -> jax.Array:
-    """(B, L) int token ids -> (B, L, D) float32 features."""
-    return self.text_encoder(ids)
 
-  def __call__(self, tokens: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
-    return self.denoiser(tokens, t, condition)
-
-  def null_text(self, batch_size: int) -> jax.Array:
-    return self.denoiser.null_text(batch_size)
-
-  def from_ids(self, tokens: jax.Array, t: jax.Array, ids: jax.Array) -> jax.Array:
-    """The denoiser on encoded text; ``init`` with this method creates every param."""
-    return self(tokens, t, self.encode_text(ids))
-
-
-class TextConditionedPaella(nn.Module):
+class TextConditionedPaella(_WithTextEncoder):
   """Paella's predictor with its own trainable text encoder; as ``TextConditionedDenoiser``.
 
   Attributes:
@@ -68,22 +76,5 @@ class TextConditionedPaella(nn.Module):
   text_encoder: TextEncoder
 
   def setup(self):
-    if (self.text_encoder.width, self.text_encoder.max_length) != (
-        self.denoiser.condition_dim, self.denoiser.condition_length):
-      raise ValueError(f"text encoder output ({self.text_encoder.max_length}, "
-                       f"{self.text_encoder.width}) does not match the predictor's condition "
-                       f"({self.denoiser.condition_length}, {self.denoiser.condition_dim})")
-
-  def encode_text(self, ids: jax.Array) -> jax.Array:
-    """(B, L) int token ids -> (B, L, D) float32 features."""
-    return self.text_encoder(ids)
-
-  def __call__(self, tokens: jax.Array, t: jax.Array, condition: jax.Array) -> jax.Array:
-    return self.denoiser(tokens, t, condition)
-
-  def null_text(self, batch_size: int) -> jax.Array:
-    return self.denoiser.null_text(batch_size)
-
-  def from_ids(self, tokens: jax.Array, t: jax.Array, ids: jax.Array) -> jax.Array:
-    """The predictor on encoded text; ``init`` with this method creates every param."""
-    return self(tokens, t, self.encode_text(ids))
+    check_text_width(self.text_encoder,
+                     (self.denoiser.condition_length, self.denoiser.condition_dim), "predictor")
