@@ -41,7 +41,7 @@ def main() -> None:
   root = pathlib.Path(tempfile.mkdtemp(prefix="cached_text_features_"))
   config = shapes.get_config("runlocal")
   with config.unlocked():
-    config.text.kind = "clip"
+    config.text.kind, config.text.width = "clip", 0  # the width of the CLIP given
     config.text.clip_path = user_files.clip_dir(
         root / "clip", hidden_size=args.width, num_heads=max(1, args.width // 16),
         intermediate_size=4 * args.width, num_layers=args.layers)
