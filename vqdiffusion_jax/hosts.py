@@ -1,5 +1,8 @@
 """Several processes, one file system: process 0 writes shared files, the others wait.
 
+``to_host(x)`` gives every process the whole of an array that may span
+several processes.
+
 ``process_zero_first(name)`` runs a block on process 0 first and on every other
 process only after it (a barrier named ``name`` between them), so a block that
 builds a shared file when it is missing (a dataset, a cache, a vocabulary)
@@ -14,6 +17,7 @@ import itertools
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 from jax._src import distributed
 from jax.experimental import multihost_utils
 
@@ -57,3 +61,10 @@ def process_zero_first(name: str) -> Iterator[None]:
   yield
   if is_main_process():
     barrier(name)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole of ``x`` (a possibly multi-process ``jax.Array``, or any array) on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -34,11 +34,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from vqdiffusion_jax import loading, outputs, sampling
+from vqdiffusion_jax import hosts, loading, outputs, sampling
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
 from vqdiffusion_jax.models.denoiser import Denoiser, null_condition_error
@@ -399,7 +398,7 @@ class Pipeline:
                              None if weights is None else
                              (place(weights) if mix is not None else jnp.asarray(weights)),
                              {k: place(v) for k, v in extra.items()})
-    tokens, images = _gather(tokens)[:batch], _gather(images)[:batch]
+    tokens, images = hosts.to_host(tokens)[:batch], hosts.to_host(images)[:batch]
     if output_type == "tokens":
       return list(tokens.reshape(batch, *grid))
     if output_type == "np":
@@ -419,10 +418,3 @@ def _global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A batch every process holds in full, as one array split over ``sharding``'s devices."""
   value = np.asarray(value)
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  """The whole of a (possibly multi-process) array, on this host."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from vqdiffusion_jax import build, config_schema, loading
+from vqdiffusion_jax import build, config_schema, hosts, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget, denoiser_stage
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -98,7 +97,7 @@ def build_cache(config: Any, workdir: str, vqvae: build.VQVAE, source) -> str:
       raise ValueError(f"token cache {cache_dir} (data.cache_dir) {problem}; delete it, or set "
                        "data.cache_dir to another directory, to build one for this run")
     logging.warning("Rebuilding the token cache %s: it %s.", cache_dir, problem)
-  variables = _host_local(vqvae.variables)
+  variables = jax.tree.map(hosts.to_host, vqvae.variables)
   encode = jax.jit(lambda v, x: vqvae.module.apply(v, x, method="encode"))
   token_cache.build_token_cache(
       source, lambda images: np.asarray(encode(variables, jnp.asarray(images))),
@@ -107,12 +106,3 @@ def build_cache(config: Any, workdir: str, vqvae: build.VQVAE, source) -> str:
       encode_text=None if text is None else text.encode, text_encoder=identity,
       overwrite=True)
   return cache_dir
-
-
-def _host_local(tree: Any) -> Any:
-  """A tree of global (possibly multi-host) arrays as this host's NumPy copies."""
-  def local(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-  return jax.tree.map(local, tree)
