@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from vqdiffusion_jax import config_schema
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, precision
@@ -123,10 +124,6 @@ def trained_text_encoder(config: Any, vocab_size: int) -> TextEncoder:
 DENOISER_KINDS = ("transformer", "paella")
 
 
-def reads_text(config: Any) -> bool:
-  """Whether the configured denoiser is conditioned on text (``text`` section) at all."""
-  return config.denoiser.kind == "paella" or config.denoiser.model.conditioning == "text"
-
 
 def paella_predictor(config: Any, *, codebook_size: int,
                      condition: tuple[int, int]) -> PaellaPredictor:
@@ -159,7 +156,7 @@ def denoiser(config: Any, *, codebook_size: int, grid: tuple[int, int],
                      f"{DENOISER_KINDS}")
   paella = config.denoiser.kind == "paella"
   geometry = {"codebook_size": codebook_size, "grid": grid}
-  if not reads_text(config):
+  if not config_schema.reads_text(config):
     return Denoiser(VQDiffusionTransformer(transformer_config(config, condition=(1, 1),
                                                               **geometry)))
   kind = config.text.kind
@@ -226,7 +223,7 @@ def conditioned_denoiser(config: Any, vqvae: VQVAE,
     vocabulary: the caption vocabulary of a "trainable" text encoder.
   """
   geometry = {"codebook_size": vqvae.codebook_size, "grid": vqvae.grid}
-  if not reads_text(config):
+  if not config_schema.reads_text(config):
     return Conditioned(denoiser(config, **geometry), tokenize=None)
   if config.text.kind == "clip":
     module, params, hf_tokenizer = clip_convert.load_clip_text(required_clip_path(config.text))

@@ -295,6 +295,11 @@ def _shrunk_sampler(spec: str) -> str:
   return "/".join([name, *rest]) if rest else f"{name}/{RUNLOCAL_SAMPLER_STEPS}"
 
 
+def reads_text(config: Any) -> bool:
+  """Whether the configured denoiser is conditioned on text (``text`` section) at all."""
+  return config.denoiser.kind == "paella" or config.denoiser.model.conditioning == "text"
+
+
 def check_user_paths(config: Any) -> None:
   """A ValueError naming the flag to set for each file the run needs that the config lacks.
 
@@ -302,9 +307,7 @@ def check_user_paths(config: Any) -> None:
   perceptual loss needs both LPIPS weight files.
   """
   missing = []
-  reads_text = (config.denoiser.kind == "paella"
-                or config.denoiser.model.conditioning == "text")
-  if reads_text and config.text.kind == "clip" and not config.text.clip_path:
+  if reads_text(config) and config.text.kind == "clip" and not config.text.clip_path:
     missing.append("--config.text.clip_path=DIR (a Hugging Face CLIP directory: weights and "
                    "tokenizer)")
   loss = config.vqvae.loss

@@ -88,7 +88,7 @@ def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, A
   config = run_config(workdir)
   vqvae = restore_vqvae(config, epath.Path(workdir) / VQVAE_STAGE)
   directory = epath.Path(workdir) / DENOISER_STAGE
-  trained_text = build.reads_text(config) and config.text.kind == "trainable"
+  trained_text = config_schema.reads_text(config) and config.text.kind == "trainable"
   vocabulary = build.read_vocabulary(directory) if trained_text else None
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
   with ckpt_lib.Checkpointer.for_workdir(directory, read_only=True) as checkpointer:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vqdiffusion_jax import build, hosts, sampling
+from vqdiffusion_jax import build, config_schema, hosts, sampling
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.data import loader, token_cache
@@ -91,7 +91,7 @@ def frozen_text_encoder(config: Any) -> FrozenText | None:
   The features are ``build.clip_features`` of the tokenized captions, the
   same function the step would run.
   """
-  if not build.reads_text(config) or config.text.kind != "clip":
+  if not config_schema.reads_text(config) or config.text.kind != "clip":
     return None
   module, params, hf_tokenizer = clip_convert.load_clip_text(config.text.clip_path)
   tokenize = build.clip_tokenize(module, hf_tokenizer)
@@ -157,7 +157,7 @@ def denoiser_trainer(config: Any, directory: str, mesh, vqvae: build.VQVAE,
   step then runs no text encoder); by default when the cache holds those of the
   run's frozen encoder.
   """
-  trained_text = build.reads_text(config) and config.text.kind == "trainable"
+  trained_text = config_schema.reads_text(config) and config.text.kind == "trainable"
   vocabulary = fit_vocabulary(config, directory, cache) if trained_text else None
   conditioned = build.conditioned_denoiser(config, vqvae, vocabulary)
   if cached_features is None:
