@@ -145,6 +145,7 @@ def test_two_processes_train_what_one_process_does(one_process, two_processes):
   assert (two_processes / "denoiser" / "config.json").exists()
   assert len((two_processes / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
   assert not list(two_processes.rglob("*incomplete*"))
+  assert not (two_processes / "run.lock").exists()  # process 0's lock, released at the end
 
 
 @pytest.fixture(scope="module")

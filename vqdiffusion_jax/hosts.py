@@ -8,6 +8,10 @@ process only after it (a barrier named ``name`` between them), so a block that
 builds a shared file when it is missing (a dataset, a cache, a vocabulary)
 builds it once and the others find it built. On one process it is a plain
 block.
+
+``share_from_process_zero(name, value)`` gives every process the string
+process 0 passed (a decision only process 0 can make, such as whether it
+took the workdir's lock).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def is_main_process() -> bool:
 # How long a process waits at a barrier for the others (process 0 may be building a dataset).
 BARRIER_TIMEOUT_SECONDS = 6 * 3600
 _barriers = itertools.count()
+_shares = itertools.count()
+# The longest string ``share_from_process_zero`` carries without jax.distributed, in bytes.
+SHARE_BYTES = 4096
 
 
 def barrier(name: str) -> None:
@@ -46,6 +53,29 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(f"{name}_{next(_barriers)}", BARRIER_TIMEOUT_SECONDS * 1000)
+
+
+def share_from_process_zero(name: str, value: str) -> str:
+  """Process 0's ``value`` on every process (the others' ``value`` is ignored).
+
+  Through the coordination service's key-value store, so the other processes
+  may wait for it as long as at a barrier. Every process must call it with
+  the same ``name``, in the same order as the other collective calls.
+  """
+  if jax.process_count() == 1:
+    return value
+  client = distributed.global_state.client
+  if client is None:  # several processes without jax.distributed: only the devices can tell
+    encoded = np.zeros(SHARE_BYTES, np.uint8)
+    data = value.encode()[:SHARE_BYTES]
+    encoded[:len(data)] = np.frombuffer(data, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+    return shared.tobytes().rstrip(b"\0").decode(errors="replace")
+  key = f"{name}_{next(_shares)}"
+  if is_main_process():
+    client.key_value_set(key, "=" + value)  # "=": a value the store takes even when empty
+    return value
+  return client.blocking_key_value_get(key, BARRIER_TIMEOUT_SECONDS * 1000)[1:]
 
 
 @contextlib.contextmanager

@@ -15,6 +15,10 @@ the run stopped. A SIGTERM outside a stage's step loop (starting up, between
 stages) takes effect at the next stage's first step; one after the last
 stage's last step is ignored. On several processes a SIGTERM to any one of
 them stops all of them at the same step.
+
+A run holds the lock ``WORKDIR/run.lock`` (``workdir_lock``) from before it
+touches the workdir until it ends; a run started on a workdir that another
+run holds exits at once with status 1 and one line naming that run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqdiffusion_jax import outputs, report
+from vqdiffusion_jax import outputs, report, workdir_lock
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -43,6 +47,8 @@ STOPPED_EXIT_STATUS = 143
 def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
   """Trains every stage, then (when ``config.eval.samplers`` names any) writes the report.
 
+  Holds the workdir's lock (``workdir_lock.held``) throughout.
+
   Args:
     config: the experiment config.
     workdir: the run's directory.
@@ -53,10 +59,12 @@ def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
 
   Raises:
     runner.StopRequestedError: a stage stopped on SIGTERM (its checkpoint saved).
+    workdir_lock.WorkdirBusyError: another run holds the workdir (nothing done).
   """
-  summary = loop.train(config, workdir)
-  if config.eval.samplers:
-    summary["report"] = report.write_report(config, workdir, summary, command)
+  with workdir_lock.held(workdir):
+    summary = loop.train(config, workdir)
+    if config.eval.samplers:
+      summary["report"] = report.write_report(config, workdir, summary, command)
   return summary
 
 
@@ -75,6 +83,8 @@ def main(argv: list[str]) -> None:
     except runner.StopRequestedError as stop:
       logging.warning("%s", stop)
       raise SystemExit(STOPPED_EXIT_STATUS) from None
+    except workdir_lock.WorkdirBusyError as busy:
+      raise SystemExit(str(busy)) from None
   print(f"done: {summary}")
 
 
