@@ -358,6 +358,7 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   assert saved and 0 < saved[-1] < 400, saved
   assert f"stopped at step {saved[-1]} of 400" in output, output[-2000:]
   assert not (tmp_path / "report").exists()
+  assert not (tmp_path / "run.lock").exists()  # released on the way out
   assert re.search(r"^I\d{4} ", output, re.MULTILINE), output[-2000:]
   resumed = subprocess.run(command[:-2] + ["--config.train.num_steps=" + str(saved[-1] + 2)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
