@@ -4,9 +4,11 @@ Neutral ground for the layers above it (training, sampling, evaluation):
 nothing here knows about models or trainers.
 
 * ``absolute_path``, ``write_json_atomically``, ``write_text``,
-  ``save_image``: paths and files under a workdir, local or remote
-  (``gs://``), all through ``etils.epath``; ``local_path`` for the writers
-  that need a local file system.
+  ``write_bytes``, ``read_json``, ``save_image``: paths and files under a
+  workdir, local or remote (``gs://``), all through ``etils.epath``; every
+  small file is written atomically (a temporary sibling renamed into place),
+  and a corrupt JSON file is named in the error; ``local_path`` for the
+  writers that need a local file system.
 * ``tile``: a batch of images in [-1, 1] as one uint8 grid.
 * ``Progress``: one console line per stage or long job (name, count, rate,
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
@@ -16,6 +18,7 @@ nothing here knows about models or trainers.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging as py_logging
 import math
@@ -51,32 +54,70 @@ def local_path(path: str | os.PathLike, what: str) -> str:
 
 
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
-  """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
+  """Writes ``value`` as JSON to ``path`` atomically (``write_bytes``)."""
   write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` to ``path`` (parents created) through a temporary file and a rename."""
+  """Writes ``text`` (UTF-8) to ``path`` atomically (``write_bytes``)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` (parents created) so that a reader finds the old file or the new.
+
+  The bytes go to a temporary sibling (``.NAME.HEX.tmp``), which is then
+  renamed over ``path``; a kill leaves at most that sibling, never a
+  truncated ``path``. A local file is flushed to disk before the rename. Where
+  a URL's file system cannot rename, ``path`` is written directly: an object
+  store shows an object only once its upload is complete.
+  """
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
   try:
-    tmp.write_text(text)
-    tmp.replace(path)
-  except BaseException:
+    with tmp.open("wb") as f:
+      f.write(data)
+      if _is_local(path):
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+      tmp.replace(path)
+    except NotImplementedError:
+      path.write_bytes(data)
+  finally:
     tmp.unlink(missing_ok=True)
-    raise
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def read_json(path: str | os.PathLike, remedy: str = "") -> Any:
+  """The JSON value in ``path``; a ValueError naming the file when it is corrupt or truncated.
+
+  Args:
+    path: the file (local or a URL).
+    remedy: what the user can do about a bad file, appended to the message.
+  """
+  text = epath.Path(path).read_text(encoding="utf-8")
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(path)} is corrupt or truncated (not valid JSON: {e.msg} at "
+                     f"line {e.lineno} column {e.colno}){'; ' + remedy if remedy else ''}"
+                     ) from None
 
 
 def save_image(path: str | os.PathLike, image: Image.Image) -> None:
-  """Saves a PIL image to ``path`` (parents created) in the format its suffix names."""
+  """Saves a PIL image to ``path`` atomically, in the format its suffix names."""
   path = epath.Path(path)
   image_format = Image.registered_extensions().get(path.suffix.lower())
   if image_format is None:
     raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (use .png)")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    image.save(f, format=image_format)
+  encoded = io.BytesIO()
+  image.save(encoded, format=image_format)
+  write_bytes(path, encoded.getvalue())
 
 
 def tile(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -163,10 +204,28 @@ class Progress:
       self.stream.flush()
 
 
+# The warning Orbax logs on each read-only open of a checkpoint directory (its format string).
+READ_ONLY_NOTICE = "Given directory is read only=%s"
 # Warnings libraries log on every run that ask nothing of the user: Orbax on each
 # read-only open, TFDS on each custom builder config and image decode without OpenCV.
 _ROUTINE_WARNINGS = ("Given directory is read only", "Using custom data configuration",
                      "OpenCV is not installed")
+
+
+class _ReadOnlyNoticeFilter(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.msg != READ_ONLY_NOTICE
+
+
+def hide_read_only_notice() -> None:
+  """Drops Orbax's ``READ_ONLY_NOTICE`` from absl's log, and no other message.
+
+  For the readers of checkpoints (a pipeline loading a run), which open every
+  checkpoint directory read-only, also outside the commands.
+  """
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _ReadOnlyNoticeFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_ReadOnlyNoticeFilter())
 
 
 class _RoutineFilter(py_logging.Filter):

@@ -21,13 +21,13 @@ from etils import epath
 from vqdiffusion_jax import build, evaluate, loading, outputs
 from vqdiffusion_jax.pipeline import Pipeline
 from vqdiffusion_jax.train import budget
+from vqdiffusion_jax.train import metrics as metrics_lib
 
 
 def _metric_lines(stage_dir: str) -> list[dict]:
-  path = epath.Path(stage_dir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines()]
+  """The stage's logged records, the last one of each step, in step order."""
+  records = metrics_lib.read_records(epath.Path(stage_dir) / metrics_lib.METRICS_FILE)
+  return metrics_lib.latest_per_step(records)
 
 
 def _pace(lines: list[dict]) -> str:

@@ -97,7 +97,7 @@ def read_config(path: str | os.PathLike) -> dict:
   config_path = epath.Path(path) / CONFIG_NAME
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} is missing: not a converted checkpoint")
-  config = json.loads(config_path.read_text())
+  config = outputs.read_json(config_path, remedy="convert the checkpoint again")
   if config.get("format") != FORMAT or config.get("version") != VERSION:
     raise ValueError(f"{config_path}: format {config.get('format')!r} version "
                      f"{config.get('version')!r}, expected {FORMAT!r} version {VERSION}")

@@ -31,9 +31,11 @@ A record of a class-labelled source (``image_folders``) also holds its
 
 The cache is built in a sibling staging directory, each file under a
 temporary name renamed when complete, and the directory is renamed into place
-at the end, so a crash leaves no directory that looks complete;
-``TokenCacheSource`` refuses a directory without ``metadata.json``, with a
-shard missing, or whose record counts disagree with it.
+at the end, so a crash leaves no directory that looks complete, and the next
+build first removes what a killed one left beside the cache (with a warning
+naming it: ``remove_leftover_builds``). ``TokenCacheSource`` refuses a
+directory without ``metadata.json``, with a shard missing, or whose record
+counts disagree with it.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import logging
 from array_record.python import array_record_module
 from etils import epath
 
-from vqdiffusion_jax import hosts
+from vqdiffusion_jax import hosts, outputs
 from vqdiffusion_jax.data import loader
 
 FORMAT = "vqdiffusion_jax.token_cache"
@@ -296,12 +299,6 @@ def _write_records(path: epath.Path, batches: Iterable[tuple],
   return facts
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  tmp.write_text(text)
-  tmp.rename(path)
-
-
 def write_shard(data: Any, encode_images: EncodeImages, staging_dir: str | os.PathLike, *,
                 codebook_size: int, process_index: int = 0, process_count: int = 1,
                 image_size: int | None = None, batch_size: int = 64,
@@ -328,7 +325,7 @@ def write_shard(data: Any, encode_images: EncodeImages, staging_dir: str | os.Pa
   finally:
     if tmp.exists():
       tmp.unlink()
-  _write_atomically(records.with_suffix(".json"), json.dumps(facts))
+  outputs.write_text(records.with_suffix(".json"), json.dumps(facts))
   return facts
 
 
@@ -339,7 +336,7 @@ def _merge_facts(staging: epath.Path, process_count: int) -> list[dict]:
     if not path.exists():
       raise ValueError(f"token cache shard {p} of {process_count} is missing ({path}): its "
                        "process did not finish")
-    shards.append(json.loads(path.read_text()))
+    shards.append(outputs.read_json(path, remedy="build the cache again"))
   grids = {tuple(s["grid"]) for s in shards if s["num_records"]}
   features = {tuple(s["feature_shape"] or ()) for s in shards if s["num_records"]}
   if len(grids) > 1 or len(features) > 1:
@@ -393,7 +390,7 @@ def finish_cache(staging_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        text_encoder)
   for p in range(process_count):
     (staging / shard_name(p, process_count)).with_suffix(".json").unlink()
-  _write_atomically(staging / METADATA, json.dumps(metadata, indent=2))
+  outputs.write_text(staging / METADATA, json.dumps(metadata, indent=2))
   _install(staging, out, overwrite)
   return metadata
 
@@ -414,7 +411,42 @@ def _install(staging: epath.Path, out: epath.Path, overwrite: bool) -> None:
 def staging_dir(out_dir: str | os.PathLike) -> epath.Path:
   """Where a cache is built before it is renamed to ``out_dir`` (shared by all processes)."""
   out = epath.Path(out_dir)
-  return out.with_name(f".{out.name}.building")
+  return out.with_name(f".{out.name}{_STAGING_SUFFIX}")
+
+
+# The temporary siblings of a cache ``NAME``: its staging directory, and (by prefix) an
+# old cache renamed aside while the new one is installed, or a temporary copy.
+_STAGING_SUFFIX = ".building"
+_LEFTOVER_PREFIXES = (".old-", ".tmp-")
+
+
+def leftover_builds(out_dir: str | os.PathLike) -> list[epath.Path]:
+  """The temporary siblings of ``out_dir`` that builds killed before their end left."""
+  out = epath.Path(out_dir)
+  if not out.parent.is_dir():
+    return []
+  staging = staging_dir(out).name
+  prefixes = tuple(f".{out.name}{prefix}" for prefix in _LEFTOVER_PREFIXES)
+  return sorted(p for p in out.parent.iterdir()
+                if p.name == staging or p.name.startswith(prefixes))
+
+
+def remove_leftover_builds(out_dir: str | os.PathLike) -> list[epath.Path]:
+  """Removes ``leftover_builds(out_dir)``, with a warning naming them; returns them.
+
+  Called by the one process that builds, before it starts: nothing else builds
+  this cache then, so whatever is there is a dead build's.
+  """
+  leftovers = leftover_builds(out_dir)
+  for path in leftovers:
+    if path.is_dir():
+      path.rmtree()
+    else:
+      path.unlink()
+  if leftovers:
+    logging.warning("Removed what token cache builds that did not finish left: %s",
+                    ", ".join(os.fspath(p) for p in leftovers))
+  return leftovers
 
 
 def build_token_cache(data: Any, encode_images: EncodeImages, out_dir: str | os.PathLike, *,
@@ -466,8 +498,7 @@ def build_token_cache(data: Any, encode_images: EncodeImages, out_dir: str | os.
   staging = staging_dir(out)
   sync = barrier if process_count > 1 else (lambda name: None)
   if process_index == 0:
-    if staging.exists():
-      staging.rmtree()  # left by a build that did not finish
+    remove_leftover_builds(out)
     staging.mkdir(parents=True)
   sync("token_cache_staged")
   try:

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.models import axes
 from vqdiffusion_jax.models.clip_text import EncoderLayer, l2_normalize, layer_norm
 
@@ -104,16 +104,16 @@ class WordTokenizer:
     return " ".join(self.vocab[i] for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the vocabulary as JSON to ``path`` (local or a URL, through ``epath``)."""
-    epath.Path(path).write_text(
-        json.dumps({"format": _FORMAT, "vocab": list(self.vocab)}, ensure_ascii=False),
-        encoding="utf-8")
+    """Writes the vocabulary as JSON to ``path`` (local or a URL), atomically."""
+    outputs.write_text(
+        path, json.dumps({"format": _FORMAT, "vocab": list(self.vocab)}, ensure_ascii=False))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> WordTokenizer:
     """Reads a tokenizer written by ``save``."""
-    data = json.loads(epath.Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != _FORMAT:
+    data = outputs.read_json(path, remedy="delete it to fit the vocabulary again from the "
+                             "token cache's captions (they give the same one)")
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
       raise ValueError(f"{path} is not a {_FORMAT} file")
     return cls(tuple(data["vocab"]))
 

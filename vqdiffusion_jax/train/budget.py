@@ -20,7 +20,6 @@ plan or the report.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -70,7 +69,7 @@ def read_plan(directory: str | os.PathLike) -> dict | None:
   path = epath.Path(directory) / PLAN_NAME
   if not path.exists():
     return None
-  plan = json.loads(path.read_text())
+  plan = outputs.read_json(path, remedy="delete it to plan anew")
   if not isinstance(plan, dict) or not isinstance(plan.get("num_steps"), int):
     raise ValueError(f"{path} is not a step plan (no integer num_steps); delete it to plan anew")
   return plan

@@ -86,6 +86,7 @@ CHECKPOINTS_DIR = "checkpoints"
 UNUSABLE_SUFFIX = "_unusable"
 CONFIG_NAME = "config.json"
 COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # a step being saved: <step><suffix>
 STATE, DATA, META, CONFIG = "state", "data", "meta", "config"
 ORIGINS = ("workdir", "resume_from", "init_from", "scratch")
 
@@ -205,6 +206,8 @@ class Checkpointer:
     self.verify = verify
     if read_only and not path.is_dir():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+    if read_only:
+      outputs.hide_read_only_notice()
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy([
@@ -241,10 +244,14 @@ class Checkpointer:
     self._manager.reload()
     return sorted(self._manager.all_steps())
 
+  def committed_steps(self) -> list[int]:
+    """Steps on disk that carry their commit marker, ascending."""
+    return [s for s in self.all_steps()
+            if (epath.Path(self.step_path(s)) / COMMIT_MARKER).exists()]
+
   def latest_step(self) -> int | None:
     """The newest step that carries its commit marker, or None."""
-    committed = [s for s in self.all_steps()
-                 if (epath.Path(self.step_path(s)) / COMMIT_MARKER).exists()]
+    committed = self.committed_steps()
     return committed[-1] if committed else None
 
   def save(self, step: int, state: Any, *, data_state: dict, config: Any = None,
@@ -299,7 +306,8 @@ class Checkpointer:
       The config as a dict.
     """
     if step is None:
-      return json.loads(epath.Path(self.config_path).read_text())
+      return outputs.read_json(self.config_path,
+                               remedy=f"each step in {self.directory} holds a copy of it")
     restored = self._manager.restore(int(step), args=ocp.args.Composite(
         **{CONFIG: ocp.args.JsonRestore()}))
     return restored[CONFIG]
@@ -367,6 +375,8 @@ class Checkpointer:
                      step: int | None) -> tuple[int, Any, dict]:
     """The newest verified step (or exactly ``step``) restored onto ``target(step)``."""
     self.wait()
+    if step is not None:
+      self._check_step_exists(int(step))
     candidates = [int(step)] if step is not None else self.all_steps()[::-1]
     if not candidates:
       raise CheckpointError(f"no checkpoints in {self.directory}")
@@ -374,6 +384,7 @@ class Checkpointer:
     for candidate in candidates:
       state = data_state = meta = None
       try:
+        self._check_committed(candidate)
         state, data_state, meta = self._read_step(candidate, target(candidate))
         error = None
       except Exception as failure:  # A step that cannot be read, whatever the cause, is unusable.
@@ -398,15 +409,25 @@ class Checkpointer:
     tried = "\n  ".join(f"step {s}: {why}" for s, why in failures)
     raise CheckpointError(f"no restorable checkpoint in {self.directory}; tried:\n  {tried}")
 
+  def _check_step_exists(self, step: int) -> None:
+    """A CheckpointError when no save of ``step`` ever started (a partial one fails its read)."""
+    path = epath.Path(self.step_path(step))
+    if path.exists() or path.with_name(path.name + TMP_SUFFIX).exists():
+      return
+    raise CheckpointError(f"step {step} does not exist in {self.directory}; available steps: "
+                          f"{self.committed_steps()}")
+
+  def _check_committed(self, step: int) -> None:
+    if not (epath.Path(self.step_path(step)) / COMMIT_MARKER).exists():
+      raise UnusableCheckpointError(
+          f"{self.step_path(step)} has no {COMMIT_MARKER}: its save never committed")
+
   def _read_step(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """One step's state, data position and metadata, unverified; raises on a bad step.
 
     Each process reads on its own, with no collective, so that a process that
     fails here cannot leave the others waiting.
     """
-    if not (epath.Path(self.step_path(step)) / COMMIT_MARKER).exists():
-      raise UnusableCheckpointError(
-          f"{self.step_path(step)} has no {COMMIT_MARKER}: its save never committed")
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore(),
         META: ocp.args.JsonRestore()}))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vqdiffusion_jax import build, config_schema, hosts, sampling
+from vqdiffusion_jax import build, config_schema, hosts, outputs, sampling
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.data import loader, token_cache
@@ -306,6 +306,6 @@ def sample_writer(trainer: DenoiserTrainer, vqvae: build.VQVAE, seed: int,
                          [jnp.asarray(inputs)], jax.random.key(seed), None, {})
     path = writer.write_images(step, "samples", np.asarray(images) * 2.0 - 1.0)
     if path is not None and lines:
-      epath.Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+      outputs.write_text(epath.Path(path).with_suffix(".txt"), "\n".join(lines) + "\n")
 
   return write

@@ -180,6 +180,7 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
   if data_state.get("iterator"):
     iterator.set_state(data_state["iterator"])
   step = int(jax.device_get(stage.step_of(state)))
+  writer.resume_at(step)
   rng = jax.random.key(int(config.seed))
   config_json = config.to_dict()
   preempted = False
