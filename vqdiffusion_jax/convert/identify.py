@@ -72,21 +72,20 @@ def _safetensors_problem(path: str, head: bytes, size: int) -> str | None:
   if length > size - SAFETENSORS_LENGTH_BYTES:
     if length > 100 * 2**20:
       return None  # no header this long: text that happens to start "........{"
-    return (f"a safetensors header of {length} bytes in a file of {size} bytes: "
-            "truncated or not a safetensors file")
+    return f"a safetensors header of {length} bytes in a file of {size} bytes"
   with open(path, "rb") as f:
     f.seek(SAFETENSORS_LENGTH_BYTES)
     header = f.read(length)
   try:
     entries = json.loads(header)
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    return "a safetensors-like header that is not JSON: truncated or not a safetensors file"
-  ends = [entry.get("data_offsets", (0, 0))[1] for key, entry in entries.items()
-          if key != "__metadata__" and isinstance(entry, dict)]
+    ends = [int(entry["data_offsets"][1]) for key, entry in entries.items()
+            if key != "__metadata__"]
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError,
+          IndexError, ValueError):
+    return "a safetensors-like header that does not list tensors"
   data = size - SAFETENSORS_LENGTH_BYTES - length
   if ends and max(ends) > data:
-    return (f"a safetensors header for {max(ends)} bytes of tensors but {data} bytes follow "
-            "it: truncated or not a safetensors file")
+    return f"a safetensors header for {max(ends)} bytes of tensors but {data} bytes follow it"
   return ""
 
 
