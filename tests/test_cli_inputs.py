@@ -55,7 +55,7 @@ def _package_only_path(tmp_path):
     ({"mesh.shape.fsdp": 3, "mesh.shape.data": -1},
      "mesh.shape {'data': -1, 'fsdp': 3, 'tensor': 1}: 8 devices are not divisible by the fixed "
      "axes' product 3; pick sizes whose product is one of [1, 2, 4, 8]"),
-])
+], ids=["train_batch", "vqvae_batch", "mesh"])
 def test_the_mesh_and_global_batches_are_checked_before_any_stage(tmp_path, changes, message):
   config = _runlocal(**changes)
   with pytest.raises(ValueError) as error:
@@ -101,7 +101,7 @@ def test_an_unknown_override_names_the_flag_and_the_nearest_keys_of_its_section(
                               "'lpips_path'; the nearest are vqvae.loss.lpips_vgg_path, "
                               "vqvae.loss.lpips_heads_path, vqvae.loss.disc_start"),
     ("seed.value", "--config.seed.value: seed is a value (int), not a section with keys"),
-])
+], ids=["section", "key_in_section", "key_under_a_value"])
 def test_override_keys_are_checked_against_the_config(override, message):
   argv = ["prog", "--config=configs/shapes.py", "--config.train.num_steps=3",
           f"--config.{override}=1", "--noconfig.train.remat", "--workdir=w"]
