@@ -57,8 +57,9 @@ tokens, cross-entropy of all the original tokens.
 
 ``finish`` fills every section and key a config leaves out with the defaults
 here (``complete``), so code reads ``config.section.key`` and never repeats a
-default. A run's saved config goes through ``complete`` too when it is read
-back: keys added since it was written take today's defaults.
+default, and refuses keys no section has (``check_known_keys``). A run's
+saved config goes through ``complete`` too when it is read back: keys added
+since it was written take today's defaults.
 
 ``runlocal`` (``--config=configs/X.py:runlocal``) shrinks any config to a
 2-core CPU and keeps its path: the same dataset, text kind, VQ-VAE kind and
@@ -69,6 +70,7 @@ weights, ``vqvae.path``, ``checkpoint.init_from``) stay as given on the
 command line.
 """
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -373,5 +375,23 @@ def finish(config: ml_collections.ConfigDict, arg: str | None, *,
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
   config = complete(config)
+  check_known_keys(config)
   config.lock()
   return config
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+  """A ValueError naming each key no section has (a typo would be ignored), with the nearest."""
+  unknown = []
+
+  def walk(values: dict, known: dict, prefix: str) -> None:
+    for key, value in values.items():
+      if key not in known:
+        nearest = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.0)
+        unknown.append(f"{prefix}{key} (nearest: {', '.join(prefix + k for k in nearest)})")
+      elif isinstance(value, dict) and isinstance(known[key], dict):
+        walk(value, known[key], f"{prefix}{key}.")
+
+  walk(config.to_dict(), defaults().to_dict(), "")
+  if unknown:
+    raise ValueError(f"unknown config keys: {'; '.join(unknown)}")

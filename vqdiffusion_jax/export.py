@@ -46,14 +46,22 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
-import transformers
-from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler, VQModel
-from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
-  LearnedClassifierFreeSamplingEmbeddings,
-)
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import extras, outputs
+
+try:
+  import torch
+  import transformers
+  from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler, VQModel
+  from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
+    LearnedClassifierFreeSamplingEmbeddings,
+  )
+except ModuleNotFoundError as error:
+  _missing = extras.missing(error, "exporting to PyTorch")
+  if __name__ == "__main__":
+    sys.exit(f"error: {_missing}")
+  raise _missing from None
+
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.convert import denoiser as denoiser_convert
 from vqdiffusion_jax.convert import export as convert_export

@@ -3,8 +3,11 @@
   python -m vqdiffusion_jax.main --config=configs/shapes.py --workdir=runs/shapes \
       [--config.train.num_steps=500] [--multihost] [--verbosity=0]
 
-Parses flags, initialises multi-host JAX when asked (or when the environment
-shows several processes), trains (``train.loop.train``) and writes the report
+Parses flags (``config_flag``: an unknown ``--config.KEY`` is an error naming
+the nearest keys), initialises multi-host JAX when asked (or when the
+environment shows several processes), checks the config against the machine
+before any stage (``loop.check_run``: a bad value is one line and exit status
+2), trains (``train.loop.train``) and writes the report
 (``report.write_report``). The console shows one progress line per stage and
 warnings; ``--verbosity=0`` (absl's flag) brings back the libraries' INFO logs.
 SIGTERM saves the running stage's checkpoint and ends the run there (no
@@ -27,21 +30,20 @@ import sys
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from vqdiffusion_jax import outputs, report, workdir_lock
+from vqdiffusion_jax import config_flag, extras, outputs, report, workdir_lock
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import loop, runner
 from vqdiffusion_jax.train import mesh as mesh_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flag.define("config", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
 _MULTIHOST = flags.DEFINE_bool("multihost", None,
                                "Call jax.distributed.initialize() (default: detect).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STOPPED_EXIT_STATUS = 143
+BAD_INPUT_EXIT_STATUS = 2
 
 
 def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
@@ -68,6 +70,15 @@ def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
   return summary
 
 
+def check_or_exit(config: Any, workdir: str) -> None:
+  """``loop.check_run``; what it finds wrong is one line on stderr and exit status 2."""
+  try:
+    loop.check_run(config, workdir)
+  except (ValueError, extras.MissingExtraError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(BAD_INPUT_EXIT_STATUS) from None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -78,6 +89,7 @@ def main(argv: list[str]) -> None:
   with ckpt_lib.PreemptionWatcher():
     mesh_lib.multihost_initialize(force=_MULTIHOST.value)
     command = " ".join(["python -m vqdiffusion_jax.main", *sys.argv[1:]])
+    check_or_exit(_CONFIG.value, _WORKDIR.value)
     try:
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, command)
     except runner.StopRequestedError as stop:

@@ -35,9 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from vqdiffusion_jax import build, outputs  # noqa: E402
+from vqdiffusion_jax import build, config_flag, outputs  # noqa: E402
 from vqdiffusion_jax.models import clip_text  # noqa: E402
 from vqdiffusion_jax.models.denoiser import Denoiser  # noqa: E402
 from vqdiffusion_jax.models.text_encoder import SPECIAL_TOKENS  # noqa: E402
@@ -94,6 +93,7 @@ def plan(config: Any, num_devices: int) -> dict:
   shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   global_batch = int(config.train.global_batch)
+  mesh_lib.batch_block(mesh, global_batch, "train.global_batch")
   batch = {"tokens": jnp.zeros((global_batch, cfg.num_tokens), jnp.int32),
            "drop_text": jnp.zeros((global_batch,), bool)}
   if cfg.conditioning == "text":
@@ -145,11 +145,16 @@ def main(argv: list[str]) -> None:
   outputs.quiet_logging(outputs.absl_verbosity())
   config = flags.FLAGS.config
   devices = flags.FLAGS.devices
-  print(report(config, devices, plan(config, devices)))
+  try:
+    figures = plan(config, devices)
+  except ValueError as error:  # the config against the devices: named keys and values
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+  print(report(config, devices, figures))
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  config_flag.define("config", "Experiment config file.")
   flags.DEFINE_integer("devices", 8, "Number of devices to plan for.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -21,7 +21,7 @@ taming YAML and remap (its weights are in the ``.pth``) and a local CLIP::
 import argparse
 import sys
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import extras, loading, outputs
 from vqdiffusion_jax.convert import checkpoints
 from vqdiffusion_jax.models import transformer
 
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
   outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
   outputs.quiet_logging(args.verbosity)
+  if loading.is_workdir(args.src):
+    print(f"error: {args.src} is a training workdir of the main job, not a PyTorch checkpoint; "
+          "Pipeline.from_pretrained and vqdiffusion_jax.sample read it as it is, and "
+          "vqdiffusion_jax.export writes it to PyTorch", file=sys.stderr)
+    return 2
   try:
     counts = checkpoints.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
@@ -63,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                               vqvae_config=args.vqvae_config, vqvae_remap=args.vqvae_remap,
                               clip_dir=args.clip,
                               **({"learnable_null_text": False} if args.no_null_text else {}))
-  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-    print(f"error: {error}", file=sys.stderr)
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError,
+          extras.MissingExtraError) as error:
+    # str() of a KeyError is the repr of its message; print the message itself.
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"error: {message}", file=sys.stderr)
     return 2
   for name, count in counts.items():
     print(f"{name}: {count:,} parameters")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vqdiffusion_jax import outputs
-from vqdiffusion_jax.convert import clip, common, converted, denoiser, vqvae
+from vqdiffusion_jax.convert import clip, common, converted, denoiser, identify, vqvae
 from vqdiffusion_jax.diffusion import schedule as schedules
 from vqdiffusion_jax.models import clip_text, transformer, vqgan
 
@@ -44,6 +44,8 @@ RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "scan_layers", "weight_grads
 PIPELINE_CLASS = "VQDiffusionPipeline"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 SCHEDULER_CLASS = "VQDiffusionScheduler"
+SOURCES = ("our converted directory, a diffusers VQDiffusionPipeline or Transformer2DModel "
+           "directory, or an official VQ-Diffusion .pth file")
 # VQDiffusionScheduler config field -> schedule.mask_and_replace argument, and its default.
 SCHEDULER_FIELDS = {"alpha_cum_start": ("att_1", 0.99999), "alpha_cum_end": ("att_T", 0.000009),
                     "gamma_cum_start": ("ctt_1", 0.000009), "gamma_cum_end": ("ctt_T", 0.99999)}
@@ -68,9 +70,14 @@ def _read_json(path: str) -> dict:
 
 
 def _source_kind(path: str) -> str:
+  """Which source ``path`` is; an error saying what it looks like for anything else."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   if os.path.isfile(path):
+    kind, description = identify.identify_file(path)
+    if kind != identify.TORCH:
+      raise common.ConversionError(f"{path} is not a PyTorch checkpoint ({description}); "
+                                   f"expected {SOURCES}")
     return "official"
   if converted.is_converted(path):
     return "converted"
@@ -83,9 +90,8 @@ def _source_kind(path: str) -> str:
   config = os.path.join(path, "config.json")
   if os.path.isfile(config) and _read_json(config).get("_class_name") == "Transformer2DModel":
     return "diffusers_transformer"
-  raise ValueError(f"{path} is not a checkpoint we know: expected our converted directory, a "
-                   "diffusers VQDiffusionPipeline or Transformer2DModel directory, or an "
-                   "official VQ-Diffusion .pth file")
+  raise ValueError(f"{path} is not a checkpoint we know ({identify.describe_directory(path)}); "
+                   f"expected {SOURCES}")
 
 
 def diffusers_schedule(pipeline_dir: str, config: transformer.TransformerConfig) -> dict:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqdiffusion_jax import extras
 from vqdiffusion_jax.convert import common
 from vqdiffusion_jax.models.clip_text import CLIPTextTransformer
 
@@ -73,8 +74,7 @@ def text_config(path: str) -> dict:
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"no config.json in the CLIP checkpoint directory {path}")
-  import transformers  # optional: the [torch] extra
-
+  transformers = extras.require("transformers", f"reading the CLIP config {config_file}")
   config = transformers.CLIPTextConfig.from_pretrained(path)
   return {
       "vocab_size": config.vocab_size,
@@ -160,8 +160,7 @@ def load_tokenizer(path: str):
     raise FileNotFoundError(f"CLIP tokenizer directory {path} does not exist")
   if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in {path}")
-  import transformers  # optional: the [torch] extra
-
+  transformers = extras.require("transformers", f"reading the CLIP tokenizer in {path}")
   return transformers.CLIPTokenizer.from_pretrained(path)
 
 

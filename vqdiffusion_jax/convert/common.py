@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import numpy as np
+
+from vqdiffusion_jax import extras
+from vqdiffusion_jax.convert import identify
 
 
 class ConversionError(ValueError):
@@ -61,19 +65,80 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   A PyTorch file is read with ``weights_only=True``: tensors, no Python objects.
   Floating arrays come back as float32 copies.
+
+  Raises:
+    ConversionError: naming the file: not of the format its name says, or damaged.
+    extras.MissingExtraError: safetensors or PyTorch is not installed.
   """
   path = os.fspath(path)
   if path.endswith(".npz"):
     with np.load(path) as arrays:
       loaded = {k: arrays[k] for k in arrays.files}
   elif path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # optional: the [torch] extra
-    loaded = load_file(path)
+    loaded = read_safetensors(path)
   else:
-    import torch  # optional: the [torch] extra
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = torch_load(path, "PyTorch weights file")
+    if not isinstance(loaded, Mapping):
+      raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
   return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in to_numpy(loaded).items()}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A safetensors file's arrays, its header checked first so that a bad file is named."""
+  load_file = extras.require("safetensors.numpy", f"reading {path}").load_file
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"safetensors file not found: {path}")
+  kind, description = identify.identify_file(path)
+  if kind != identify.SAFETENSORS:
+    raise ConversionError(f"{path}: truncated or not a safetensors file ({description})")
+  try:
+    return load_file(path)
+  except Exception as error:  # safetensors' own error type; the file is at fault either way
+    raise ConversionError(f"{path}: truncated or not a safetensors file ({error})") from error
+
+
+def torch_load(path: str | os.PathLike, what: str, allow_pickle: bool = False) -> Any:
+  """``torch.load`` of a file checked to be a PyTorch checkpoint first.
+
+  Args:
+    path: the file.
+    what: what the file should be, for the errors (e.g. "official checkpoint").
+    allow_pickle: unpickle Python objects besides tensors (``weights_only=False``).
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ConversionError: naming the file: not a PyTorch checkpoint (saying what it
+      looks like), damaged, or holding Python objects besides tensors when
+      ``allow_pickle`` is off (the only case where ``--allow-pickle`` helps).
+    extras.MissingExtraError: PyTorch is not installed.
+  """
+  torch = extras.require("torch", f"reading the {what} {os.fspath(path)}")
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
+  kind, description = identify.identify_file(path)
+  if kind != identify.TORCH:
+    raise ConversionError(f"{path} is not a PyTorch checkpoint ({description}); expected the "
+                          f"{what}")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  except pickle.UnpicklingError as error:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if not allow_pickle and found:
+      raise ConversionError(
+          f"{path} holds Python objects besides tensors ({found.group(1)}); if you trust the "
+          "file, load it with allow_pickle=True (--allow-pickle)") from error
+    raise ConversionError(f"{path} is {description} that PyTorch cannot read (damaged or "
+                          f"truncated?): {_first_line(error)}") from error
+  except Exception as error:  # torch.load of a damaged file raises whatever its bytes lead to
+    raise ConversionError(f"{path} is {description} that PyTorch cannot read (damaged or "
+                          f"truncated?): {type(error).__name__}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
 
 
 def load_torch_checkpoint(path: str | os.PathLike, what: str,
@@ -82,21 +147,11 @@ def load_torch_checkpoint(path: str | os.PathLike, what: str,
 
   Raises:
     FileNotFoundError: no file at ``path``; the message names ``what`` it should be.
-    ConversionError: the file holds Python objects besides tensors (and
-      ``allow_pickle`` is off), or is not a dict.
+    ConversionError: as ``torch_load``, or the file does not hold a dict.
   """
-  import torch  # optional: the [torch] extra
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} not found: {path}")
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  except pickle.UnpicklingError as error:
-    raise ConversionError(
-        f"{path} holds Python objects besides tensors; if you trust the file, load it with "
-        "allow_pickle=True (--allow-pickle)") from error
+  loaded = torch_load(path, what, allow_pickle)
   if not isinstance(loaded, Mapping):
-    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    raise ConversionError(f"{os.fspath(path)} holds a {type(loaded).__name__}, not a state dict")
   return loaded
 
 

@@ -464,12 +464,9 @@ def read_code_remap(path: str | os.PathLike, num_embeddings: int) -> np.ndarray:
     ConversionError: naming the file: not a 1-D integer tensor of K entries, or values
       that leave a compact index unused.
   """
-  import torch  # optional: the [torch] extra
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"code remap file not found: {path}")
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
-  table = loaded.numpy() if isinstance(loaded, torch.Tensor) else np.asarray(loaded)
+  loaded = common.torch_load(path, "code remap file")
+  table = loaded.numpy() if hasattr(loaded, "numpy") else np.asarray(loaded)
   if table.ndim != 1 or not np.issubdtype(table.dtype, np.integer):
     raise ConversionError(f"code remap {path}: expected a 1-D integer tensor, got "
                           f"{table.dtype} {table.shape}")

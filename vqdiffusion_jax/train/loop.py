@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vqdiffusion_jax import build, config_schema, hosts, loading
+from vqdiffusion_jax import build, config_schema, extras, hosts, loading
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget, denoiser_stage
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -50,16 +50,11 @@ def train(config: Any, workdir: str) -> dict:
     runner.StopRequestedError: a stage stopped on SIGTERM or preemption (its
       checkpoint saved); the later stages did not run.
   """
-  config_schema.check_user_paths(config)
-  if "://" in os.fspath(workdir) and not config.data.cache_dir:
-    raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
-                     "data.cache_dir to a local directory for the token cache (its "
-                     "array_record files are written and read as local files)")
+  mesh = check_run(config, workdir)
   deadline = None
   if budget.enabled(config):
     deadline = time.monotonic() + 60 * float(config.time_budget.minutes)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   source = sources.split_source(config.data, config.data.train_split, workdir)
   if config.data.in_memory:
     source = loader.MemoizedSource(source)
@@ -72,6 +67,36 @@ def train(config: Any, workdir: str) -> dict:
       time_left=None if deadline is None else lambda: deadline - time.monotonic())
   return {"vqvae": vqvae_dir, "token_cache": cache_dir, "denoiser": denoiser_dir,
           "denoiser_step": denoiser_step}
+
+
+def check_run(config: Any, workdir: str) -> jax.sharding.Mesh:
+  """What can be checked before any stage runs; returns the training mesh.
+
+  The files the config needs, the mesh against this machine's devices, each
+  trained stage's global batch against the mesh's batch shards, and the
+  optional packages that reading CLIP or LPIPS weights takes.
+
+  Raises:
+    ValueError: naming the config key, its value and what would do.
+    extras.MissingExtraError: a package of the ``torch`` extra the config needs.
+  """
+  config_schema.check_user_paths(config)
+  if "://" in os.fspath(workdir) and not config.data.cache_dir:
+    raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
+                     "data.cache_dir to a local directory for the token cache (its "
+                     "array_record files are written and read as local files)")
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  batches = {"train.global_batch": config.train.global_batch}
+  if not config.vqvae.path:
+    batches["vqvae.train.global_batch"] = config.vqvae.train.global_batch
+  for key, value in batches.items():
+    mesh_lib.batch_block(mesh, int(value), key)
+  if config_schema.reads_text(config) and config.text.kind == "clip":
+    extras.require("transformers", f"the CLIP tokenizer of text.clip_path={config.text.clip_path}")
+  loss = config.vqvae.loss
+  if not config.vqvae.path and float(loss.perceptual_weight) > 0:
+    extras.require("torch", f"the LPIPS weights of vqvae.loss.lpips_vgg_path={loss.lpips_vgg_path}")
+  return mesh
 
 
 def build_cache(config: Any, workdir: str, vqvae: build.VQVAE, source) -> str:

@@ -73,16 +73,18 @@ def resolve_shape(shape: Any, num_devices: int) -> tuple[int, int, int]:
   sizes = _section(shape)
   free = [i for i, size in enumerate(sizes) if size == -1]
   if len(free) > 1 or any(size < 1 and size != -1 for size in sizes):
-    raise ValueError(f"mesh shape {_named(sizes)}: sizes must be >= 1, "
+    raise ValueError(f"mesh.shape {_named(sizes)}: sizes must be >= 1, "
                      "with at most one -1")
   fixed = math.prod(size for size in sizes if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh shape {_named(sizes)}: {num_devices} devices "
-                       f"are not divisible by the fixed axes' product {fixed}")
+      divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+      raise ValueError(f"mesh.shape {_named(sizes)}: {num_devices} devices "
+                       f"are not divisible by the fixed axes' product {fixed}; pick sizes "
+                       f"whose product is one of {divisors}")
     sizes = tuple(num_devices // fixed if size == -1 else size for size in sizes)
   elif fixed != num_devices:
-    raise ValueError(f"mesh shape {_named(sizes)} has {fixed} devices but "
+    raise ValueError(f"mesh.shape {_named(sizes)} has {fixed} devices but "
                      f"{num_devices} are available; use -1 on one axis to fill")
   return sizes
 
@@ -284,9 +286,11 @@ def batch_block(mesh: Mesh, global_batch: int, name: str = "global batch") -> tu
   """
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch < 1 or global_batch % rows:
+    below = max(rows, global_batch // rows * rows)
     raise ValueError(f"{name}={global_batch} does not split over the mesh's {rows} batch "
-                     f"shards (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}); "
-                     f"pick a multiple of {rows}")
+                     f"shards (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}) on "
+                     f"{mesh.size} devices; pick a multiple of {rows}, e.g. "
+                     + (f"{below} or {below + rows}" if below != global_batch else f"{rows}"))
   held = sorted({index[0].start or 0 for index in
                  batch_sharding(mesh).addressable_devices_indices_map((rows,)).values()})
   if held != list(range(held[0], held[0] + len(held))) or rows % len(held):
