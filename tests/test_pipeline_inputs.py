@@ -221,3 +221,15 @@ def test_evaluate_flags_are_checked_first(flags, message, tmp_path):
 def test_evaluate_sampler_specs_name_the_bad_field(spec, message):
   with pytest.raises(ValueError, match=f"^{re.escape(f'bad sampler spec {spec!r}: {message}')}$"):
     evaluate.SamplerSpec.parse(spec)
+
+
+def test_evaluate_reports_unknown_caption_words_once_before_sampling(tiny_workdir, tmp_path):
+  (tmp_path / "captions.txt").write_text(f"{PROMPT}\na purple hexagon\n")
+  flags = ["--checkpoint", tiny_workdir, "--captions", str(tmp_path / "captions.txt"),
+           "--num_samples", "2", "--out", str(tmp_path / "eval")]
+  with pytest.raises(ValueError, match=re.escape(
+      "captions[1] = 'a purple hexagon' has words the text encoder never saw in training: "
+      "'purple', 'hexagon' (read as [UNK]; the image will not follow them) "
+      "(--unknown_words=warn samples them anyway)")):
+    evaluate.main([*flags, "--unknown_words", "error"])
+  assert not (tmp_path / "eval").exists()

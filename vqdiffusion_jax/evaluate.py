@@ -19,6 +19,9 @@ sample each, guided through its null class), an unconditional one as many
 images as the split gives real ones; the "captions" below are then those
 labels, or None. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps
 ``all`` meaning every step (or one token per call for reveal samplers).
+The flags are checked before anything is loaded; captions that are empty or
+have words a trained text encoder never saw are reported once, before
+sampling (a warning, or with ``--unknown_words error`` an error).
 Measured per sampler:
 
 * on the embedded shapes data, the oracle's text-faithfulness accuracy per
@@ -126,6 +129,18 @@ def _spec_field(name: str, text: str, kind: type, allowed: str):
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def report_captions(pipe: Pipeline, captions: Sequence, mode: str, option: str | None) -> None:
+  """Reports a text model's unreadable captions once, per ``mode``; the batches then don't.
+
+  ``option`` names the setting that changes ``mode`` in the message (None: none).
+  """
+  if pipe.denoiser.conditioning != "text":
+    return
+  labels = [f"captions[{i}]" for i in range(len(captions))]
+  inputs.report_prompt_problems(pipe.prompt_problems(captions, labels=labels), mode, option)
+  pipe.unknown_words = "ignore"
 
 
 def checkpoint_kind(path: str) -> str:
@@ -826,11 +841,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   reference_stats=args.reference_stats)
   pipe = Pipeline.from_pretrained(args.checkpoint)
   captions, reference = evaluation_inputs(args, kind, pipe.image_size)
-  if pipe.denoiser.conditioning == "text":  # one report for all the captions, none per batch
-    labels = [f"captions[{i}]" for i in range(len(captions))]
-    inputs.report_prompt_problems(pipe.prompt_problems(captions, labels=labels),
-                                  args.unknown_words, "--unknown_words")
-    pipe.unknown_words = "ignore"
+  report_captions(pipe, captions, args.unknown_words, "--unknown_words")
   report = evaluate(pipe, captions, reference, specs,
                     args.out or epath.Path(args.checkpoint) / "eval", seed=args.seed,
                     batch_size=args.batch_size, grid_size=args.grid_size, networks=networks,

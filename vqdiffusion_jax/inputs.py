@@ -189,20 +189,21 @@ def prompt_problems(prompts: Sequence[str], labels: Sequence[str],
   return problems
 
 
-def report_prompt_problems(problems: Sequence[str], mode: str, option: str) -> None:
+def report_prompt_problems(problems: Sequence[str], mode: str, option: str | None) -> None:
   """Warns (``PromptWarning``), raises (ValueError) or does nothing, per ``mode``.
 
   ``option`` names the setting in the message's hint: the Pipeline argument
-  ``unknown_words`` or the flag ``--unknown_words``.
+  ``unknown_words`` or the flag ``--unknown_words``; None for no hint.
   """
-  choice(option, mode, UNKNOWN_WORDS_MODES)
+  choice(option or "unknown_words", mode, UNKNOWN_WORDS_MODES)
   if not problems or mode == "ignore":
     return
   if mode == "error":
-    raise ValueError(f"{'; '.join(problems)} ({option}=warn samples them anyway)")
+    hint = f" ({option}=warn samples them anyway)" if option else ""
+    raise ValueError("; ".join(problems) + hint)
+  hint = f" ({option}=error refuses such prompts)" if option else ""
   for problem in problems:
-    warnings.warn(f"{problem} ({option}=error refuses such prompts)", PromptWarning,
-                  stacklevel=_caller_outside_package())
+    warnings.warn(problem + hint, PromptWarning, stacklevel=_caller_outside_package())
 
 
 def _caller_outside_package() -> int:
