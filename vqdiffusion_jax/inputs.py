@@ -18,7 +18,6 @@ word, so only empty prompts are reported for it.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import sys
 import warnings
@@ -42,26 +41,36 @@ class PromptWarning(UserWarning):
 
 
 def shown(value: Any) -> str:
-  """``value`` as a message shows it: numpy scalars as plain Python values."""
-  if isinstance(value, np.generic):
-    value = value.item()
+  """``value`` as a message shows it: numpy and JAX scalars as plain Python values."""
+  if isinstance(value, np.generic) or (hasattr(value, "dtype") and np.ndim(value) == 0):
+    value = np.asarray(value).item()
   return repr(value)
 
 
+def _scalar_of(value: Any, kind: type) -> bool:
+  """Whether ``value`` is a Python, numpy or 0-d array scalar of numpy ``kind``."""
+  if isinstance(value, bool | np.bool_):
+    return False
+  if isinstance(value, int | float):
+    return np.issubdtype(type(value), kind)
+  dtype = getattr(value, "dtype", None)
+  return dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, kind)
+
+
 def _is_int(value: Any) -> bool:
-  return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+  return _scalar_of(value, np.integer)
 
 
 def positive_int(name: str, value: Any) -> int:
   """``value`` as an int >= 1; bools and floats (even 2.0) are refused."""
-  if not _is_int(value) or value < 1:
+  if not _is_int(value) or int(value) < 1:
     raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
   return int(value)
 
 
 def non_negative_int(name: str, value: Any) -> int:
   """``value`` as an int >= 0; bools and floats are refused."""
-  if not _is_int(value) or value < 0:
+  if not _is_int(value) or int(value) < 0:
     raise ValueError(f"{name} must be a non-negative integer, got {shown(value)}")
   return int(value)
 
@@ -73,7 +82,7 @@ def optional_positive_int(name: str, value: Any) -> int | None:
 
 def seed(name: str, value: Any) -> int:
   """An integer seed in 0..MAX_SEED (larger ones would alias smaller ones)."""
-  if not _is_int(value) or not 0 <= value <= MAX_SEED:
+  if not _is_int(value) or not 0 <= int(value) <= MAX_SEED:
     raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {shown(value)}")
   return int(value)
 
@@ -82,7 +91,7 @@ def number(name: str, value: Any, *, low: float = -math.inf, high: float = math.
            low_open: bool = False, high_open: bool = False) -> float:
   """``value`` as a finite float in the interval low..high (open ends as flagged)."""
   allowed = _interval(low, high, low_open, high_open)
-  if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+  if not (_scalar_of(value, np.integer) or _scalar_of(value, np.floating)):
     raise ValueError(f"{name} must be a finite number {allowed}, got {shown(value)}")
   x = float(value)
   inside = (math.isfinite(x) and (x > low if low_open else x >= low)
