@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vqdiffusion_jax import Pipeline, PromptWarning, evaluate, inputs, sample
+from vqdiffusion_jax.models.text_encoder import WordTokenizer
 
 PROMPT = "a big red circle in the center"
 
@@ -84,9 +85,10 @@ def test_unknown_words_warn_or_raise_per_the_pipeline_setting(pipe):
   with pytest.warns(PromptWarning, match=re.escape(
       "prompts[1] = 'a purple hexagon' has words the text encoder never saw in training: "
       "'purple', 'hexagon' (read as [UNK]; the image will not follow them) "
-      "(unknown_words=error refuses such prompts)")):
+      "(unknown_words=error refuses such prompts)")) as caught:
     tokens = pipe([PROMPT, "a purple hexagon"], num_inference_steps=2, output_type="tokens")
   assert len(tokens) == 2
+  assert caught[0].filename == __file__  # points at the caller's line
   with pytest.warns(PromptWarning, match=re.escape(
       "prompts[0] = '' has no words: the image will follow no text")):
     pipe.check_prompts("")
@@ -233,3 +235,12 @@ def test_evaluate_reports_unknown_caption_words_once_before_sampling(tiny_workdi
       "(--unknown_words=warn samples them anyway)")):
     evaluate.main([*flags, "--unknown_words", "error"])
   assert not (tmp_path / "eval").exists()
+
+
+def test_the_word_tokenizer_names_a_bad_text_or_length():
+  words = WordTokenizer.fit(["a red circle"], max_vocab=10)
+  with pytest.raises(ValueError, match=re.escape("texts[1] must be a str, got None")):
+    words.encode(["a red circle", None])
+  with pytest.raises(ValueError, match=re.escape(
+      "max_length must be an integer >= 2 (room for [BOS] and [EOS]), got 2.5")):
+    words.encode("a red circle", max_length=2.5)
