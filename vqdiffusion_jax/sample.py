@@ -12,10 +12,10 @@ prompt or label gets ``--num`` images, one grid row each, and the prompts or
 labels are written beside the grid (``grid.txt``). An unconditional model
 draws ``--num_images`` images in rows of ``--num``.
 
-Every flag, the ``--out`` path (an image extension, a folder that can be
-written) and the prompts are checked before the model is loaded or sampled:
-an empty prompt or words a trained text encoder never saw warn, or with
-``--unknown_words error`` stop the command.
+Every flag and the ``--out`` path (an image extension, a folder that can be
+written) are checked before the model is loaded, the prompts before anything
+is sampled: an empty prompt or words a trained text encoder never saw warn,
+or with ``--unknown_words error`` stop the command.
 """
 
 from __future__ import annotations
