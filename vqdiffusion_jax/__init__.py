@@ -1,11 +1,13 @@
 """vqdiffusion-jax: VQ-Diffusion text-to-image synthesis in JAX and Flax.
 
 ``from vqdiffusion_jax import Pipeline, make_grid`` gives the notebook
-pipeline (imported on first use, so importing the package stays cheap).
+pipeline (imported on first use, so importing the package stays cheap);
+``PromptWarning`` is the warning of a prompt it cannot read (empty, or with
+words its text encoder never saw).
 """
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "make_grid"]
+__all__ = ["Pipeline", "PromptWarning", "make_grid"]
 
 
 def __getattr__(name: str):

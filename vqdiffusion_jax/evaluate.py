@@ -19,6 +19,9 @@ sample each, guided through its null class), an unconditional one as many
 images as the split gives real ones; the "captions" below are then those
 labels, or None. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, steps
 ``all`` meaning every step (or one token per call for reveal samplers).
+The flags are checked before anything is loaded; captions that are empty or
+have words a trained text encoder never saw are reported once, before
+sampling (a warning, or with ``--unknown_words error`` an error).
 Measured per sampler:
 
 * on the embedded shapes data, the oracle's text-faithfulness accuracy per
@@ -66,7 +69,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vqdiffusion_jax import loading, outputs
+from vqdiffusion_jax import inputs, loading, outputs
 from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import loader, oracle, shapes, sources
 from vqdiffusion_jax.evaluation import fid, image_metrics, inception
@@ -74,6 +77,8 @@ from vqdiffusion_jax.evaluation.clip_score import CLIPEmbedder, clip_score, load
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+SPEC_FIELDS = {"num_inference_steps": "steps", "guidance_scale": "guidance",
+               "truncation_rate": "truncation"}
 DIFFUSERS_INDEX = "model_index.json"
 METRIC_COLUMNS = {"fid": "FID", "inception_score": "IS", "clip_score": "CLIP score",
                   "quality_score": "QS", "diversity_score": "DS"}
@@ -94,9 +99,14 @@ class SamplerSpec:
     if not parts[0] or len(parts) > 4:
       raise ValueError(f"bad sampler spec {spec!r}; expected name[/steps[/guidance[/truncation]]]")
     try:
-      steps = None if len(parts) < 2 or parts[1] in ("", "all") else int(parts[1])
-      guidance = float(parts[2]) if len(parts) > 2 else 1.0
-      truncation = float(parts[3]) if len(parts) > 3 else 1.0
+      steps = None if len(parts) < 2 or parts[1] in ("", "all") else _spec_field(
+          "steps", parts[1], int, "a positive integer or 'all'")
+      guidance = _spec_field("guidance", parts[2], float, "a finite number >= 0") if (
+          len(parts) > 2) else 1.0
+      truncation = _spec_field("truncation", parts[3], float, "a finite number in (0, 1]") if (
+          len(parts) > 3) else 1.0
+      inputs.sampler_options(num_inference_steps=steps, guidance_scale=guidance,
+                             truncation_rate=truncation, names=SPEC_FIELDS)
     except ValueError as error:
       raise ValueError(f"bad sampler spec {spec!r}: {error}") from error
     return cls(parts[0], steps, guidance, truncation)
@@ -111,7 +121,26 @@ class SamplerSpec:
             "guidance_scale": self.guidance, "truncation_rate": self.truncation}
 
 
+def _spec_field(name: str, text: str, kind: type, allowed: str):
+  try:
+    return kind(text)
+  except ValueError:
+    raise ValueError(f"{name} must be {allowed}, got {text!r}") from None
+
+
 # --------------------------------------------------------------------------- inputs
+
+
+def report_captions(pipe: Pipeline, captions: Sequence, mode: str, option: str | None) -> None:
+  """Reports a text model's unreadable captions once, per ``mode``; the batches then don't.
+
+  ``option`` names the setting that changes ``mode`` in the message (None: none).
+  """
+  if pipe.denoiser.conditioning != "text":
+    return
+  labels = [f"captions[{i}]" for i in range(len(captions))]
+  inputs.report_prompt_problems(pipe.prompt_problems(captions, labels=labels), mode, option)
+  pipe.unknown_words = "ignore"
 
 
 def checkpoint_kind(path: str) -> str:
@@ -753,6 +782,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Inception Score splits.")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
   parser.add_argument("--grid_size", type=int, default=16, help="Images in each preview grid.")
+  parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
+                      help="What empty captions, or words the trained text encoder never saw, "
+                           "do: warn, error (stop before sampling) or ignore.")
   parser.add_argument("--out", default="",
                       help="Output directory (default WORKDIR/eval; required for other "
                            "checkpoints).")
@@ -780,9 +812,11 @@ def evaluation_inputs(args: argparse.Namespace, kind: str,
 
 def check_arguments(args: argparse.Namespace) -> str:
   """Checks the flags before anything is loaded; returns the checkpoint's kind."""
+  for name in ("num_samples", "batch_size", "is_splits"):
+    inputs.positive_int(f"--{name}", getattr(args, name))
+  inputs.non_negative_int("--grid_size", args.grid_size)
+  inputs.seed("--seed", args.seed)
   kind = checkpoint_kind(args.checkpoint)
-  if args.num_samples < 1 or args.batch_size < 1 or args.is_splits < 1:
-    raise ValueError("--num_samples, --batch_size and --is_splits must be positive")
   if kind != "workdir" and not args.out:
     raise ValueError(f"--out is required for a {kind} checkpoint ({args.checkpoint}); the "
                      "default WORKDIR/eval is only for training workdirs")
@@ -807,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   reference_stats=args.reference_stats)
   pipe = Pipeline.from_pretrained(args.checkpoint)
   captions, reference = evaluation_inputs(args, kind, pipe.image_size)
+  report_captions(pipe, captions, args.unknown_words, "--unknown_words")
   report = evaluate(pipe, captions, reference, specs,
                     args.out or epath.Path(args.checkpoint) / "eval", seed=args.seed,
                     batch_size=args.batch_size, grid_size=args.grid_size, networks=networks,

@@ -97,7 +97,8 @@ def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, A
   return {"denoiser": conditioned.denoiser, "params": params,
           "schedule": build.schedule(config, vqvae.codebook_size), "vqvae": vqvae.module,
           "vqvae_variables": vqvae.variables, "tokenize": conditioned.tokenize,
-          "text_params": conditioned.frozen_params, "image_size": vqvae.image_size}
+          "text_params": conditioned.frozen_params, "image_size": vqvae.image_size,
+          "vocabulary": vocabulary}
 
 
 def _converted_parts(path: str, dtype: Any) -> dict[str, Any]:

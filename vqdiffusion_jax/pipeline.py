@@ -37,10 +37,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from vqdiffusion_jax import hosts, loading, outputs, sampling
+from vqdiffusion_jax import hosts, inputs, loading, outputs, sampling
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
+from vqdiffusion_jax.inputs import PromptWarning  # noqa: F401  (re-exported)
 from vqdiffusion_jax.models.denoiser import Denoiser, null_condition_error
+from vqdiffusion_jax.models.text_encoder import WordTokenizer
 from vqdiffusion_jax.models.vqgan import VQGAN
 
 ImageLike = Image.Image | np.ndarray
@@ -78,6 +80,11 @@ class Pipeline:
       for a denoiser that reads no text.
     text_params: params of a frozen text encoder (CLIP), or None.
     image_size: side of the generated images in pixels.
+    vocabulary: the word vocabulary of a trained text encoder (None for
+      CLIP or no text): prompt words outside it are read as [UNK].
+    unknown_words: what an empty prompt or a word outside ``vocabulary``
+      does: "warn" (a ``PromptWarning``), "error" (a ValueError) or
+      "ignore".
   """
 
   denoiser: Denoiser
@@ -88,11 +95,17 @@ class Pipeline:
   tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
   text_params: Any = None
   image_size: int = 256
+  vocabulary: WordTokenizer | None = None
+  unknown_words: str = "warn"
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    inputs.choice("unknown_words", self.unknown_words, inputs.UNKNOWN_WORDS_MODES)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, use_ema: bool = True,
-                      dtype: Any = jnp.float32, step: int | None = None) -> Pipeline:
+                      dtype: Any = jnp.float32, step: int | None = None,
+                      unknown_words: str = "warn") -> Pipeline:
     """Loads a training workdir or a converted checkpoint directory.
 
     Args:
@@ -102,9 +115,14 @@ class Pipeline:
       use_ema: take the EMA weights of a workdir (else the raw params).
       dtype: compute dtype of a converted checkpoint's networks.
       step: a workdir's denoiser checkpoint step (default: the newest good one).
+      unknown_words: "warn", "error" or "ignore": what an empty prompt, or a
+        word a trained text encoder never saw, does (see ``check_prompts``).
     """
+    inputs.choice("unknown_words", unknown_words, inputs.UNKNOWN_WORDS_MODES)
+    if step is not None:
+      inputs.non_negative_int("step", step)
     return cls(**loading.pipeline_parts(os.fspath(path), use_ema=use_ema, dtype=dtype,
-                                        step=step))
+                                        step=step), unknown_words=unknown_words)
 
   # Geometry.
 
@@ -154,11 +172,18 @@ class Pipeline:
         samplers (None: 1024, one call per step).
       output_type: "pil" (PIL images), "np" (HWC float32 in [0, 1]) or
         "tokens" ((h, w) int32 codebook tokens).
+
+    Every argument is checked before any work, each bad one a ValueError
+    naming it, its value and what is allowed. Prompts that are empty or
+    have words a trained text encoder never saw warn (``unknown_words``).
     """
-    inputs = self._condition_inputs(prompts, class_labels, num_images, num_images_per_prompt)
+    self._check_condition_arguments(prompts, class_labels, num_images)
+    seed = self._check_call(seed, output_type)
+    per_condition = inputs.positive_int("num_images_per_prompt", num_images_per_prompt)
     config = self._sampler_config(sampler, num_inference_steps, guidance_scale, truncation_rate,
                                   purity_temperature, typical_mass, max_reveal_per_call)
-    return self._run(config, seed, [inputs], output_type=output_type)
+    conditions = self._condition_inputs(prompts, class_labels, num_images, per_condition)
+    return self._run(config, seed, [conditions], output_type=output_type)
 
   def inpaint(self, prompts: str | Sequence[str] | None, image: ImageLike, mask: np.ndarray, *,
               class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
@@ -167,12 +192,18 @@ class Pipeline:
 
     A token is kept when none of its pixels is in the mask; the kept tokens
     are clamped through the whole run. Conditions (``prompts`` or None with
-    ``class_labels`` / ``num_images``) and options as ``__call__``.
+    ``class_labels`` / ``num_images``) and options as ``__call__``. ``image``
+    is a PIL image, uint8 HWC pixels in 0..255 or float HWC in [0, 1], of the
+    pipeline's ``image_size``.
     """
-    tokens = self.encode_image(image)
-    known = ~self._pixels_to_tokens(self._pixel_mask(mask, "mask")).any(axis=(-1, -2))
-    inputs = self._condition_inputs(prompts, class_labels, num_images)
-    return self._edit(inputs, tokens, known, None, seed, output_type, sampler_options)
+    self._check_condition_arguments(prompts, class_labels, num_images)
+    seed = self._check_call(seed, output_type)
+    config = self._sampler_config(**self._options(sampler_options))
+    pixels = inputs.image_pixels("image", image, self.image_size)
+    repaint = inputs.pixel_mask("mask", mask, self.image_size)
+    conditions = self._condition_inputs(prompts, class_labels, num_images)
+    known = ~self._pixels_to_tokens(repaint).any(axis=(-1, -2))
+    return self._edit(conditions, self._encode(pixels), known, config, seed, output_type)
 
   def outpaint(self, prompts: str | Sequence[str] | None, image: ImageLike,
                pad: tuple[int, int, int, int], *, class_labels: int | Sequence[int] | None = None,
@@ -184,45 +215,52 @@ class Pipeline:
     padding; a transformer's grid is fixed, so the canvas keeps the model's
     size and the image is shifted by (top, left), its far side cropped.
     Padding must be a multiple of the VQ-VAE's downsampling factor.
-    Conditions as ``inpaint``.
+    Conditions and ``image`` as ``inpaint``.
     """
-    inputs = self._condition_inputs(prompts, class_labels, num_images)
+    self._check_condition_arguments(prompts, class_labels, num_images)
+    seed = self._check_call(seed, output_type)
+    config = self._sampler_config(**self._options(sampler_options))
     factor = self.downsampling_factor
-    if any(p < 0 or p % factor for p in pad):
-      raise ValueError(f"padding {pad} must be non-negative multiples of {factor} pixels")
-    top, bottom, left, right = (p // factor for p in pad)
-    tokens = self.encode_image(image)
+    top, bottom, left, right = (p // factor for p in inputs.padding("pad", pad, factor))
+    pixels = inputs.image_pixels("image", image, self.image_size)
+    conditions = self._condition_inputs(prompts, class_labels, num_images)
     h, w = self.latent_grid
     grid = (h + top + bottom, w + left + right) if self.denoiser.resizable else (h, w)
     canvas = np.zeros(grid, np.int32)
     known = np.zeros(grid, bool)
     rows, cols = min(h, grid[0] - top), min(w, grid[1] - left)
     if rows <= 0 or cols <= 0:
-      raise ValueError(f"padding {pad} leaves none of the image on the {grid} token canvas")
-    canvas[top:top + rows, left:left + cols] = tokens[:rows, :cols]
+      raise ValueError(f"pad {pad} leaves none of the image on the {grid} token canvas")
+    canvas[top:top + rows, left:left + cols] = self._encode(pixels)[:rows, :cols]
     known[top:top + rows, left:left + cols] = True
-    return self._edit(inputs, canvas, known, None, seed, output_type, sampler_options)
+    return self._edit(conditions, canvas, known, config, seed, output_type)
 
   def edit(self, prompts: str | Sequence[str] | None, image: ImageLike, strength: float = 0.5,
            *, class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
            seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
     """Editing: noise ``image``'s tokens to step strength * (T - 1), then denoise.
 
-    Conditions as ``inpaint``.
+    Conditions and ``image`` as ``inpaint``.
     """
-    if not 0.0 <= strength <= 1.0:
-      raise ValueError(f"strength must be in [0, 1], got {strength}")
-    inputs = self._condition_inputs(prompts, class_labels, num_images)
+    self._check_condition_arguments(prompts, class_labels, num_images)
+    seed = self._check_call(seed, output_type)
+    strength = inputs.number("strength", strength, low=0.0, high=1.0)
     start = round(strength * (self.schedule.num_timesteps - 1))
-    return self._edit(inputs, self.encode_image(image), None, start, seed, output_type,
-                      sampler_options)
+    config = self._sampler_config(**self._options(sampler_options), start_step=start)
+    pixels = inputs.image_pixels("image", image, self.image_size)
+    conditions = self._condition_inputs(prompts, class_labels, num_images)
+    return self._edit(conditions, self._encode(pixels), None, config, seed, output_type)
 
   def interpolate(self, prompt_a: str, prompt_b: str, weights: Sequence[float], *,
                   seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
     """One image per weight w, conditioned on (1 - w) * text(a) + w * text(b); same noise."""
-    weights = np.asarray(weights, np.float32)
-    ids = self._text_ids([prompt_a, prompt_b])
+    seed = self._check_call(seed, output_type)
+    weights = inputs.finite_numbers("weights", weights)
     config = self._sampler_config(**self._options(sampler_options))
+    for name, prompt in (("prompt_a", prompt_a), ("prompt_b", prompt_b)):
+      if not isinstance(prompt, str):
+        raise ValueError(f"{name} must be a str, got {inputs.shown(prompt)}")
+    ids = self._text_ids([prompt_a, prompt_b], labels=["prompt_a", "prompt_b"])
     return self._run(config, seed, [np.repeat(ids[:1], len(weights), 0),
                                     np.repeat(ids[1:], len(weights), 0)],
                      mix=weights, output_type=output_type, same_noise=True)
@@ -235,26 +273,50 @@ class Pipeline:
     prompts' by the fraction of its pixels in each mask; positions in no
     mask weigh the prompts equally.
     """
-    if len(prompts) != len(masks) or not prompts:
+    seed = self._check_call(seed, output_type)
+    prompts = inputs.prompt_list("prompts", prompts)
+    if len(prompts) != len(masks):
       raise ValueError(f"{len(prompts)} prompts need as many region masks, got {len(masks)}")
+    config = self._sampler_config(**self._options(sampler_options))
     cover = []
-    for mask in masks:
-      tokens = self._pixels_to_tokens(self._pixel_mask(mask, "region mask"))
+    for r, mask in enumerate(masks):
+      tokens = self._pixels_to_tokens(inputs.pixel_mask(f"masks[{r}]", mask, self.image_size))
       cover.append(tokens.mean(axis=(-1, -2)).reshape(-1))
     cover = np.stack(cover)
     total = cover.sum(0, keepdims=True)
     weights = np.where(total > 0, cover / np.maximum(total, 1e-9), 1.0 / len(prompts))
-    config = self._sampler_config(**self._options(sampler_options))
-    return self._run(config, seed, [self._text_ids([p]) for p in prompts],
+    ids = self._text_ids(prompts)
+    return self._run(config, seed, [ids[r:r + 1] for r in range(len(prompts))],
                      regions=weights.astype(np.float32), output_type=output_type)
 
   def encode_image(self, image: ImageLike) -> np.ndarray:
-    """(h, w) codebook tokens of one image of the pipeline's size."""
-    pixels = _to_unit(np.asarray(image.convert("RGB") if isinstance(image, Image.Image)
-                                 else image))
-    if pixels.shape != (self.image_size, self.image_size, 3):
-      raise ValueError(f"image has shape {pixels.shape}; this pipeline works on "
-                       f"({self.image_size}, {self.image_size}, 3) images")
+    """(h, w) codebook tokens of one image of the pipeline's size (``image`` as ``inpaint``)."""
+    return self._encode(inputs.image_pixels("image", image, self.image_size))
+
+  def check_prompts(self, prompts: str | Sequence[str], *,
+                    labels: Sequence[str] | None = None) -> list[str]:
+    """``prompts`` as a list, after reporting the ones the text side cannot read.
+
+    An empty prompt, or words outside a trained text encoder's vocabulary
+    (read as [UNK]), give a ``PromptWarning`` (``unknown_words="warn"``), a
+    ValueError (``"error"``) or nothing (``"ignore"``). CLIP reads any word,
+    so only empty prompts count there. ``labels`` name the prompts in the
+    message (default ``prompts[i]``).
+    """
+    prompts = inputs.prompt_list("prompts", prompts)
+    inputs.report_prompt_problems(self.prompt_problems(prompts, labels=labels),
+                                  self.unknown_words, "unknown_words")
+    return prompts
+
+  def prompt_problems(self, prompts: Sequence[str], *,
+                      labels: Sequence[str] | None = None) -> list[str]:
+    """One line per kind of unreadable prompt (``inputs.prompt_problems``); [] if none."""
+    labels = labels or [f"prompts[{i}]" for i in range(len(prompts))]
+    known = None if self.vocabulary is None else self.vocabulary.vocab
+    return inputs.prompt_problems(prompts, labels, known)
+
+  def _encode(self, pixels: np.ndarray) -> np.ndarray:
+    """(h, w) tokens of checked float (H, W, 3) pixels in [0, 1]."""
     if "encode" not in self._cache:
       self._cache["encode"] = jax.jit(
           lambda v, x: self.vqvae.apply(v, x * 2.0 - 1.0, method="encode"))
@@ -269,6 +331,18 @@ class Pipeline:
     Returns (B, L) text ids, (B,) int32 class labels, or an empty (B, 0)
     array for an unconditional denoiser (``Denoiser.encode_condition``).
     """
+    kind = self._check_condition_arguments(prompts, class_labels, num_images)
+    if kind == "text":
+      return np.repeat(self._text_ids(prompts), per_condition, axis=0)
+    if kind == "class":
+      return np.repeat(self._checked_labels(class_labels), per_condition)
+    if per_condition != 1:
+      raise ValueError("an unconditional denoiser takes num_images, not num_images_per_prompt")
+    count = inputs.positive_int("num_images", 1 if num_images is None else num_images)
+    return np.zeros((count, 0), np.int32)
+
+  def _check_condition_arguments(self, prompts, class_labels, num_images) -> str:
+    """The denoiser's kind of condition, if the request gives the argument it takes."""
     kind = self.denoiser.conditioning
     given = [name for name, value in (("prompts", prompts), ("class_labels", class_labels),
                                       ("num_images", num_images)) if value is not None]
@@ -277,17 +351,7 @@ class Pipeline:
     if wrong or (kind != "none" and not given):
       raise ValueError(f"this denoiser is {self._kind_in_words()}: give {wanted}"
                        + (f", not {' or '.join(wrong)}" if wrong else ""))
-    if kind == "text":
-      prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-      return self._text_ids([p for p in prompts for _ in range(per_condition)])
-    if kind == "class":
-      return np.repeat(self._checked_labels(class_labels), per_condition)
-    if per_condition != 1:
-      raise ValueError("an unconditional denoiser takes num_images, not num_images_per_prompt")
-    count = 1 if num_images is None else num_images
-    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
-      raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-    return np.zeros((int(count), 0), np.int32)
+    return kind
 
   def _kind_in_words(self) -> str:
     if self.denoiser.conditioning == "class":
@@ -306,15 +370,14 @@ class Pipeline:
       raise ValueError(f"{', '.join(bad)} out of range 0..{count - 1} ({count} classes)")
     return labels.astype(np.int32)
 
-  def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
-    """(B, L) ids of ``prompts``; a ValueError for a denoiser that reads no text."""
+  def _text_ids(self, prompts: str | Sequence[str],
+                labels: Sequence[str] | None = None) -> np.ndarray:
+    """(B, L) ids of checked ``prompts``; a ValueError for a denoiser that reads no text."""
     if self.denoiser.conditioning != "text":
       raise ValueError(f"this denoiser is {self._kind_in_words()}: it takes no prompts")
     if self.tokenize is None:
       raise ValueError("this pipeline has no tokenizer for its text-conditioned denoiser")
-    if not prompts:
-      raise ValueError("no prompts given")
-    return self.tokenize(prompts)
+    return np.asarray(self.tokenize(self.check_prompts(prompts, labels=labels)))
 
   # Internals.
 
@@ -333,34 +396,29 @@ class Pipeline:
   def _sampler_config(self, sampler, num_inference_steps, guidance_scale, truncation_rate,
                       purity_temperature, typical_mass, max_reveal_per_call=None,
                       start_step=None):
-    if guidance_scale != 1.0 and not self.denoiser.has_null_condition:
+    options = inputs.sampler_options(
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        truncation_rate=truncation_rate, purity_temperature=purity_temperature,
+        typical_mass=typical_mass, max_reveal_per_call=max_reveal_per_call)
+    if options["guidance_scale"] != 1.0 and not self.denoiser.has_null_condition:
       raise ValueError(null_condition_error(self.denoiser.conditioning))
-    config = samplers.SamplerConfig(
-        name=sampler, num_inference_steps=num_inference_steps,
-        truncation_rate=float(truncation_rate), guidance_scale=float(guidance_scale),
-        purity_temperature=float(purity_temperature), typical_mass=float(typical_mass),
-        start_step=start_step, max_reveal_per_call=max_reveal_per_call)
+    config = samplers.SamplerConfig(name=sampler, start_step=start_step, **options)
     h, w = self.latent_grid
     config.steps(self.schedule.num_timesteps, h * w)
     return config
 
-  def _edit(self, inputs, tokens, known, start_step, seed, output_type, options):
-    options = self._options(options)
-    config = self._sampler_config(**options, start_step=start_step)
-    batch = inputs.shape[0]
+  def _check_call(self, seed, output_type) -> int:
+    """The checked seed; a ValueError for a bad seed or ``output_type``."""
+    inputs.choice("output_type", output_type, ("pil", "np", "tokens"))
+    return inputs.seed("seed", seed)
+
+  def _edit(self, conditions, tokens, known, config, seed, output_type):
+    batch = conditions.shape[0]
     grid = tokens.shape
     tokens = np.broadcast_to(tokens.reshape(1, -1), (batch, tokens.size))
-    extra = {"init_tokens": tokens} if start_step is not None else {
+    extra = {"init_tokens": tokens} if config.start_step is not None else {
         "known_tokens": tokens, "known_mask": np.broadcast_to(known.reshape(1, -1), tokens.shape)}
-    return self._run(config, seed, [inputs], extra=extra, grid=grid, output_type=output_type)
-
-  def _pixel_mask(self, mask: np.ndarray, what: str) -> np.ndarray:
-    """``mask`` as (H, W) bool of the pipeline's image size, or a ValueError naming it."""
-    mask = np.asarray(mask, bool)
-    if mask.shape != (self.image_size, self.image_size):
-      raise ValueError(f"{what} has shape {mask.shape}; expected ({self.image_size}, "
-                       f"{self.image_size}) like the image")
-    return mask
+    return self._run(config, seed, [conditions], extra=extra, grid=grid, output_type=output_type)
 
   def _pixels_to_tokens(self, mask: np.ndarray) -> np.ndarray:
     """(H, W) -> (h, w, f, f): each token's pixels."""
@@ -379,8 +437,6 @@ class Pipeline:
 
   def _run(self, config, seed, ids, *, mix=None, regions=None, extra=None, grid=None,
            output_type="pil", same_noise=False):
-    if output_type not in ("pil", "np", "tokens"):
-      raise ValueError(f"output_type must be 'pil', 'np' or 'tokens', not {output_type!r}")
     grid = tuple(grid or self.latent_grid)
     batch = ids[0].shape[0]
     devices = jax.device_count()

@@ -96,6 +96,7 @@ def write_report(config: Any, workdir: str, summary: dict, command: str = "") ->
   out_dir = epath.Path(workdir) / loading.REPORT_DIR
   pipe = Pipeline.from_pretrained(workdir)
   captions, images = evaluate.evaluation_data(config, workdir, int(eval_config.num_samples))
+  evaluate.report_captions(pipe, captions, "warn", None)
   networks = evaluate.FeatureNetworks.load(eval_config.inception_path, eval_config.clip_path,
                                            images)
   report = evaluate.evaluate(

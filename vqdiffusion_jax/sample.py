@@ -11,6 +11,11 @@ A text model takes prompts, a class-conditional one ``--class_labels``; each
 prompt or label gets ``--num`` images, one grid row each, and the prompts or
 labels are written beside the grid (``grid.txt``). An unconditional model
 draws ``--num_images`` images in rows of ``--num``.
+
+Every flag and the ``--out`` path (an image extension, a folder that can be
+written) are checked before the model is loaded, the prompts before anything
+is sampled: an empty prompt or words a trained text encoder never saw warn,
+or with ``--unknown_words error`` stop the command.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import inputs, outputs
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
@@ -53,19 +58,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Use a workdir's raw params instead of their EMA.")
   parser.add_argument("--batch_size", type=int, default=64,
                       help="Images per sampling call; more are sampled in turns.")
-  parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
+  parser.add_argument("--out", default="samples.png",
+                      help="Where to write the grid (an image file: .png, .jpg, ...).")
+  parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
+                      help="What an empty prompt, or a word the trained text encoder never "
+                           "saw, does: warn, error (stop before sampling) or ignore.")
   outputs.add_verbosity_argument(parser)
   args = parser.parse_args(argv)
-  for name in ("num", "batch_size", "num_images"):
-    if getattr(args, name) is not None and getattr(args, name) < 1:
-      parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  try:
+    check_flags(args)
+  except ValueError as error:
+    parser.error(str(error))
   return args
 
 
-def _options(args: argparse.Namespace) -> dict:
-  return {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-          "truncation_rate": args.truncation, "sampler": args.sampler,
-          "max_reveal_per_call": args.max_reveal_per_call}
+def check_flags(args: argparse.Namespace) -> None:
+  """A ValueError naming the first flag whose value is not allowed."""
+  for name in ("num", "batch_size"):
+    inputs.positive_int(f"--{name}", getattr(args, name))
+  inputs.optional_positive_int("--num_images", args.num_images)
+  if args.class_labels is not None:
+    for label in args.class_labels:
+      inputs.non_negative_int("--class_labels", label)
+  if args.prompts is not None:
+    inputs.prompt_list("--prompt", args.prompts)
+  inputs.seed("--seed", args.seed)
+  inputs.sampler_options(**_options(args, with_sampler=False), names=FLAG_NAMES)
+  inputs.image_output_path("--out", args.out)
+
+
+# The flag of each Pipeline argument, for messages.
+FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance",
+              "truncation_rate": "--truncation", "max_reveal_per_call": "--max_reveal_per_call"}
+
+
+def _options(args: argparse.Namespace, with_sampler: bool = True) -> dict:
+  options = {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
+             "truncation_rate": args.truncation, "max_reveal_per_call": args.max_reveal_per_call}
+  return {**options, "sampler": args.sampler} if with_sampler else options
+
+
+def report_prompts(pipe: Pipeline, args: argparse.Namespace) -> None:
+  """Warns about (or refuses) all the unreadable prompts at once, before sampling them.
+
+  The sampling calls then leave them be, so nothing is reported twice.
+  """
+  problems = pipe.prompt_problems(args.prompts, labels=["--prompt"] * len(args.prompts))
+  inputs.report_prompt_problems(problems, args.unknown_words, "--unknown_words")
+  pipe.unknown_words = "ignore"
 
 
 def sample_prompts(pipe: Pipeline, args: argparse.Namespace) -> list:
@@ -103,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights)
+  if args.prompts is not None and pipe.denoiser.conditioning == "text":
+    report_prompts(pipe, args)
   unconditional = args.num_images is not None
   images = sample_unconditional(pipe, args) if unconditional else sample_prompts(pipe, args)
   outputs.save_image(args.out, make_grid(images, columns=min(args.num, len(images))))

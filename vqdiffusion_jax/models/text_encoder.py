@@ -89,9 +89,14 @@ class WordTokenizer:
       ``(ids, mask)``: int32 ``(B, max_length)`` and bool ``(B, max_length)``,
       True at real (non-padding) positions.
     """
-    if max_length < 2:
-      raise ValueError(f"max_length must leave room for [BOS] and [EOS], got {max_length}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or (
+        max_length < 2):
+      raise ValueError(f"max_length must be an integer >= 2 (room for [BOS] and [EOS]), got "
+                       f"{max_length!r}")
     texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, text in enumerate(texts):
+      if not isinstance(text, str):
+        raise ValueError(f"texts[{i}] must be a str, got {text!r}")
     ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int32)
     for row, text in enumerate(texts):
       words = split_words(text)[:max_length - 2]
