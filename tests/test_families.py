@@ -5,6 +5,7 @@ ships (``tests/image_folders.py``) or on the embedded shapes data: VQ-VAE,
 token cache, denoiser and the report.
 """
 
+import functools
 import json
 import pathlib
 
@@ -159,14 +160,19 @@ def test_paella_objective_refuses_a_masking_schedule():
                                   grid=(8, 8))
 
 
-def test_plan_compiles_the_class_and_unconditional_steps():
+def test_plan_compiles_the_class_unconditional_and_paella_steps():
   figures = {module.__name__: plan.plan(module.get_config("runlocal"), 8)
-             for module in (imagenet, ffhq)}
+             for module in (imagenet, ffhq, paella_shapes)}
   # The class model's extra parameters: AdaLN class tables of 1001 rows (one per block).
   assert figures["configs.imagenet"]["params"] > figures["configs.ffhq"]["params"] + 2 * 1001 * 32
-  assert all(f["flops"] > 0 for f in figures.values())
-  with pytest.raises(ValueError, match="paella"):
-    plan.plan(paella_shapes.get_config("runlocal"), 8)
+  assert all(f["flops"] > 0 and f["peak"] > 0 for f in figures.values())
+  # Paella's convolutional predictor: its largest parameters are convolution kernels.
+  paella = paella_shapes.get_config("runlocal")
+  denoiser, _ = plan._model(paella)
+  init = functools.partial(denoiser.init, grid=build.latent_grid(paella))
+  params = jax.eval_shape(init, jax.random.key(0))["params"]
+  want = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+  assert figures["configs.paella_shapes"]["params"] == want
 
 
 def test_class_training_refuses_caches_without_labels_or_with_too_many_classes():
