@@ -30,11 +30,14 @@ def _metrics(stage_dir):
   return [json.loads(line) for line in lines]
 
 
-def _runlocal(module, **data):
+def _runlocal(module, sampler, **data):
+  """The module's runlocal config, its report reduced to one of its ``sampler``s."""
   config = module.get_config("runlocal")
+  assert sampler in config.eval.samplers, config.eval.samplers
   with config.unlocked():
     config.data.update(data)
     config.train.sample_every = 2
+    config.eval.samplers = (sampler,)
   return config
 
 
@@ -50,7 +53,7 @@ def _report(workdir):
 def test_imagenet_runlocal_trains_on_class_labels_with_null_class_dropout(tmp_path):
   classes = image_folders.write_imagenet_folders(tmp_path / "imagenet")
   real.prepare("class_image_folders", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "imagenet")
-  config = _runlocal(imagenet, data_dir=str(tmp_path / "tfds"), caption_dropout=0.5)
+  config = _runlocal(imagenet, "purity/3/3", data_dir=str(tmp_path / "tfds"), caption_dropout=0.5)
   workdir = tmp_path / "run"
   summary = train_and_evaluate(config, str(workdir))
 
@@ -79,7 +82,7 @@ def test_imagenet_runlocal_trains_on_class_labels_with_null_class_dropout(tmp_pa
 def test_ffhq_runlocal_trains_and_samples_unconditionally(tmp_path):
   names = image_folders.write_ffhq_folder(tmp_path / "ffhq")
   real.prepare("plain_image_folder", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "ffhq")
-  config = _runlocal(ffhq, data_dir=str(tmp_path / "tfds"))
+  config = _runlocal(ffhq, "purity/3/1", data_dir=str(tmp_path / "tfds"))
   workdir = tmp_path / "run"
   summary = train_and_evaluate(config, str(workdir))
 
@@ -99,7 +102,7 @@ def test_ffhq_runlocal_trains_and_samples_unconditionally(tmp_path):
 
 
 def test_paella_shapes_runlocal_trains_its_renoising_objective(tmp_path):
-  config = _runlocal(paella_shapes)
+  config = _runlocal(paella_shapes, "paella/3/2")
   summary = train_and_evaluate(config, str(tmp_path))
   assert summary["denoiser_step"] == 2
 
