@@ -55,7 +55,7 @@ def test_the_denoiser_trains_the_planned_steps_and_a_rerun_reuses_the_plan(tmp_p
 
   def seconds_per_step(trainer):
     measured.append(real(trainer))
-    return 10.0  # so the budget holds a handful of steps
+    return 30.0  # so the budget holds a handful of steps
 
   real = denoiser_stage.seconds_per_step
   monkeypatch.setattr(denoiser_stage, "seconds_per_step", seconds_per_step)
@@ -64,9 +64,9 @@ def test_the_denoiser_trains_the_planned_steps_and_a_rerun_reuses_the_plan(tmp_p
 
   plan = json.loads((tmp_path / "denoiser" / budget.PLAN_NAME).read_text())
   assert len(measured) == 1 and measured[0] > 0
-  assert plan["seconds_per_step"] == 10.0 and 0 < plan["seconds_left"] < 180
+  assert plan["seconds_per_step"] == 30.0 and 0 < plan["seconds_left"] < 180
   minimum = int(config.optim.warmup_steps) + int(config.train.log_every)
-  assert plan["num_steps"] == max(int(plan["seconds_left"] / 10.0), minimum)
+  assert plan["num_steps"] == max(int(plan["seconds_left"] / 30.0), minimum)
   assert summary["denoiser_step"] == plan["num_steps"]
   saved = json.loads((tmp_path / "denoiser" / "config.json").read_text())
   assert saved["train"]["num_steps"] == plan["num_steps"]  # the schedule's length

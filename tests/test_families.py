@@ -5,6 +5,7 @@ ships (``tests/image_folders.py``) or on the embedded shapes data: VQ-VAE,
 token cache, denoiser and the report.
 """
 
+import functools
 import json
 import pathlib
 
@@ -29,11 +30,14 @@ def _metrics(stage_dir):
   return [json.loads(line) for line in lines]
 
 
-def _runlocal(module, **data):
+def _runlocal(module, sampler, **data):
+  """The module's runlocal config, its report reduced to one of its ``sampler``s."""
   config = module.get_config("runlocal")
+  assert sampler in config.eval.samplers, config.eval.samplers
   with config.unlocked():
     config.data.update(data)
     config.train.sample_every = 2
+    config.eval.samplers = (sampler,)
   return config
 
 
@@ -49,7 +53,7 @@ def _report(workdir):
 def test_imagenet_runlocal_trains_on_class_labels_with_null_class_dropout(tmp_path):
   classes = image_folders.write_imagenet_folders(tmp_path / "imagenet")
   real.prepare("class_image_folders", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "imagenet")
-  config = _runlocal(imagenet, data_dir=str(tmp_path / "tfds"), caption_dropout=0.5)
+  config = _runlocal(imagenet, "purity/3/3", data_dir=str(tmp_path / "tfds"), caption_dropout=0.5)
   workdir = tmp_path / "run"
   summary = train_and_evaluate(config, str(workdir))
 
@@ -78,7 +82,7 @@ def test_imagenet_runlocal_trains_on_class_labels_with_null_class_dropout(tmp_pa
 def test_ffhq_runlocal_trains_and_samples_unconditionally(tmp_path):
   names = image_folders.write_ffhq_folder(tmp_path / "ffhq")
   real.prepare("plain_image_folder", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "ffhq")
-  config = _runlocal(ffhq, data_dir=str(tmp_path / "tfds"))
+  config = _runlocal(ffhq, "purity/3/1", data_dir=str(tmp_path / "tfds"))
   workdir = tmp_path / "run"
   summary = train_and_evaluate(config, str(workdir))
 
@@ -98,7 +102,7 @@ def test_ffhq_runlocal_trains_and_samples_unconditionally(tmp_path):
 
 
 def test_paella_shapes_runlocal_trains_its_renoising_objective(tmp_path):
-  config = _runlocal(paella_shapes)
+  config = _runlocal(paella_shapes, "paella/3/2")
   summary = train_and_evaluate(config, str(tmp_path))
   assert summary["denoiser_step"] == 2
 
@@ -159,14 +163,19 @@ def test_paella_objective_refuses_a_masking_schedule():
                                   grid=(8, 8))
 
 
-def test_plan_compiles_the_class_and_unconditional_steps():
+def test_plan_compiles_the_class_unconditional_and_paella_steps():
   figures = {module.__name__: plan.plan(module.get_config("runlocal"), 8)
-             for module in (imagenet, ffhq)}
+             for module in (imagenet, ffhq, paella_shapes)}
   # The class model's extra parameters: AdaLN class tables of 1001 rows (one per block).
   assert figures["configs.imagenet"]["params"] > figures["configs.ffhq"]["params"] + 2 * 1001 * 32
-  assert all(f["flops"] > 0 for f in figures.values())
-  with pytest.raises(ValueError, match="paella"):
-    plan.plan(paella_shapes.get_config("runlocal"), 8)
+  assert all(f["flops"] > 0 and f["peak"] > 0 for f in figures.values())
+  # Paella's convolutional predictor: its largest parameters are convolution kernels.
+  paella = paella_shapes.get_config("runlocal")
+  denoiser, _ = plan._model(paella)
+  init = functools.partial(denoiser.init, grid=build.latent_grid(paella))
+  params = jax.eval_shape(init, jax.random.key(0))["params"]
+  want = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+  assert figures["configs.paella_shapes"]["params"] == want
 
 
 def test_class_training_refuses_caches_without_labels_or_with_too_many_classes():

@@ -29,9 +29,11 @@ CLIP_WIDTH, OFFICIAL_CLIP_WIDTH = 32, 512
 
 
 def _config(name, **train):
+  """A runlocal config with these train settings and no evaluation samplers (training tests)."""
   config = importlib.import_module(f"configs.{name}").get_config("runlocal")
   with config.unlocked():
     config.train.update(train)
+    config.eval.samplers = ()
   return config
 
 
@@ -243,7 +245,6 @@ def test_several_steps_per_call_train_what_one_step_per_call_does(tmp_path):
                      steps_per_call=per_call)
     with config.unlocked():
       config.vqvae.train.update(num_steps=5, steps_per_call=per_call)
-      config.eval.samplers = ()
       config.data.num_workers = 2 if per_call == 3 else 0  # reader threads change no batch
     train_and_evaluate(config, str(tmp_path / str(per_call)))
     runs[per_call] = tmp_path / str(per_call)
@@ -343,8 +344,8 @@ def _steps(directory):
 
 def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   command = [sys.executable, "-m", "vqdiffusion_jax.main", "--config=configs/shapes.py:runlocal",
-             f"--workdir={tmp_path}", "--config.train.num_steps=400",
-             "--config.train.checkpoint_every=1000"]
+             f"--workdir={tmp_path}", "--config.eval.samplers=()",
+             "--config.train.num_steps=400", "--config.train.checkpoint_every=1000"]
   verbose = command + ["--verbosity=0"]  # the libraries' INFO logs on
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   process = subprocess.Popen(verbose, cwd=ROOT, env=env, stdout=subprocess.PIPE,

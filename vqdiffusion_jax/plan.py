@@ -3,17 +3,18 @@
   python -m vqdiffusion_jax.plan --config=configs/ithq_large.py --devices=32 \
       [--config.train.global_batch=512] [--config.mesh.shape.fsdp=8]
 
-The denoiser's train step is lowered and compiled for ``--devices`` fake
-CPU devices from abstract inputs (nothing is allocated) with the config's
-mesh and sharding rules; the command prints XLA's per-device memory (the
-state, batch and temporaries), FLOPs per step, and how the largest
-parameters and their optimizer moments are sharded. CPU compilation stands
-in for the accelerator's, so memory figures are indicative (layouts and
-fusion differ by backend), not a guarantee.
+The denoiser's train step (the transformer's or Paella's) is lowered and
+compiled for ``--devices`` fake CPU devices from abstract inputs (nothing is
+allocated) with the config's mesh and sharding rules; the command prints
+XLA's per-device memory (the state, batch and temporaries), FLOPs per step,
+and how the largest parameters and their optimizer moments are sharded. CPU
+compilation stands in for the accelerator's, so memory figures are
+indicative (layouts and fusion differ by backend), not a guarantee.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -82,27 +83,28 @@ def plan(config: Any, num_devices: int) -> dict:
                      "as `python -m vqdiffusion_jax.plan --devices=N`")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices)
   denoiser, frozen = _model(config)
-  if denoiser.resizable:
-    raise ValueError("plan compiles the transformer denoiser's step; this config trains "
-                     "Paella's predictor (denoiser.kind = 'paella')")
-  cfg = denoiser.network.config
-  schedule = build.schedule(config, cfg.codebook_size)
+  grid = build.latent_grid(config)
+  schedule = build.schedule(config, denoiser.codebook_size)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
-  state = state_lib.abstract_state(jax.random.key(0), denoiser.init, optimizer, mesh,
-                                   config.mesh.rules, history_timesteps=cfg.num_timesteps)
+  importance_sampling = config.diffusion.importance_sampling and not denoiser.resizable
+  state = state_lib.abstract_state(
+      jax.random.key(0), functools.partial(denoiser.init, grid=grid), optimizer, mesh,
+      config.mesh.rules,
+      history_timesteps=denoiser.num_timesteps if importance_sampling else None)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   global_batch = int(config.train.global_batch)
   mesh_lib.batch_block(mesh, global_batch, "train.global_batch")
-  batch = {"tokens": jnp.zeros((global_batch, cfg.num_tokens), jnp.int32),
+  batch = {"tokens": jnp.zeros((global_batch, grid[0] * grid[1]), jnp.int32),
            "drop_text": jnp.zeros((global_batch,), bool)}
-  if cfg.conditioning == "text":
-    batch["text_ids"] = jnp.zeros((global_batch, cfg.condition_length), jnp.int32)
-  if cfg.conditioning == "class":
+  if denoiser.conditioning == "text":
+    batch["text_ids"] = jnp.zeros((global_batch, denoiser.condition_shape()[0]), jnp.int32)
+  if denoiser.conditioning == "class":
     batch["label"] = jnp.zeros((global_batch,), jnp.int32)
   batch = _abstract(batch, batch_sharding)
   replicated = mesh_lib.replicated(mesh)
-  step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion, optimizer)
+  step = denoiser_step.make_train_step(denoiser, schedule, config, config.diffusion, optimizer,
+                                       grid=grid)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda _: replicated, frozen)
   jitted = denoiser_step.jit_train_step(step, mesh, shardings, batch_sharding,
                                         frozen_shardings=frozen_shardings)
