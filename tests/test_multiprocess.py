@@ -160,6 +160,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(stopped):
   print(f"both processes saved vqvae step {stops[0]}")
   assert saved == int(stops[0])
   assert not later_stage_started
+  assert not (workdir / "run.lock").exists()  # released on the way out
 
 
 def test_relaunched_two_processes_train_what_one_process_does(one_process, resumed):
