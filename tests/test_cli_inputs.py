@@ -19,6 +19,7 @@ from configs import shapes
 from vqdiffusion_jax import config_flag, config_schema, extras, main
 from vqdiffusion_jax.convert import __main__ as convert_main
 from vqdiffusion_jax.convert import common
+from vqdiffusion_jax.evaluation.clip_score import load_clip
 from vqdiffusion_jax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -140,6 +141,14 @@ def test_a_missing_optional_package_names_the_install_extra(tmp_path, monkeypatc
       "installed; install it with pip install 'vqdiffusion-jax[torch]'\n")
   with pytest.raises(extras.MissingExtraError, match=f"needs safetensors, .*{INSTALL_HINT}"):
     common.read_weights(weights)
+  clip = tmp_path / "clip"
+  clip.mkdir()
+  (clip / "config.json").write_text("{}")
+  monkeypatch.setitem(sys.modules, "transformers", None)
+  with pytest.raises(extras.MissingExtraError,
+                     match=f"reading the CLIP checkpoint {clip} needs transformers, .*"
+                           f"{INSTALL_HINT}"):
+    load_clip(clip)
   monkeypatch.delitem(sys.modules, "vqdiffusion_jax.export", raising=False)
   with pytest.raises(SystemExit) as exit_:
     runpy.run_module("vqdiffusion_jax.export", run_name="__main__")

@@ -187,6 +187,8 @@ def test_tokenize_pads_and_truncates_with_a_warning():
   with pytest.warns(UserWarning, match=f"{len(full) - CONTEXT} dropped"):
     diffusers_long = clip_convert.tokenize(TOKENIZER, LONG_PROMPT, convention="diffusers")
   np.testing.assert_array_equal(diffusers_long[0], full[:CONTEXT])
+  with pytest.raises(ValueError, match="texts\\[1\\] must be a str, got None"):
+    clip_convert.tokenize(TOKENIZER, ["cat", None])
 
 
 def test_logical_axes_and_bf16_compute(safetensors_dir):

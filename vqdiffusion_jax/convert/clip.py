@@ -182,6 +182,9 @@ def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = 77, *,
   if convention not in ("official", "diffusers"):
     raise ValueError(f"convention must be 'official' or 'diffusers', not {convention!r}")
   texts = [texts] if isinstance(texts, str) else list(texts)
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"texts[{i}] must be a str, got {text!r}")
   pad_id = 0 if convention == "official" else tokenizer.pad_token_id
   ids = np.full((len(texts), max_length), pad_id, dtype=np.int32)
   encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

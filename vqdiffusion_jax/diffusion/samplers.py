@@ -52,6 +52,7 @@ tokens clamped after every step and never chosen for revealing), and editing
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -141,14 +142,15 @@ class SamplerConfig:
     return steps
 
   def _check_options(self) -> None:
-    if not 0.0 < self.truncation_rate <= 1.0:
-      raise ValueError(f"truncation_rate must be in (0, 1], got {self.truncation_rate}")
-    if not 0.0 < self.typical_mass <= 1.0:
-      raise ValueError(f"typical_mass must be in (0, 1], got {self.typical_mass}")
-    if self.guidance_scale < 0:
-      raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-    if self.purity_temperature < 0:
-      raise ValueError(f"purity_temperature must be >= 0, got {self.purity_temperature}")
+    # Written so that nan fails every range check.
+    for name in ("truncation_rate", "typical_mass"):
+      value = getattr(self, name)
+      if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a finite number in (0, 1], got {value}")
+    for name in ("guidance_scale", "purity_temperature"):
+      value = getattr(self, name)
+      if not (0.0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if self.max_reveal_per_call is not None and (
         self.name not in OFFICIAL_REVEAL_SAMPLERS or self.max_reveal_per_call < 1):
       raise ValueError(f"max_reveal_per_call={self.max_reveal_per_call} needs a positive count "

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqdiffusion_jax import extras
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.convert import common
 from vqdiffusion_jax.models import axes
@@ -271,8 +272,7 @@ def load_clip(path: str | os.PathLike, *, dtype=jnp.float32) -> CLIPEmbedder:
   path = os.fspath(path)
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"no config.json in the CLIP checkpoint directory {path}")
-  import transformers  # optional: the [torch] extra
-
+  transformers = extras.require("transformers", f"reading the CLIP checkpoint {path}")
   config = transformers.CLIPConfig.from_pretrained(path)
   vision = CLIPVisionEncoder(dtype=dtype, **_vision_fields(config))
   tower = CLIPTextTransformer(dtype=dtype, **clip_convert.text_config(path))
