@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,10 +194,10 @@ PATHS = {"shapes": _shapes, "cub200": _cub200, "coco": _coco, "cc": _cc,
          "ithq_large": _ithq_large}
 
 
-def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+def test_resume_after_a_crash_continues_exactly(tiny_workdir, tmp_path, monkeypatch):
+  # The straight run: the session's runlocal shapes run of 4 denoiser steps, this config's.
+  straight, resumed = pathlib.Path(tiny_workdir), tmp_path / "resumed"
   config = _config("shapes", num_steps=4)
-  train_and_evaluate(config, str(straight))
 
   real_run_stage = runner.run_stage
 
@@ -329,12 +330,12 @@ def _saved(stage_dir, step):
   return state, data
 
 
-def test_rerunning_a_finished_run_trains_nothing_more(tmp_path):
-  config = _config("shapes")
-  train_and_evaluate(config, str(tmp_path))
-  before = {s: _metrics(tmp_path / s) for s in ("vqvae", "denoiser")}
-  assert train_and_evaluate(config, str(tmp_path))["denoiser_step"] == 2
-  assert {s: _metrics(tmp_path / s) for s in ("vqvae", "denoiser")} == before
+def test_rerunning_a_finished_run_trains_nothing_more(tiny_workdir, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_workdir, workdir)
+  before = {s: _metrics(workdir / s) for s in ("vqvae", "denoiser")}
+  assert train_and_evaluate(_config("shapes", num_steps=4), str(workdir))["denoiser_step"] == 4
+  assert {s: _metrics(workdir / s) for s in ("vqvae", "denoiser")} == before
 
 
 def _steps(directory):
@@ -342,26 +343,29 @@ def _steps(directory):
   return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
 
 
-def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
+def test_sigterm_mid_run_saves_a_restorable_checkpoint(tiny_workdir, tmp_path):
+  # The denoiser goes on from a finished 4-step run (the VQ-VAE and token cache done).
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_workdir, workdir)
+  shutil.rmtree(workdir / "report")
   command = [sys.executable, "-m", "vqdiffusion_jax.main", "--config=configs/shapes.py:runlocal",
-             f"--workdir={tmp_path}", "--config.eval.samplers=()",
+             f"--workdir={workdir}", "--config.eval.samplers=()",
              "--config.train.num_steps=400", "--config.train.checkpoint_every=1000"]
   verbose = command + ["--verbosity=0"]  # the libraries' INFO logs on
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   process = subprocess.Popen(verbose, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
-  while not (tmp_path / "denoiser" / "metrics.jsonl").exists() and time.time() < deadline:
-    time.sleep(0.5)
-  time.sleep(1.0)
+  while len(_metrics(workdir / "denoiser")) <= 4 and time.time() < deadline:
+    time.sleep(0.2)  # until the run has logged a step past the 4 it resumed from
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=240)
   assert process.returncode == 143, output[-2000:]  # 128 + SIGTERM: the run did not finish
-  saved = _steps(tmp_path / "denoiser")
-  assert saved and 0 < saved[-1] < 400, saved
+  saved = _steps(workdir / "denoiser")
+  assert saved and 4 < saved[-1] < 400, saved
   assert f"stopped at step {saved[-1]} of 400" in output, output[-2000:]
-  assert not (tmp_path / "report").exists()
-  assert not (tmp_path / "run.lock").exists()  # released on the way out
+  assert not (workdir / "report").exists()
+  assert not (workdir / "run.lock").exists()  # released on the way out
   assert re.search(r"^I\d{4} ", output, re.MULTILINE), output[-2000:]
   resumed = subprocess.run(command[:-2] + ["--config.train.num_steps=" + str(saved[-1] + 2)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -370,4 +374,4 @@ def test_sigterm_mid_run_saves_a_restorable_checkpoint(tmp_path):
   assert not re.search(r"^I\d{4} ", resumed.stderr + resumed.stdout, re.MULTILINE)
   assert re.search(rf"^denoiser \[#+\] {saved[-1] + 2}/{saved[-1] + 2} ", resumed.stderr,
                    re.MULTILINE), resumed.stderr[-2000:]
-  assert _steps(tmp_path / "denoiser")[-1] == saved[-1] + 2
+  assert _steps(workdir / "denoiser")[-1] == saved[-1] + 2
