@@ -113,3 +113,10 @@ def test_the_fast_path_stays_near_the_exact_one(pipelines):
                       == np.stack(exact(PROMPTS[:2], **options)))
   print(f"sampled tokens alike: {agreement:.3f}")
   assert agreement >= TOKEN_AGREEMENT
+
+
+def test_a_workdir_samples_with_the_precision_asked_for(tiny_workdir):
+  """The run trained with float32 matmuls; sampling follows ``precision``, text encoder too."""
+  for name in ("bfloat16", "float32"):
+    network = Pipeline.from_pretrained(tiny_workdir, precision=name).denoiser.network
+    assert (network.config.matmul_dtype, network.text_encoder.matmul_dtype) == (name, name)

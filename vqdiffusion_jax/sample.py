@@ -3,7 +3,7 @@
   python -m vqdiffusion_jax.sample --workdir runs/shapes \\
       --prompt "a big red circle in the center" [--prompt ...] \\
       [--num 4 --steps 25 --guidance 3 --sampler purity --truncation 1 --seed 0] \\
-      [--batch_size 64] --out grid.png
+      [--batch_size 64 --precision fast] --out grid.png
   python -m vqdiffusion_jax.sample --workdir ckpt/imagenet --class_labels 1 207 --guidance 3
   python -m vqdiffusion_jax.sample --workdir ckpt/ffhq --num_images 16
 
