@@ -114,7 +114,7 @@ def converted_dir(diffusers_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(converted_dir):
-  return Pipeline.from_pretrained(converted_dir)
+  return Pipeline.from_pretrained(converted_dir, precision="float32")  # parity: exact
 
 
 def _encode(pipe: VQDiffusionPipeline, prompts) -> np.ndarray:
@@ -174,7 +174,7 @@ def test_save_pretrained_dir_converts_and_both_dirs_sample(diffusers_dir, conver
   assert stored["pipeline"]["tokenizer_convention"] == "diffusers"
   assert stored["pipeline"]["schedule"]["att_1"] == SCHEDULER["alpha_cum_start"]
   assert stored["pipeline"]["schedule"]["num_timesteps"] == T
-  direct = Pipeline.from_pretrained(src)
+  direct = Pipeline.from_pretrained(src, precision="float32")
   jax.tree.map(np.testing.assert_array_equal, direct.params, ours.params)
   assert direct.image_size == ours.image_size == SIZE * 2
   options = {"num_inference_steps": 4, "guidance_scale": GUIDANCE,
@@ -365,7 +365,7 @@ def test_real_geometry_pipeline_converts_and_samples(tmp_path):
   src, out = str(tmp_path / "ithq_like"), str(tmp_path / "converted")
   pipe.save_pretrained(src)
   assert cli.main([src, "--out", out]) == 0  # in this process: the fixture above runs python -m
-  ours = Pipeline.from_pretrained(out)
+  ours = Pipeline.from_pretrained(out, precision="float32")
   config = ours.denoiser.network.config
   assert (config.codebook_size, config.spatial_size, config.embed_dim, config.num_heads,
           config.num_timesteps) == (4096, (32, 32), 1408, 16, 100)

@@ -363,7 +363,7 @@ def test_a_training_workdir_exports_its_denoiser(tmp_path, capsys):
   assert export.main([workdir, "--to", "diffusers", "--out", out]) == 2
   assert "word-level text encoder" in capsys.readouterr().err and not os.path.exists(out)
   assert export.main([workdir, "--to", "diffusers", "--out", out, "--denoiser-only"]) == 0
-  pipe = Pipeline.from_pretrained(workdir)
+  pipe = Pipeline.from_pretrained(workdir, precision="float32")
   config, params = pipe.denoiser.network.config, pipe.params["denoiser"]
   model = Transformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
   rng = np.random.default_rng(5)

@@ -78,7 +78,7 @@ def evaluate(args) -> None:
   captions = pathlib.Path(args.workdir) / "captions.txt"
   report = evaluate_lib.main([
       "--checkpoint", args.checkpoint, "--captions", str(captions), "--sampler",
-      "vqdiffusion/2/2", "--batch_size", "4", "--clip", args.clip,
+      "vqdiffusion/2/2", "--batch_size", "4", "--clip", args.clip, "--precision", "float32",
       "--out", str(pathlib.Path(args.workdir) / f"out_{jax.process_index()}")])
   row = report["samplers"]["vqdiffusion_2steps_g2_r1"]
   print(json.dumps({"clip_score": row["clip_score"]}))

@@ -74,6 +74,7 @@ from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import loader, oracle, shapes, sources
 from vqdiffusion_jax.evaluation import fid, image_metrics, inception
 from vqdiffusion_jax.evaluation.clip_score import CLIPEmbedder, clip_score, load_clip
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -782,6 +783,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Inception Score splits.")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
   parser.add_argument("--grid_size", type=int, default=16, help="Images in each preview grid.")
+  parser.add_argument("--precision", default="fast", choices=precision.SAMPLING_PRECISIONS,
+                      help="The denoiser's matmuls: fast (bfloat16 products, float32 "
+                           "accumulation, where the machine has bfloat16 units; else float32) "
+                           "float32 (exact) or bfloat16.")
   parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
                       help="What empty captions, or words the trained text encoder never saw, "
                            "do: warn, error (stop before sampling) or ignore.")
@@ -839,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                            "vqdiffusion/all/3")]
   networks = FeatureNetworks.load(args.inception, args.clip,
                                   reference_stats=args.reference_stats)
-  pipe = Pipeline.from_pretrained(args.checkpoint)
+  pipe = Pipeline.from_pretrained(args.checkpoint, precision=args.precision)
   captions, reference = evaluation_inputs(args, kind, pipe.image_size)
   report_captions(pipe, captions, args.unknown_words, "--unknown_words")
   report = evaluate(pipe, captions, reference, specs,

@@ -69,23 +69,29 @@ def restore_vqvae(config: Any, directory: str | os.PathLike) -> build.VQVAE:
 
 
 def pipeline_parts(path: str, *, use_ema: bool = True, dtype: Any = None,
-                   step: int | None = None) -> dict[str, Any]:
-  """The ``Pipeline`` fields of ``path``; see ``Pipeline.from_pretrained``."""
+                   step: int | None = None, matmul_dtype: str = "float32") -> dict[str, Any]:
+  """The ``Pipeline`` fields of ``path``; see ``Pipeline.from_pretrained``.
+
+  ``matmul_dtype`` ("float32" or "bfloat16") is the denoiser's (and a
+  trained text encoder's) matmul dtype, whatever the run trained with.
+  """
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"no checkpoint at {path}")
   if is_workdir(path):
-    return _workdir_parts(path, use_ema, step)
+    return _workdir_parts(path, use_ema, step, matmul_dtype)
   if step is not None:
     raise ValueError(f"step={step} needs a training workdir; {path} is a converted checkpoint")
   if converted.is_converted(path) or os.path.isfile(os.path.join(path, "model_index.json")):
-    return _converted_parts(path, dtype)
+    return _converted_parts(path, dtype, matmul_dtype)
   raise FileNotFoundError(
       f"{path} is neither a training workdir (with {DENOISER_STAGE}/checkpoints/) "
       "nor a converted (python -m vqdiffusion_jax.convert) or diffusers pipeline directory")
 
 
-def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, Any]:
+def _workdir_parts(workdir: str, use_ema: bool, step: int | None,
+                   matmul_dtype: str) -> dict[str, Any]:
   config = run_config(workdir)
+  config.train.matmul_dtype = matmul_dtype
   vqvae = restore_vqvae(config, epath.Path(workdir) / VQVAE_STAGE)
   directory = epath.Path(workdir) / DENOISER_STAGE
   trained_text = config_schema.reads_text(config) and config.text.kind == "trainable"
@@ -101,9 +107,9 @@ def _workdir_parts(workdir: str, use_ema: bool, step: int | None) -> dict[str, A
           "vocabulary": vocabulary}
 
 
-def _converted_parts(path: str, dtype: Any) -> dict[str, Any]:
+def _converted_parts(path: str, dtype: Any, matmul_dtype: str) -> dict[str, Any]:
   kwargs = {} if dtype is None else {"dtype": dtype}
-  network, params = checkpoints.load_denoiser(path, **kwargs)
+  network, params = checkpoints.load_denoiser(path, matmul_dtype=matmul_dtype, **kwargs)
   cfg = network.config
   settings = checkpoints.pipeline_settings(path, cfg)
   vqvae, vqvae_params = checkpoints.load_vqvae(path, **kwargs)

@@ -41,6 +41,7 @@ from vqdiffusion_jax import hosts, inputs, loading, outputs, sampling
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
 from vqdiffusion_jax.inputs import PromptWarning  # noqa: F401  (re-exported)
+from vqdiffusion_jax.models import precision as mixed_precision
 from vqdiffusion_jax.models.denoiser import Denoiser, null_condition_error
 from vqdiffusion_jax.models.text_encoder import WordTokenizer
 from vqdiffusion_jax.models.vqgan import VQGAN
@@ -105,7 +106,7 @@ class Pipeline:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, use_ema: bool = True,
                       dtype: Any = jnp.float32, step: int | None = None,
-                      unknown_words: str = "warn") -> Pipeline:
+                      unknown_words: str = "warn", precision: str = "fast") -> Pipeline:
     """Loads a training workdir or a converted checkpoint directory.
 
     Args:
@@ -117,12 +118,21 @@ class Pipeline:
       step: a workdir's denoiser checkpoint step (default: the newest good one).
       unknown_words: "warn", "error" or "ignore": what an empty prompt, or a
         word a trained text encoder never saw, does (see ``check_prompts``).
+      precision: the denoiser's matmuls (``precision.SAMPLING_PRECISIONS``):
+        "fast" runs bfloat16 products with float32 accumulation where the
+        machine has bfloat16 units (GPU, TPU, CPUs with AVX512-BF16 or AMX)
+        and float32 elsewhere; "float32" is the exact path (parity with
+        PyTorch); "bfloat16" forces bfloat16 products. Activations, norms,
+        softmax and log-probs stay in ``dtype`` either way.
     """
     inputs.choice("unknown_words", unknown_words, inputs.UNKNOWN_WORDS_MODES)
+    inputs.choice("precision", precision, mixed_precision.SAMPLING_PRECISIONS)
     if step is not None:
       inputs.non_negative_int("step", step)
+    matmul_dtype = mixed_precision.sampling_matmul_dtype(precision)
     return cls(**loading.pipeline_parts(os.fspath(path), use_ema=use_ema, dtype=dtype,
-                                        step=step), unknown_words=unknown_words)
+                                        step=step, matmul_dtype=matmul_dtype),
+               unknown_words=unknown_words)
 
   # Geometry.
 

@@ -3,7 +3,7 @@
   python -m vqdiffusion_jax.sample --workdir runs/shapes \\
       --prompt "a big red circle in the center" [--prompt ...] \\
       [--num 4 --steps 25 --guidance 3 --sampler purity --truncation 1 --seed 0] \\
-      [--batch_size 64] --out grid.png
+      [--batch_size 64 --precision fast] --out grid.png
   python -m vqdiffusion_jax.sample --workdir ckpt/imagenet --class_labels 1 207 --guidance 3
   python -m vqdiffusion_jax.sample --workdir ckpt/ffhq --num_images 16
 
@@ -27,6 +27,7 @@ from etils import epath
 
 from vqdiffusion_jax import inputs, outputs
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 
@@ -60,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Images per sampling call; more are sampled in turns.")
   parser.add_argument("--out", default="samples.png",
                       help="Where to write the grid (an image file: .png, .jpg, ...).")
+  parser.add_argument("--precision", default="fast", choices=precision.SAMPLING_PRECISIONS,
+                      help="The denoiser's matmuls: fast (bfloat16 products, float32 "
+                           "accumulation, where the machine has bfloat16 units; else float32) "
+                           "float32 (exact) or bfloat16.")
   parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
                       help="What an empty prompt, or a word the trained text encoder never "
                            "saw, does: warn, error (stop before sampling) or ignore.")
@@ -142,7 +147,8 @@ def sample_unconditional(pipe: Pipeline, args: argparse.Namespace) -> list:
 def main(argv: Sequence[str] | None = None) -> str:
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
-  pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights)
+  pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights,
+                                  precision=args.precision)
   if args.prompts is not None and pipe.denoiser.conditioning == "text":
     report_prompts(pipe, args)
   unconditional = args.num_images is not None

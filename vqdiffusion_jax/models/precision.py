@@ -195,6 +195,25 @@ def resolve_matmul_dtype(name: str, platform: str | None = None,
   return "bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
 
 
+# What sampling runs its matmuls in: "fast" is ``resolve_matmul_dtype("auto")``,
+# "float32" the exact path, "bfloat16" forces bfloat16 products on any machine.
+SAMPLING_PRECISIONS = ("fast", "float32", "bfloat16")
+
+
+def sampling_matmul_dtype(precision: str, platform: str | None = None,
+                          flags: frozenset[str] | None = None) -> str:
+  """The matmul dtype of a ``SAMPLING_PRECISIONS`` name on this machine.
+
+  "fast" is bfloat16 products with float32 accumulation where the machine
+  has bfloat16 units (GPU, TPU, ``BF16_CPU_FLAGS``), otherwise float32;
+  ``platform`` and ``flags`` as ``resolve_matmul_dtype``.
+  """
+  if precision not in SAMPLING_PRECISIONS:
+    raise ValueError(f"precision must be one of {', '.join(map(repr, SAMPLING_PRECISIONS))}, "
+                     f"got {precision!r}")
+  return resolve_matmul_dtype("auto" if precision == "fast" else precision, platform, flags)
+
+
 def dot_general_for(matmul_dtype: str, weight_grads: str = "cotangent_first"):
   """The dot_general for a matmul dtype name.
 
