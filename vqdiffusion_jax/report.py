@@ -94,7 +94,8 @@ def write_report(config: Any, workdir: str, summary: dict, command: str = "") ->
   eval_config = config.eval
   specs = [evaluate.SamplerSpec.parse(s) for s in eval_config.samplers]
   out_dir = epath.Path(workdir) / loading.REPORT_DIR
-  pipe = Pipeline.from_pretrained(workdir)
+  # The report samples with the matmul dtype the run trained with, whatever this machine has.
+  pipe = Pipeline.from_pretrained(workdir, precision=build.denoiser_matmul_dtype(config))
   captions, images = evaluate.evaluation_data(config, workdir, int(eval_config.num_samples))
   evaluate.report_captions(pipe, captions, "warn", None)
   networks = evaluate.FeatureNetworks.load(eval_config.inception_path, eval_config.clip_path,
