@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 from etils.epath import backend as epath_backend
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
+from tests.test_remote_workdir import local_buckets  # noqa: F401  (a fixture)
 from vqdiffusion_jax import outputs, report
 from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import token_cache
@@ -37,43 +36,17 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
   assert os.listdir(path.parent) == ["plan.json"]
 
 
-SCHEMES = ("gs", "gcs")  # epath opens gs:// URLs through fsspec's "gcs" protocol
-
-
 @pytest.mark.parametrize("renames", [True, False])
-def test_a_url_is_written_whole_whether_or_not_its_file_system_renames(tmp_path, monkeypatch,
-                                                                      renames):
-  root = tmp_path / "bucket_root"
-  root.mkdir()
-
-  class Buckets(DirFileSystem):
-    protocol = SCHEMES
-    cachable = False
-
-    def __init__(self, **kwargs):
-      del kwargs
-      super().__init__(path=str(root), fs=LocalFileSystem())
-
-    @classmethod
-    def _strip_protocol(cls, path):
-      for scheme in SCHEMES:
-        path = path.removeprefix(f"{scheme}://")
-      return path
-
-    def mv(self, *args, **kwargs):
-      if not renames:
-        raise NotImplementedError("this store cannot rename")
-      return super().mv(*args, **kwargs)
-
-  registry = importlib.import_module("fsspec.registry")._registry
-  for scheme in SCHEMES:
-    monkeypatch.setitem(registry, scheme, Buckets)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  try:
-    outputs.write_text("gs://bucket/run/denoiser/text_tokenizer.json", '{"vocab": []}')
-  finally:
+def test_a_url_is_written_whole_whether_or_not_its_file_system_renames(
+    local_buckets, monkeypatch, renames):  # noqa: F811
+  if not renames:
+    def no_rename(*args, **kwargs):
+      raise NotImplementedError("this store cannot rename")
+    buckets = importlib.import_module("fsspec.registry")._registry["gs"]
+    monkeypatch.setattr(buckets, "mv", no_rename)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  directory = root / "bucket" / "run" / "denoiser"
+  outputs.write_text("gs://bucket/run/denoiser/text_tokenizer.json", '{"vocab": []}')
+  directory = local_buckets / "bucket" / "run" / "denoiser"
   assert os.listdir(directory) == ["text_tokenizer.json"]
   assert (directory / "text_tokenizer.json").read_text() == '{"vocab": []}'
 

@@ -74,7 +74,6 @@ from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import loader, oracle, shapes, sources
 from vqdiffusion_jax.evaluation import fid, image_metrics, inception
 from vqdiffusion_jax.evaluation.clip_score import CLIPEmbedder, clip_score, load_clip
-from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -783,10 +782,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Inception Score splits.")
   parser.add_argument("--clip", default="", help="Hugging Face CLIP directory (CLIP score).")
   parser.add_argument("--grid_size", type=int, default=16, help="Images in each preview grid.")
-  parser.add_argument("--precision", default="fast", choices=precision.SAMPLING_PRECISIONS,
-                      help="The denoiser's matmuls: fast (bfloat16 products, float32 "
-                           "accumulation, where the machine has bfloat16 units; else float32) "
-                           "float32 (exact) or bfloat16.")
+  inputs.add_precision_argument(parser)
   parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
                       help="What empty captions, or words the trained text encoder never saw, "
                            "do: warn, error (stop before sampling) or ignore.")

@@ -17,6 +17,7 @@ word, so only empty prompts are reported for it.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.text_encoder import split_words
 
 MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits of a seed
@@ -305,3 +307,11 @@ def image_output_path(name: str, path: str | os.PathLike) -> str:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ValueError(f"{name} {path}: the folder {existing} is not writable")
   return path
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+  """``--precision`` of the sampling commands, for ``Pipeline.from_pretrained``."""
+  parser.add_argument("--precision", default="fast", choices=precision.SAMPLING_PRECISIONS,
+                      help="The denoiser's matmuls: fast (bfloat16 products, float32 "
+                           "accumulation, where the machine has bfloat16 units; else float32), "
+                           "float32 (exact) or bfloat16.")

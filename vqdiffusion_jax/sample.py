@@ -27,7 +27,6 @@ from etils import epath
 
 from vqdiffusion_jax import inputs, outputs
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
-from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
 
@@ -61,10 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="Images per sampling call; more are sampled in turns.")
   parser.add_argument("--out", default="samples.png",
                       help="Where to write the grid (an image file: .png, .jpg, ...).")
-  parser.add_argument("--precision", default="fast", choices=precision.SAMPLING_PRECISIONS,
-                      help="The denoiser's matmuls: fast (bfloat16 products, float32 "
-                           "accumulation, where the machine has bfloat16 units; else float32) "
-                           "float32 (exact) or bfloat16.")
+  inputs.add_precision_argument(parser)
   parser.add_argument("--unknown_words", default="warn", choices=inputs.UNKNOWN_WORDS_MODES,
                       help="What an empty prompt, or a word the trained text encoder never "
                            "saw, does: warn, error (stop before sampling) or ignore.")
