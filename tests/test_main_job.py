@@ -195,7 +195,7 @@ PATHS = {"shapes": _shapes, "cub200": _cub200, "coco": _coco, "cc": _cc,
 
 
 def test_resume_after_a_crash_continues_exactly(tiny_workdir, tmp_path, monkeypatch):
-  # The straight run: the session's runlocal shapes run of 4 denoiser steps, this config's.
+  # The straight run: tiny_workdir, the shared runlocal shapes run of 4 denoiser steps.
   straight, resumed = pathlib.Path(tiny_workdir), tmp_path / "resumed"
   config = _config("shapes", num_steps=4)
 
