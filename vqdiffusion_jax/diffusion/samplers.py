@@ -52,13 +52,13 @@ tokens clamped after every step and never chosen for revealing), and editing
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqdiffusion_jax import inputs
 from vqdiffusion_jax.diffusion import discrete, guidance
 from vqdiffusion_jax.diffusion.logspace import LOG_PROB_MIN
 from vqdiffusion_jax.diffusion.schedule import Schedule
@@ -142,15 +142,10 @@ class SamplerConfig:
     return steps
 
   def _check_options(self) -> None:
-    # Written so that nan fails every range check.
     for name in ("truncation_rate", "typical_mass"):
-      value = getattr(self, name)
-      if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be a finite number in (0, 1], got {value}")
+      inputs.number(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
     for name in ("guidance_scale", "purity_temperature"):
-      value = getattr(self, name)
-      if not (0.0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+      inputs.number(name, getattr(self, name), low=0.0)
     if self.max_reveal_per_call is not None and (
         self.name not in OFFICIAL_REVEAL_SAMPLERS or self.max_reveal_per_call < 1):
       raise ValueError(f"max_reveal_per_call={self.max_reveal_per_call} needs a positive count "
