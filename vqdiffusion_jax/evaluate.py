@@ -132,15 +132,9 @@ def _spec_field(name: str, text: str, kind: type, allowed: str):
 
 
 def report_captions(pipe: Pipeline, captions: Sequence, mode: str, option: str | None) -> None:
-  """Reports a text model's unreadable captions once, per ``mode``; the batches then don't.
-
-  ``option`` names the setting that changes ``mode`` in the message (None: none).
-  """
-  if pipe.denoiser.conditioning != "text":
-    return
-  labels = [f"captions[{i}]" for i in range(len(captions))]
-  inputs.report_prompt_problems(pipe.prompt_problems(captions, labels=labels), mode, option)
-  pipe.unknown_words = "ignore"
+  """Reports the unreadable captions once, per ``mode`` (``Pipeline.report_prompts_once``)."""
+  pipe.report_prompts_once(captions, [f"captions[{i}]" for i in range(len(captions))], mode,
+                           option)
 
 
 def checkpoint_kind(path: str) -> str:

@@ -318,6 +318,20 @@ class Pipeline:
                                   self.unknown_words, "unknown_words")
     return prompts
 
+  def report_prompts_once(self, prompts: Sequence[str], labels: Sequence[str], mode: str,
+                          option: str | None) -> None:
+    """Reports every unreadable prompt of a whole job now, per ``mode``.
+
+    For the command lines, which sample their prompts in batches: a text
+    model's problems are warned about (or refused) once, before sampling, and
+    this pipeline's later calls then leave them be. ``option`` names the
+    setting that changes ``mode`` in the message (None: none).
+    """
+    if self.denoiser.conditioning != "text":
+      return
+    inputs.report_prompt_problems(self.prompt_problems(prompts, labels=labels), mode, option)
+    self.unknown_words = "ignore"
+
   def prompt_problems(self, prompts: Sequence[str], *,
                       labels: Sequence[str] | None = None) -> list[str]:
     """One line per kind of unreadable prompt (``inputs.prompt_problems``); [] if none."""

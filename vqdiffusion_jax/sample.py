@@ -99,16 +99,6 @@ def _options(args: argparse.Namespace, with_sampler: bool = True) -> dict:
   return {**options, "sampler": args.sampler} if with_sampler else options
 
 
-def report_prompts(pipe: Pipeline, args: argparse.Namespace) -> None:
-  """Warns about (or refuses) all the unreadable prompts at once, before sampling them.
-
-  The sampling calls then leave them be, so nothing is reported twice.
-  """
-  problems = pipe.prompt_problems(args.prompts, labels=["--prompt"] * len(args.prompts))
-  inputs.report_prompt_problems(problems, args.unknown_words, "--unknown_words")
-  pipe.unknown_words = "ignore"
-
-
 def sample_prompts(pipe: Pipeline, args: argparse.Namespace) -> list:
   """Every prompt's (or label's) ``--num`` images, whole rows per call, with a progress line.
 
@@ -145,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   outputs.quiet_logging(args.verbosity)
   pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights,
                                   precision=args.precision)
-  if args.prompts is not None and pipe.denoiser.conditioning == "text":
-    report_prompts(pipe, args)
+  if args.prompts is not None:
+    pipe.report_prompts_once(args.prompts, ["--prompt"] * len(args.prompts), args.unknown_words,
+                             "--unknown_words")
   unconditional = args.num_images is not None
   images = sample_unconditional(pipe, args) if unconditional else sample_prompts(pipe, args)
   outputs.save_image(args.out, make_grid(images, columns=min(args.num, len(images))))
