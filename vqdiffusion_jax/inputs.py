@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vqdiffusion_jax import outputs
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.text_encoder import split_words
 
@@ -287,7 +288,7 @@ def image_output_path(name: str, path: str | os.PathLike) -> str:
   A URL (``gs://``) is checked for its extension only.
   """
   path = os.fspath(path)
-  local = "://" not in path
+  local = not outputs.is_url(path)
   if local and os.path.isdir(path):
     raise ValueError(f"{name} {path} is a directory; give an image file path such as "
                      f"{os.path.join(path, 'samples.png')}")

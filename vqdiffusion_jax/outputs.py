@@ -47,7 +47,7 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
 
 def local_path(path: str | os.PathLike, what: str) -> str:
   """``path`` made absolute, for writers that need a local file system; a URL is refused."""
-  if "://" in os.fspath(path):
+  if is_url(path):
     raise ValueError(f"{what} {os.fspath(path)} is a URL, but it is written with local file "
                      "operations: give a local path")
   return os.path.abspath(os.fspath(path))
@@ -78,7 +78,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   try:
     with tmp.open("wb") as f:
       f.write(data)
-      if _is_local(path):
+      if not is_url(path):
         f.flush()
         os.fsync(f.fileno())
     try:
@@ -89,8 +89,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def _is_local(path: epath.Path) -> bool:
-  return "://" not in os.fspath(path)
+def is_url(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a URL (``gs://...``) rather than a local path."""
+  return "://" in os.fspath(path)
 
 
 def read_json(path: str | os.PathLike, remedy: str = "") -> Any:

@@ -106,7 +106,7 @@ def acquire(workdir: str | os.PathLike, job: dict | None = None) -> dict:
   path = lock_path(workdir)
   path.parent.mkdir(parents=True, exist_ok=True)
   record = this_run(job)
-  take = _take_local if "://" not in os.fspath(path) else _take_by_write_then_check
+  take = _take_by_write_then_check if outputs.is_url(path) else _take_local
   for _ in range(10):  # a holder may release, or a stale lock be taken over, meanwhile
     if take(path, record):
       return record

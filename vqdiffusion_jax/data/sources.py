@@ -23,7 +23,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vqdiffusion_jax import hosts
+from vqdiffusion_jax import hosts, outputs
 from vqdiffusion_jax.data import real, shapes
 
 Record = Mapping[str, Any]
@@ -40,7 +40,7 @@ def split_source(data: Any, split: str, workdir: str) -> Sequence[Record]:
     workdir: the run's directory (the default home of the data it builds).
   """
   if data.name == "shapes":
-    if not data.data_dir and "://" in os.fspath(workdir):
+    if not data.data_dir and outputs.is_url(workdir):
       raise ValueError(f"data.data_dir is empty and the workdir {workdir} is a URL: set "
                        "data.data_dir to a local directory for the shapes data (its "
                        "array_record files are written and read as local files)")

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vqdiffusion_jax import build, config_schema, extras, hosts, loading
+from vqdiffusion_jax import build, config_schema, extras, hosts, loading, outputs
 from vqdiffusion_jax.data import loader, sources, token_cache
 from vqdiffusion_jax.train import budget, denoiser_stage
 from vqdiffusion_jax.train import mesh as mesh_lib
@@ -81,7 +81,7 @@ def check_run(config: Any, workdir: str) -> jax.sharding.Mesh:
     extras.MissingExtraError: a package of the ``torch`` extra the config needs.
   """
   config_schema.check_user_paths(config)
-  if "://" in os.fspath(workdir) and not config.data.cache_dir:
+  if outputs.is_url(workdir) and not config.data.cache_dir:
     raise ValueError(f"data.cache_dir is empty and the workdir {workdir} is a URL: set "
                      "data.cache_dir to a local directory for the token cache (its "
                      "array_record files are written and read as local files)")

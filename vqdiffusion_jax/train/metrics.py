@@ -41,10 +41,6 @@ def _scalar(value) -> float:
   return float(np.asarray(value))
 
 
-def _is_url(path: str | os.PathLike) -> bool:
-  return "://" in os.fspath(path)
-
-
 class _RewrittenFile:
   """An appendable binary file on any ``epath`` file system, rewritten whole on each flush."""
 
@@ -76,7 +72,7 @@ class _EventFiles:
 
 def _tensorboard_writer(logdir: epath.Path) -> SummaryWriter:
   """A SummaryWriter whose event files go through ``epath`` when ``logdir`` is a URL."""
-  if _is_url(logdir):
+  if outputs.is_url(logdir):
     record_writer.register_writer_factory(os.fspath(logdir).split("://")[0], _EventFiles())
   return SummaryWriter(os.fspath(logdir))
 
@@ -95,7 +91,7 @@ class MetricWriter:
 
   def _open_jsonl(self):
     jsonl = self.workdir / METRICS_FILE
-    return _RewrittenFile(jsonl, keep=True) if _is_url(jsonl) else jsonl.open("ab")
+    return _RewrittenFile(jsonl, keep=True) if outputs.is_url(jsonl) else jsonl.open("ab")
 
   def resume_at(self, step: int) -> None:
     """Drops the records of steps after ``step``, where a resumed stage starts, atomically."""
