@@ -1,6 +1,7 @@
 """The package's layers point one way: each imports only what is below it.
 
-From the bottom: ``outputs`` (atomic JSON, grids, the console) and the
+From the bottom: ``outputs`` (atomic JSON, grids, the console), ``values``
+(checks of single values) and the
 libraries of math, networks and data (``diffusion``, ``models``, ``data``);
 ``convert`` (PyTorch checkpoints) above the networks; ``evaluation`` above
 that; ``build`` (networks from a config), ``sampling``, ``loading`` and
@@ -80,9 +81,10 @@ def test_conversion_sits_above_the_networks_only():
   assert not _ours(loaded, [p for p in ABOVE_MODELS if p != "vqdiffusion_jax.convert"])
 
 
-def test_outputs_is_neutral_ground():
-  loaded = _loaded_after("vqdiffusion_jax.outputs")
-  assert _ours(loaded, ("vqdiffusion_jax.",)) == ["vqdiffusion_jax.outputs"]
+@pytest.mark.parametrize("module", ["outputs", "values"])
+def test_outputs_and_value_checks_are_neutral_ground(module):
+  loaded = _loaded_after(f"vqdiffusion_jax.{module}")
+  assert _ours(loaded, ("vqdiffusion_jax.",)) == [f"vqdiffusion_jax.{module}"]
 
 
 def test_the_training_loop_does_not_evaluate():

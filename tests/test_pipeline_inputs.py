@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from vqdiffusion_jax import Pipeline, PromptWarning, evaluate, inputs, sample
+from vqdiffusion_jax import Pipeline, PromptWarning, evaluate, inputs, sample, values
 from vqdiffusion_jax.models.text_encoder import WordTokenizer
 
 PROMPT = "a big red circle in the center"
@@ -19,14 +19,14 @@ def pipe(tiny_workdir):
 
 
 @pytest.mark.parametrize(("check", "value", "message"), [
-    (inputs.positive_int, 2.5, "n must be a positive integer, got 2.5"),
-    (inputs.positive_int, True, "n must be a positive integer, got True"),
-    (inputs.positive_int, 0, "n must be a positive integer, got 0"),
-    (inputs.positive_int, np.float64(3.0), "n must be a positive integer, got 3.0"),
-    (inputs.non_negative_int, -1, "n must be a non-negative integer, got -1"),
-    (inputs.seed, 2**32, "n must be an integer in 0..4294967295, got 4294967296"),
-    (inputs.seed, 1.0, "n must be an integer in 0..4294967295, got 1.0"),
-    (inputs.finite_numbers, [0.5, math.nan],
+    (values.positive_int, 2.5, "n must be a positive integer, got 2.5"),
+    (values.positive_int, True, "n must be a positive integer, got True"),
+    (values.positive_int, 0, "n must be a positive integer, got 0"),
+    (values.positive_int, np.float64(3.0), "n must be a positive integer, got 3.0"),
+    (values.non_negative_int, -1, "n must be a non-negative integer, got -1"),
+    (values.seed, 2**32, "n must be an integer in 0..4294967295, got 4294967296"),
+    (values.seed, 1.0, "n must be an integer in 0..4294967295, got 1.0"),
+    (values.finite_numbers, [0.5, math.nan],
      "n must be a non-empty list of finite numbers, got [0.5, nan]"),
     (inputs.prompt_list, [], "n is an empty list; give at least one prompt"),
     (inputs.prompt_list, ["a", None], "n[1] must be a str, got None"),
@@ -38,9 +38,9 @@ def test_value_checks_name_the_value_and_what_is_allowed(check, value, message):
 
 
 def test_value_checks_pass_good_values_through():
-  assert inputs.positive_int("n", np.int64(3)) == 3
-  assert inputs.seed("n", 2**32 - 1) == 2**32 - 1
-  assert inputs.number("n", np.float32(0.5), low=0.0, high=1.0, low_open=True) == 0.5
+  assert values.positive_int("n", np.int64(3)) == 3
+  assert values.seed("n", 2**32 - 1) == 2**32 - 1
+  assert values.number("n", np.float32(0.5), low=0.0, high=1.0, low_open=True) == 0.5
   assert inputs.sampler_options(num_inference_steps=None, guidance_scale=3) == {
       "num_inference_steps": None, "guidance_scale": 3.0, "truncation_rate": 1.0,
       "purity_temperature": 1.0, "typical_mass": 1.0, "max_reveal_per_call": None}

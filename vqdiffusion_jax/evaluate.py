@@ -69,7 +69,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vqdiffusion_jax import inputs, loading, outputs
+from vqdiffusion_jax import inputs, loading, outputs, values
 from vqdiffusion_jax.convert import converted
 from vqdiffusion_jax.data import loader, oracle, shapes, sources
 from vqdiffusion_jax.evaluation import fid, image_metrics, inception
@@ -808,9 +808,9 @@ def evaluation_inputs(args: argparse.Namespace, kind: str,
 def check_arguments(args: argparse.Namespace) -> str:
   """Checks the flags before anything is loaded; returns the checkpoint's kind."""
   for name in ("num_samples", "batch_size", "is_splits"):
-    inputs.positive_int(f"--{name}", getattr(args, name))
-  inputs.non_negative_int("--grid_size", args.grid_size)
-  inputs.seed("--seed", args.seed)
+    values.positive_int(f"--{name}", getattr(args, name))
+  values.non_negative_int("--grid_size", args.grid_size)
+  values.seed("--seed", args.seed)
   kind = checkpoint_kind(args.checkpoint)
   if kind != "workdir" and not args.out:
     raise ValueError(f"--out is required for a {kind} checkpoint ({args.checkpoint}); the "

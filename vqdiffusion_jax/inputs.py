@@ -1,13 +1,12 @@
 """Checks of what a sampling request is given, each a one-line error naming the value.
 
 The notebook pipeline (``Pipeline``) and the ``sample`` and ``evaluate``
-command lines check every argument with these before any work: counts are
-positive integers (a bool or 2.5 is not one), seeds are integers in
-0..2**32 - 1, scales and rates are finite numbers in their range, images are
-uint8 in 0..255 or floats in [0, 1] of the pipeline's size, output files
-have an image extension and a writable folder. ``name`` is what the message
-calls the value: an argument (``num_inference_steps``) or a flag
-(``--steps``).
+command lines check every argument with these (and the single-value checks
+of ``values``) before any work: the sampler's numeric options, prompts,
+images (uint8 in 0..255 or floats in [0, 1] of the pipeline's size), masks,
+padding, and output files (an image extension and a writable folder).
+``name`` is what the message calls the value: an argument
+(``num_inference_steps``) or a flag (``--steps``).
 
 Prompts the text side cannot read give a ``PromptWarning`` (or a
 ValueError, per ``unknown_words``): an empty prompt, and words a trained text
@@ -18,7 +17,6 @@ word, so only empty prompts are reported for it.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -28,11 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import outputs, values
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.text_encoder import split_words
 
-MAX_SEED = 2**32 - 1  # jax.random.key keeps the low 32 bits of a seed
 UNKNOWN_WORDS_MODES = ("warn", "error", "ignore")
 HALF_LEVEL = 0.5 / 255  # float images may overshoot [0, 1] by rounding, by less than this
 _LISTED = 3  # prompts named in one message
@@ -43,84 +40,6 @@ class PromptWarning(UserWarning):
   """A prompt read as (partly) nothing: empty, or with words the text encoder never saw."""
 
 
-def shown(value: Any) -> str:
-  """``value`` as a message shows it: numpy and JAX scalars as plain Python values."""
-  if isinstance(value, np.generic) or (hasattr(value, "dtype") and np.ndim(value) == 0):
-    value = np.asarray(value).item()
-  return repr(value)
-
-
-def _scalar_of(value: Any, kind: type) -> bool:
-  """Whether ``value`` is a Python, numpy or 0-d array scalar of numpy ``kind``."""
-  if isinstance(value, bool | np.bool_):
-    return False
-  if isinstance(value, int | float):
-    return np.issubdtype(type(value), kind)
-  dtype = getattr(value, "dtype", None)
-  return dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, kind)
-
-
-def _is_int(value: Any) -> bool:
-  return _scalar_of(value, np.integer)
-
-
-def positive_int(name: str, value: Any) -> int:
-  """``value`` as an int >= 1; bools and floats (even 2.0) are refused."""
-  if not _is_int(value) or int(value) < 1:
-    raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
-  return int(value)
-
-
-def non_negative_int(name: str, value: Any) -> int:
-  """``value`` as an int >= 0; bools and floats are refused."""
-  if not _is_int(value) or int(value) < 0:
-    raise ValueError(f"{name} must be a non-negative integer, got {shown(value)}")
-  return int(value)
-
-
-def optional_positive_int(name: str, value: Any) -> int | None:
-  """None, or ``positive_int``."""
-  return None if value is None else positive_int(name, value)
-
-
-def seed(name: str, value: Any) -> int:
-  """An integer seed in 0..MAX_SEED (larger ones would alias smaller ones)."""
-  if not _is_int(value) or not 0 <= int(value) <= MAX_SEED:
-    raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {shown(value)}")
-  return int(value)
-
-
-def number(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
-           low_open: bool = False, high_open: bool = False) -> float:
-  """``value`` as a finite float in the interval low..high (open ends as flagged)."""
-  allowed = _interval(low, high, low_open, high_open)
-  if not (_scalar_of(value, np.integer) or _scalar_of(value, np.floating)):
-    raise ValueError(f"{name} must be a finite number {allowed}, got {shown(value)}")
-  x = float(value)
-  inside = (math.isfinite(x) and (x > low if low_open else x >= low)
-            and (x < high if high_open else x <= high))
-  if not inside:
-    raise ValueError(f"{name} must be a finite number {allowed}, got {shown(value)}")
-  return x
-
-
-def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
-  if math.isinf(high) and math.isinf(low):
-    return "(not nan or inf)"
-  if math.isinf(high):
-    return f"{'>' if low_open else '>='} {low:g}"
-  if math.isinf(low):
-    return f"{'<' if high_open else '<='} {high:g}"
-  return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
-  """``value`` if it is one of ``allowed``."""
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {shown(value)}")
-  return value
-
-
 def sampler_options(*, num_inference_steps: Any = None, guidance_scale: Any = 1.0,
                     truncation_rate: Any = 1.0, purity_temperature: Any = 1.0,
                     typical_mass: Any = 1.0, max_reveal_per_call: Any = None,
@@ -129,26 +48,17 @@ def sampler_options(*, num_inference_steps: Any = None, guidance_scale: Any = 1.
   names = names or {}
   name = lambda key: names.get(key, key)  # noqa: E731
   return {
-      "num_inference_steps": optional_positive_int(name("num_inference_steps"),
+      "num_inference_steps": values.optional_positive_int(name("num_inference_steps"),
                                                    num_inference_steps),
-      "guidance_scale": number(name("guidance_scale"), guidance_scale, low=0.0),
-      "truncation_rate": number(name("truncation_rate"), truncation_rate, low=0.0, high=1.0,
+      "guidance_scale": values.number(name("guidance_scale"), guidance_scale, low=0.0),
+      "truncation_rate": values.number(name("truncation_rate"), truncation_rate, low=0.0, high=1.0,
                                 low_open=True),
-      "purity_temperature": number(name("purity_temperature"), purity_temperature, low=0.0),
-      "typical_mass": number(name("typical_mass"), typical_mass, low=0.0, high=1.0,
+      "purity_temperature": values.number(name("purity_temperature"), purity_temperature, low=0.0),
+      "typical_mass": values.number(name("typical_mass"), typical_mass, low=0.0, high=1.0,
                              low_open=True),
-      "max_reveal_per_call": optional_positive_int(name("max_reveal_per_call"),
+      "max_reveal_per_call": values.optional_positive_int(name("max_reveal_per_call"),
                                                    max_reveal_per_call),
   }
-
-
-def finite_numbers(name: str, values: Any) -> np.ndarray:
-  """A non-empty 1-D list of finite numbers as float32."""
-  array = np.asarray(values)
-  if (array.ndim != 1 or not array.size or not np.issubdtype(array.dtype, np.number)
-      or not np.isfinite(array).all()):
-    raise ValueError(f"{name} must be a non-empty list of finite numbers, got {shown(values)}")
-  return array.astype(np.float32)
 
 
 # Prompts.
@@ -159,13 +69,13 @@ def prompt_list(name: str, prompts: Any) -> list[str]:
   if isinstance(prompts, str):
     return [prompts]
   if not isinstance(prompts, Sequence | np.ndarray):
-    raise ValueError(f"{name} must be a str or a list of str, got {shown(prompts)}")
+    raise ValueError(f"{name} must be a str or a list of str, got {values.shown(prompts)}")
   prompts = list(prompts)
   if not prompts:
     raise ValueError(f"{name} is an empty list; give at least one prompt")
   for i, prompt in enumerate(prompts):
     if not isinstance(prompt, str):
-      raise ValueError(f"{name}[{i}] must be a str, got {shown(prompt)}")
+      raise ValueError(f"{name}[{i}] must be a str, got {values.shown(prompt)}")
   return prompts
 
 
@@ -207,7 +117,7 @@ def report_prompt_problems(problems: Sequence[str], mode: str, option: str | Non
   ``option`` names the setting in the message's hint: the Pipeline argument
   ``unknown_words`` or the flag ``--unknown_words``; None for no hint.
   """
-  choice(option or "unknown_words", mode, UNKNOWN_WORDS_MODES)
+  values.choice(option or "unknown_words", mode, UNKNOWN_WORDS_MODES)
   if not problems or mode == "ignore":
     return
   if mode == "error":
@@ -272,11 +182,11 @@ def pixel_mask(name: str, mask: Any, size: int) -> np.ndarray:
 
 def padding(name: str, pad: Any, factor: int) -> tuple[int, int, int, int]:
   """(top, bottom, left, right): non-negative integer multiples of ``factor`` pixels."""
-  values = tuple(np.asarray(pad).tolist()) if isinstance(pad, Sequence | np.ndarray) else ()
-  if len(values) != 4 or not all(_is_int(p) and p >= 0 and p % factor == 0 for p in values):
+  sides = tuple(np.asarray(pad).tolist()) if isinstance(pad, Sequence | np.ndarray) else ()
+  if len(sides) != 4 or not all(values.is_int(p) and p >= 0 and p % factor == 0 for p in sides):
     raise ValueError(f"{name} must be 4 non-negative multiples of {factor} pixels "
-                     f"(top, bottom, left, right), got {shown(pad)}")
-  return tuple(int(p) for p in values)
+                     f"(top, bottom, left, right), got {values.shown(pad)}")
+  return tuple(int(p) for p in sides)
 
 
 # Output files.

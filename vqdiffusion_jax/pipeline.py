@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from vqdiffusion_jax import hosts, inputs, loading, outputs, sampling
+from vqdiffusion_jax import hosts, inputs, loading, outputs, sampling, values
 from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.diffusion.schedule import Schedule
 from vqdiffusion_jax.inputs import PromptWarning  # noqa: F401  (re-exported)
@@ -101,7 +101,7 @@ class Pipeline:
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
-    inputs.choice("unknown_words", self.unknown_words, inputs.UNKNOWN_WORDS_MODES)
+    values.choice("unknown_words", self.unknown_words, inputs.UNKNOWN_WORDS_MODES)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, use_ema: bool = True,
@@ -125,10 +125,10 @@ class Pipeline:
         PyTorch); "bfloat16" forces bfloat16 products. Activations, norms,
         softmax and log-probs stay in ``dtype`` either way.
     """
-    inputs.choice("unknown_words", unknown_words, inputs.UNKNOWN_WORDS_MODES)
-    inputs.choice("precision", precision, mixed_precision.SAMPLING_PRECISIONS)
+    values.choice("unknown_words", unknown_words, inputs.UNKNOWN_WORDS_MODES)
+    values.choice("precision", precision, mixed_precision.SAMPLING_PRECISIONS)
     if step is not None:
-      inputs.non_negative_int("step", step)
+      values.non_negative_int("step", step)
     matmul_dtype = mixed_precision.sampling_matmul_dtype(precision)
     return cls(**loading.pipeline_parts(os.fspath(path), use_ema=use_ema, dtype=dtype,
                                         step=step, matmul_dtype=matmul_dtype),
@@ -189,7 +189,7 @@ class Pipeline:
     """
     self._check_condition_arguments(prompts, class_labels, num_images)
     seed = self._check_call(seed, output_type)
-    per_condition = inputs.positive_int("num_images_per_prompt", num_images_per_prompt)
+    per_condition = values.positive_int("num_images_per_prompt", num_images_per_prompt)
     config = self._sampler_config(sampler, num_inference_steps, guidance_scale, truncation_rate,
                                   purity_temperature, typical_mass, max_reveal_per_call)
     conditions = self._condition_inputs(prompts, class_labels, num_images, per_condition)
@@ -254,7 +254,7 @@ class Pipeline:
     """
     self._check_condition_arguments(prompts, class_labels, num_images)
     seed = self._check_call(seed, output_type)
-    strength = inputs.number("strength", strength, low=0.0, high=1.0)
+    strength = values.number("strength", strength, low=0.0, high=1.0)
     start = round(strength * (self.schedule.num_timesteps - 1))
     config = self._sampler_config(**self._options(sampler_options), start_step=start)
     pixels = inputs.image_pixels("image", image, self.image_size)
@@ -265,11 +265,11 @@ class Pipeline:
                   seed: int = 0, output_type: str = "pil", **sampler_options) -> list:
     """One image per weight w, conditioned on (1 - w) * text(a) + w * text(b); same noise."""
     seed = self._check_call(seed, output_type)
-    weights = inputs.finite_numbers("weights", weights)
+    weights = values.finite_numbers("weights", weights)
     config = self._sampler_config(**self._options(sampler_options))
     for name, prompt in (("prompt_a", prompt_a), ("prompt_b", prompt_b)):
       if not isinstance(prompt, str):
-        raise ValueError(f"{name} must be a str, got {inputs.shown(prompt)}")
+        raise ValueError(f"{name} must be a str, got {values.shown(prompt)}")
     ids = self._text_ids([prompt_a, prompt_b], labels=["prompt_a", "prompt_b"])
     return self._run(config, seed, [np.repeat(ids[:1], len(weights), 0),
                                     np.repeat(ids[1:], len(weights), 0)],
@@ -362,7 +362,7 @@ class Pipeline:
       return np.repeat(self._checked_labels(class_labels), per_condition)
     if per_condition != 1:
       raise ValueError("an unconditional denoiser takes num_images, not num_images_per_prompt")
-    count = inputs.positive_int("num_images", 1 if num_images is None else num_images)
+    count = values.positive_int("num_images", 1 if num_images is None else num_images)
     return np.zeros((count, 0), np.int32)
 
   def _check_condition_arguments(self, prompts, class_labels, num_images) -> str:
@@ -433,8 +433,8 @@ class Pipeline:
 
   def _check_call(self, seed, output_type) -> int:
     """The checked seed; a ValueError for a bad seed or ``output_type``."""
-    inputs.choice("output_type", output_type, ("pil", "np", "tokens"))
-    return inputs.seed("seed", seed)
+    values.choice("output_type", output_type, ("pil", "np", "tokens"))
+    return values.seed("seed", seed)
 
   def _edit(self, conditions, tokens, known, config, seed, output_type):
     batch = conditions.shape[0]

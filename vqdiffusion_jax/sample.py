@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from vqdiffusion_jax import inputs, outputs
+from vqdiffusion_jax import inputs, outputs, values
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
@@ -76,14 +76,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_flags(args: argparse.Namespace) -> None:
   """A ValueError naming the first flag whose value is not allowed."""
   for name in ("num", "batch_size"):
-    inputs.positive_int(f"--{name}", getattr(args, name))
-  inputs.optional_positive_int("--num_images", args.num_images)
+    values.positive_int(f"--{name}", getattr(args, name))
+  values.optional_positive_int("--num_images", args.num_images)
   if args.class_labels is not None:
     for label in args.class_labels:
-      inputs.non_negative_int("--class_labels", label)
+      values.non_negative_int("--class_labels", label)
   if args.prompts is not None:
     inputs.prompt_list("--prompt", args.prompts)
-  inputs.seed("--seed", args.seed)
+  values.seed("--seed", args.seed)
   inputs.sampler_options(**_options(args, with_sampler=False), names=FLAG_NAMES)
   inputs.image_output_path("--out", args.out)
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqdiffusion_jax import inputs
+from vqdiffusion_jax import values
 from vqdiffusion_jax.diffusion import discrete, guidance
 from vqdiffusion_jax.diffusion.logspace import LOG_PROB_MIN
 from vqdiffusion_jax.diffusion.schedule import Schedule
@@ -143,9 +143,9 @@ class SamplerConfig:
 
   def _check_options(self) -> None:
     for name in ("truncation_rate", "typical_mass"):
-      inputs.number(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
+      values.number(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
     for name in ("guidance_scale", "purity_temperature"):
-      inputs.number(name, getattr(self, name), low=0.0)
+      values.number(name, getattr(self, name), low=0.0)
     if self.max_reveal_per_call is not None and (
         self.name not in OFFICIAL_REVEAL_SAMPLERS or self.max_reveal_per_call < 1):
       raise ValueError(f"max_reveal_per_call={self.max_reveal_per_call} needs a positive count "
