@@ -43,6 +43,7 @@ CHAIN = 10  # products per timed kernel call
 # XLA:CPU op names (trailing ".N" dropped) by kind; the first pattern that matches wins.
 XLA_KINDS = (
     ("matmul", r"^(ynn_fusion|dot|dot_general|onednn_fusion|xnn_fusion)$"),
+    ("convolution", r"^(wrapped_)?convolution"),
     ("layout copy", r"(transpose|copy)"),
     ("dtype convert", r"^(wrapped_)?convert"),
     ("loop and buffer init", r"(while|dynamic-update-slice|dynamic-slice|wrapped_broadcast"
@@ -52,6 +53,8 @@ XLA_KINDS = (
 TORCH_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
                  "aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+TORCH_CONVOLUTIONS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution",
+                      "aten::_slow_conv2d_forward", "aten::thnn_conv2d"}
 _RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
 
 
@@ -170,7 +173,8 @@ def their_profile(run, calls: int) -> dict:
   wall = time.perf_counter() - start
   seconds = collections.Counter()
   for event in profile.key_averages():
-    kind = "matmul" if event.key in TORCH_MATMULS else "everything else"
+    kind = ("matmul" if event.key in TORCH_MATMULS else
+            "convolution" if event.key in TORCH_CONVOLUTIONS else "everything else")
     seconds[kind] += event.self_cpu_time_total * 1e-6
   return _shares(seconds, wall, calls)
 
