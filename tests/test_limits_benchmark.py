@@ -10,6 +10,8 @@ from benchmarks import limits
     ("dot_general.160", "matmul"),
     ("copy_bitcast_fusion.5", "layout copy"),
     ("transpose_copy_fusion.9", "layout copy"),
+    ("convolution.3", "convolution"),
+    ("wrapped_convolution", "convolution"),
     ("convert_bitcast_fusion.15", "dtype convert"),
     ("wrapped_convert", "dtype convert"),
     ("wrapped_broadcast.6", "loop and buffer init"),
