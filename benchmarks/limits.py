@@ -17,8 +17,10 @@
    took no time: the most that faster elementwise code could give.
    XLA:CPU names a fused matmul ``ynn_fusion``; its time includes the norm,
    bias or activation fused into it. Convolutions that YNNPACK runs are
-   ``ynn_fusion`` too; "convolution" counts the ones XLA:CPU runs itself. On PyTorch's side ``TORCH_MATMULS``
-   counts its fused CPU attention kernels as matmuls, softmax included.
+   ``ynn_fusion`` too; "convolution" counts the ones XLA:CPU runs itself.
+   On PyTorch's side ``TORCH_MATMULS`` counts its fused CPU attention
+   kernels as matmuls, softmax included, and ``TORCH_CONVOLUTIONS`` its
+   convolutions.
 """
 
 from __future__ import annotations
