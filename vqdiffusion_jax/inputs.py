@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vqdiffusion_jax import outputs, values
+from vqdiffusion_jax.diffusion import samplers
 from vqdiffusion_jax.models import precision
 from vqdiffusion_jax.models.text_encoder import split_words
 
@@ -47,17 +48,15 @@ def sampler_options(*, num_inference_steps: Any = None, guidance_scale: Any = 1.
   """The numeric sampler options checked and converted; ``names`` renames them in messages."""
   names = names or {}
   name = lambda key: names.get(key, key)  # noqa: E731
+  floats = {"guidance_scale": guidance_scale, "truncation_rate": truncation_rate,
+            "purity_temperature": purity_temperature, "typical_mass": typical_mass}
   return {
       "num_inference_steps": values.optional_positive_int(name("num_inference_steps"),
-                                                   num_inference_steps),
-      "guidance_scale": values.number(name("guidance_scale"), guidance_scale, low=0.0),
-      "truncation_rate": values.number(name("truncation_rate"), truncation_rate, low=0.0, high=1.0,
-                                low_open=True),
-      "purity_temperature": values.number(name("purity_temperature"), purity_temperature, low=0.0),
-      "typical_mass": values.number(name("typical_mass"), typical_mass, low=0.0, high=1.0,
-                             low_open=True),
+                                                          num_inference_steps),
+      **{key: values.number(name(key), value, **samplers.OPTION_RANGES[key])
+         for key, value in floats.items()},
       "max_reveal_per_call": values.optional_positive_int(name("max_reveal_per_call"),
-                                                   max_reveal_per_call),
+                                                          max_reveal_per_call),
   }
 
 

@@ -86,6 +86,13 @@ OFFICIAL_SMALL_CALLS_TABLE = [1, 6] + [11, 10, 10] * 32 + [11, 15]
 # "auto" network batches on CPU hold at most this many tokens (batch x N) per call.
 CPU_TOKENS_PER_CALL = 2048
 
+# The allowed range of each float option of ``SamplerConfig`` (``values.number``'s bounds).
+OPTION_RANGES = {
+    "truncation_rate": {"low": 0.0, "high": 1.0, "low_open": True},
+    "guidance_scale": {"low": 0.0},
+    "purity_temperature": {"low": 0.0},
+    "typical_mass": {"low": 0.0, "high": 1.0, "low_open": True},
+}
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
@@ -142,10 +149,8 @@ class SamplerConfig:
     return steps
 
   def _check_options(self) -> None:
-    for name in ("truncation_rate", "typical_mass"):
-      values.number(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
-    for name in ("guidance_scale", "purity_temperature"):
-      values.number(name, getattr(self, name), low=0.0)
+    for name, allowed in OPTION_RANGES.items():
+      values.number(name, getattr(self, name), **allowed)
     if self.max_reveal_per_call is not None and (
         self.name not in OFFICIAL_REVEAL_SAMPLERS or self.max_reveal_per_call < 1):
       raise ValueError(f"max_reveal_per_call={self.max_reveal_per_call} needs a positive count "
