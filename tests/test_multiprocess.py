@@ -7,6 +7,7 @@ denoiser step damaged, both processes must set that step aside, resume from the
 one before and end with exactly the parameters they had.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
 from configs import shapes
 from vqdiffusion_jax.data import loader
@@ -28,8 +30,12 @@ from vqdiffusion_jax.train import mesh as mesh_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "local_multiprocess.sh"
 MESH = {"data": 2, "fsdp": 4}
+SAMPLE_EVERY = 2  # each stage's sample grid of its last step
 FLAGS = ["--config=configs/shapes.py:runlocal", "--config.eval.samplers=()",
+         f"--config.train.sample_every={SAMPLE_EVERY}",
          *(f"--config.mesh.shape.{axis}={size}" for axis, size in MESH.items())]
+# The relaunch that finishes the run also writes the report, with one sampler.
+REPORT_FLAGS = ['--config.eval.samplers=("vqdiffusion/3/2",)']
 TIMEOUT = 900  # seconds for one launch; a loaded 2-core machine compiles slowly
 
 
@@ -41,8 +47,9 @@ def _env() -> dict:
   return env
 
 
-def _start(workdir) -> subprocess.Popen:
-  return subprocess.Popen([str(LAUNCHER), "2", *FLAGS, f"--workdir={workdir}"], cwd=ROOT,
+def _start(workdir, extra_flags=()) -> subprocess.Popen:
+  return subprocess.Popen([str(LAUNCHER), "2", *FLAGS, *extra_flags, f"--workdir={workdir}"],
+                          cwd=ROOT,
                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
 
@@ -57,9 +64,9 @@ def _finish(process: subprocess.Popen) -> str:
   return output
 
 
-def _launch(workdir, want_status: int = 0) -> str:
+def _launch(workdir, want_status: int = 0, extra_flags=()) -> str:
   start = time.monotonic()
-  output = _finish(_start(workdir))
+  output = _finish(_start(workdir, extra_flags))
   print(f"launch in {workdir.name}: {time.monotonic() - start:.0f}s")
   statuses = re.findall(r"process (\d) exited with status (\d+)", output)
   assert sorted(statuses) == [("0", str(want_status)), ("1", str(want_status))], output[-6000:]
@@ -98,6 +105,7 @@ def one_process(tmp_path_factory):
   with config.unlocked():
     config.mesh.shape.update(MESH)
     config.eval.samplers = ()
+    config.train.sample_every = SAMPLE_EVERY
   workdir = tmp_path_factory.mktemp("one_process")
   train_and_evaluate(config, str(workdir))
   return workdir
@@ -141,9 +149,9 @@ def stopped(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(stopped):
-  """The stopped run relaunched to its end."""
+  """The stopped run relaunched to its end, with its report."""
   workdir = stopped[0]
-  output = _launch(workdir)
+  output = _launch(workdir, extra_flags=REPORT_FLAGS)
   assert output.count("done: {") == 2, output[-6000:]
   return workdir
 
@@ -180,6 +188,35 @@ def test_relaunched_two_processes_train_what_one_process_does(one_process, resum
   assert len((resumed / "denoiser" / "metrics.jsonl").read_text().splitlines()) == 2
   assert not list(resumed.rglob("*incomplete*"))
   assert not (resumed / "run.lock").exists()  # process 0's lock, released at the end
+
+
+def _grid(path) -> np.ndarray:
+  return np.asarray(Image.open(path), np.int16)
+
+
+def test_two_processes_draw_the_sample_grids_of_one(one_process, resumed):
+  """Each grid shows the first 8 examples of the global batch, not one process's block."""
+  name = f"{SAMPLE_EVERY:08d}"
+  got, want = (_grid(run / "vqvae" / "samples" / f"reconstructions_{name}.png")
+               for run in (resumed, one_process))
+  assert got.shape == want.shape
+  assert np.abs(got - want).max() <= 1  # parameters equal to ~1e-6
+  got_text, want_text = ((run / "denoiser" / "samples" / f"samples_{name}.txt").read_text()
+                         for run in (resumed, one_process))
+  assert got_text == want_text and len(want_text.splitlines()) == 8
+  got, want = (_grid(run / "denoiser" / "samples" / f"samples_{name}.png")
+               for run in (resumed, one_process))
+  assert got.shape == want.shape
+  # The same conditions and noise; a token whose logits are ~1e-5 apart may still flip.
+  assert (np.abs(got - want) > 2).mean() < 0.02
+
+
+def test_two_processes_write_one_report(resumed):
+  report = json.loads((resumed / "report" / "report.json").read_text())
+  assert list(report["samplers"]) == ["vqdiffusion_3steps_g2_r1"]
+  row = report["samplers"]["vqdiffusion_3steps_g2_r1"]
+  assert row["settings"]["num_samples"] == 8 and 0 <= row["oracle"]["all"] <= 1
+  assert (resumed / "report" / "report.md").is_file()
 
 
 def test_a_damaged_newest_step_is_set_aside_and_both_resume_exactly_from_the_one_before(

@@ -185,19 +185,19 @@ def test_paella_outpaint_grows_the_latent_grid():
   assert wide.size == (16 + 8, 16)
 
 
-def test_two_processes_sample_the_images_of_one(tmp_path):
+def test_two_processes_sample_inpaint_and_encode_as_one(tmp_path):
   from tests.test_evaluate import tiny_pipeline  # noqa: PLC0415
-  from tests.two_process_worker import PROMPTS, run_two_processes  # noqa: PLC0415
+  from tests.two_process_worker import pipeline_outputs, run_two_processes  # noqa: PLC0415
   from vqdiffusion_jax.convert import __main__ as convert_cli  # noqa: PLC0415
   tiny_pipeline().save_pretrained(tmp_path / "diffusers")
   converted = str(tmp_path / "converted")
   assert convert_cli.main([str(tmp_path / "diffusers"), "--out", converted]) == 0
-  pipe = Pipeline.from_pretrained(converted)
-  tokens, images = (np.stack(pipe(PROMPTS, num_inference_steps=2, seed=3, output_type=kind))
-                    for kind in ("tokens", "np"))
+  want = pipeline_outputs(Pipeline.from_pretrained(converted))
   run_two_processes("sample", tmp_path, checkpoint=converted)
   for process in range(2):
-    with np.load(tmp_path / f"samples_{process}.npz") as samples:
-      np.testing.assert_array_equal(samples["tokens"], tokens)
+    with np.load(tmp_path / f"samples_{process}.npz") as got:
+      assert sorted(got) == sorted(want)
+      for name in ("tokens", "inpainted", "encoded"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
       # One process decodes the 5 images as a batch of 5, two as 8 (padded): last-bit changes.
-      np.testing.assert_allclose(samples["np"], images, atol=1e-5)
+      np.testing.assert_allclose(got["np"], want["np"], atol=1e-5)

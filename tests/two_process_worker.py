@@ -64,12 +64,29 @@ def build_cache(args) -> None:
 
 
 def sample(args) -> None:
-  """Samples the converted checkpoint ``--checkpoint``; saves this process's images."""
+  """Samples, inpaints and encodes with ``--checkpoint``; saves what this process got."""
   from vqdiffusion_jax import Pipeline  # noqa: PLC0415
   pipe = Pipeline.from_pretrained(args.checkpoint)
+  np.savez(pathlib.Path(args.workdir) / f"samples_{jax.process_index()}.npz",
+           **pipeline_outputs(pipe))
+
+
+# The two-process sampling test's prompts: 5, not a multiple of the 8 devices.
+PROMPTS = ["a cat", "the cat sat", "a dog", "", "cat at the cat"]
+
+
+def pipeline_outputs(pipe) -> dict[str, np.ndarray]:
+  """What ``sample`` compares between one and two processes: samples, inpainting, codes."""
   outputs = {kind: np.stack(pipe(PROMPTS, num_inference_steps=2, seed=3, output_type=kind))
              for kind in ("tokens", "np")}
-  np.savez(pathlib.Path(args.workdir) / f"samples_{jax.process_index()}.npz", **outputs)
+  size = pipe.image_size
+  image = np.random.default_rng(0).uniform(size=(size, size, 3)).astype(np.float32)
+  mask = np.zeros((size, size), bool)
+  mask[:, size // 2:] = True
+  outputs["inpainted"] = np.stack(pipe.inpaint(PROMPTS[:3], image, mask, num_inference_steps=2,
+                                               seed=4, output_type="tokens"))
+  outputs["encoded"] = pipe.encode_image(image)
+  return outputs
 
 
 def evaluate(args) -> None:
@@ -82,10 +99,6 @@ def evaluate(args) -> None:
       "--out", str(pathlib.Path(args.workdir) / f"out_{jax.process_index()}")])
   row = report["samplers"]["vqdiffusion_2steps_g2_r1"]
   print(json.dumps({"clip_score": row["clip_score"]}))
-
-
-# The two-process sampling test's prompts: 5, not a multiple of the 8 devices.
-PROMPTS = ["a cat", "the cat sat", "a dog", "", "cat at the cat"]
 
 
 def main() -> None:

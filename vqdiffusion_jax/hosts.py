@@ -1,7 +1,8 @@
 """Several processes, one file system: process 0 writes shared files, the others wait.
 
 ``to_host(x)`` gives every process the whole of an array that may span
-several processes.
+several processes; ``global_head(batch, count)`` gives every process the
+first examples of a global batch of which it holds one block.
 
 ``process_zero_first(name)`` runs a block on process 0 first and on every other
 process only after it (a barrier named ``name`` between them), so a block that
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -98,3 +99,31 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def global_head(batch: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+  """The first ``count`` examples of the global batch, on every process.
+
+  ``batch`` is this process's block of the global batch (process ``i`` holds
+  block ``i``, as the data loader deals them). Each process contributes the
+  head of its block; string arrays (captions) travel as padded UTF-8 bytes.
+  """
+  head = {k: np.asarray(v)[:count] for k, v in batch.items()}
+  if jax.process_count() == 1:
+    return head
+  return {k: _gather_strings(v) if v.dtype.kind in "USO" else
+          np.asarray(multihost_utils.process_allgather(v, tiled=True))[:count]
+          for k, v in head.items()}
+
+
+def _gather_strings(strings: np.ndarray) -> np.ndarray:
+  """Every process's ``strings`` (1-D, as many on each), concatenated in process order."""
+  encoded = [str(s).encode() for s in strings]
+  longest = np.asarray(multihost_utils.process_allgather(
+      np.asarray([max(map(len, encoded), default=0)], np.int32)))
+  width = max(int(longest.max()), 1)
+  padded = np.zeros((len(encoded), width), np.uint8)
+  for row, data in zip(padded, encoded, strict=True):
+    row[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
+  return np.asarray([row.tobytes().rstrip(b"\0").decode() for row in rows])

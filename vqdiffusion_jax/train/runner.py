@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import hosts, outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 from vqdiffusion_jax.train import compiled
 from vqdiffusion_jax.train import metrics as metrics_lib
@@ -112,6 +112,10 @@ def lower_call(step_fn: Callable[..., Any], steps_fn: Callable[..., Any] | None,
   return fn.lower(state, batch, rng) if isinstance(fn, ShardedStep) else None
 
 
+# How many examples of a batch ``Stage.on_sample`` gets: the rows of a sample grid.
+SAMPLE_EXAMPLES = 8
+
+
 @dataclasses.dataclass
 class Stage:
   """What the shared loop needs to know about one trainer."""
@@ -125,6 +129,8 @@ class Stage:
   step_of: Callable[[Any], jax.Array]
   init_from: Callable[[], Any] | None = None
   resume_from: str = ""
+  # Called every ``train.sample_every`` steps, on every process alike, with the first
+  # ``SAMPLE_EXAMPLES`` examples of the step's global batch (``hosts.global_head``).
   on_sample: Callable[[int, Any, dict, metrics_lib.MetricWriter], None] | None = None
   steps_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]] | None = None  # stacked batches
   steps_per_call: int = 1
@@ -200,7 +206,7 @@ def _train(config: Any, stage: Stage, checkpointer: ckpt_lib.Checkpointer,
       state, metrics = call_steps(stage.step_fn, stage.steps_fn, state, batches, rng)
       step, batch = step + len(batches), batches[-1]
       if stage.on_sample is not None and _due(step, train.sample_every, stage.num_steps):
-        stage.on_sample(step, state, batch, writer)
+        stage.on_sample(step, state, hosts.global_head(batch, SAMPLE_EXAMPLES), writer)
       if _due(step, train.log_every, stage.num_steps):
         scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
         metrics_lib.check_finite(step, scalars)
