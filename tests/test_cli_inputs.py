@@ -8,6 +8,7 @@ import re
 import runpy
 import subprocess
 import sys
+import warnings
 
 import ml_collections
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from configs import shapes
-from vqdiffusion_jax import config_flag, config_schema, extras, main
+from vqdiffusion_jax import PromptWarning, config_flag, config_schema, extras, main, outputs
 from vqdiffusion_jax.convert import __main__ as convert_main
 from vqdiffusion_jax.convert import common
 from vqdiffusion_jax.evaluation.clip_score import load_clip
@@ -234,3 +235,52 @@ def test_a_config_file_with_a_key_no_section_has_is_refused():
     config_schema.finish(ml_collections.ConfigDict(values), None)
   assert str(error.value) == ("unknown config keys: train.global_bach (nearest: "
                               "train.global_batch, train.log_every, train.sample_every)")
+
+
+def _run_command(module: str, argv: list[str], monkeypatch) -> int:
+  """``python -m module *argv`` in this process; returns its exit status."""
+  monkeypatch.delitem(sys.modules, module, raising=False)
+  monkeypatch.setattr(sys, "argv", [module, *argv])
+  monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+  with pytest.raises(SystemExit) as exit_:
+    runpy.run_module(module, run_name="__main__")
+  return exit_.value.code
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("vqdiffusion_jax.evaluate", ["--checkpoint", "{workdir}", "--num_samples", "0"],
+     "--num_samples must be a positive integer, got 0"),
+    ("vqdiffusion_jax.evaluate", ["--checkpoint", "{tmp}/nowhere"],
+     "--checkpoint {tmp}/nowhere: no such file or directory"),
+    ("vqdiffusion_jax.evaluate", ["--checkpoint", "{workdir}", "--sampler", "purity/2.5"],
+     "bad sampler spec 'purity/2.5': steps must be a positive integer or 'all', got '2.5'"),
+    ("vqdiffusion_jax.sample", ["--workdir", "{tmp}/nowhere", "--prompt", "a"],
+     "no checkpoint at {tmp}/nowhere"),
+    ("vqdiffusion_jax.sample", ["--workdir", "{workdir}", "--prompt", "a purple hexagon",
+                                "--unknown_words", "error", "--out", "{tmp}/grid.png"],
+     "--prompt = 'a purple hexagon' has words the text encoder never saw in training: 'purple', "
+     "'hexagon' (read as [UNK]; the image will not follow them) (--unknown_words=warn samples "
+     "them anyway)"),
+])
+def test_sample_and_evaluate_report_a_bad_input_in_one_line(module, argv, message, tiny_workdir,
+                                                           tmp_path, monkeypatch, capsys):
+  fill = lambda text: text.format(workdir=tiny_workdir, tmp=tmp_path)  # noqa: E731
+  assert _run_command(module, [fill(a) for a in argv], monkeypatch) == 2
+  assert capsys.readouterr().err == f"error: {fill(message)}\n"
+  assert not (tmp_path / "grid.png").exists()
+
+
+def test_command_warnings_are_one_line_without_the_source(monkeypatch):
+  monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+  outputs.one_line_warnings()
+  assert warnings.formatwarning(PromptWarning("x has no words"), PromptWarning, "sample.py",
+                                139, "pipe.report_prompts_once(...)") == (
+      "PromptWarning: x has no words\n")
+
+
+def test_only_the_named_errors_become_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_, outputs.bad_input_is_one_line(KeyError):
+    raise KeyError("no key 'x'")
+  assert exit_.value.code == 2 and capsys.readouterr().err == "error: no key 'x'\n"
+  with pytest.raises(RuntimeError, match="internal"), outputs.bad_input_is_one_line(ValueError):
+    raise RuntimeError("internal")

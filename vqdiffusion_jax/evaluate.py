@@ -59,6 +59,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -827,6 +828,24 @@ def check_arguments(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+  """The command: ``prepare`` (every check and load), then ``run``; returns the report."""
+  return run(prepare(argv))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """An evaluation whose flags, checkpoint, networks and captions passed every check."""
+
+  args: argparse.Namespace
+  specs: list[SamplerSpec]
+  networks: FeatureNetworks
+  pipe: Pipeline
+  captions: list[str]
+  reference: ReferenceImages | None
+
+
+def prepare(argv: Sequence[str] | None = None) -> Job:
+  """Checks the flags, loads what they name and checks the captions: bad input fails here."""
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   kind = check_arguments(args)
@@ -837,9 +856,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   pipe = Pipeline.from_pretrained(args.checkpoint, precision=args.precision)
   captions, reference = evaluation_inputs(args, kind, pipe.image_size)
   report_captions(pipe, captions, args.unknown_words, "--unknown_words")
-  report = evaluate(pipe, captions, reference, specs,
+  return Job(args, specs, networks, pipe, captions, reference)
+
+
+def run(job: Job) -> dict:
+  """Samples and scores every sampler of ``job``, writes the report; returns it."""
+  args = job.args
+  report = evaluate(job.pipe, job.captions, job.reference, job.specs,
                     args.out or epath.Path(args.checkpoint) / "eval", seed=args.seed,
-                    batch_size=args.batch_size, grid_size=args.grid_size, networks=networks,
+                    batch_size=args.batch_size, grid_size=args.grid_size, networks=job.networks,
                     tag="cli", is_splits=args.is_splits,
                     save_reference_stats=args.save_reference_stats)
   print(markdown_report(report, grids=False))
@@ -847,4 +872,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  outputs.one_line_warnings()
+  with outputs.bad_input_is_one_line(*loading.BAD_INPUT_ERRORS):
+    prepared = prepare(sys.argv[1:])
+  run(prepared)

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from vqdiffusion_jax import build, config_schema
+from vqdiffusion_jax import build, config_schema, extras
 from vqdiffusion_jax.convert import checkpoints, converted
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.models.denoiser import Denoiser
@@ -38,6 +38,11 @@ from vqdiffusion_jax.train import checkpoint as ckpt_lib
 VQVAE_STAGE, TOKEN_CACHE, DENOISER_STAGE, REPORT_DIR = (
     "vqvae", "token_cache", "denoiser", "report")
 
+
+# What reading a user's checkpoint or command input raises when it is the input that is
+# wrong (missing, corrupt, mismatched, an optional package not installed).
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, ckpt_lib.CheckpointError,
+                    extras.MissingExtraError)
 
 def is_workdir(path: str | os.PathLike) -> bool:
   """Whether ``path`` (local or a URL) holds a training run: its denoiser stage's checkpoints.

@@ -13,11 +13,15 @@ nothing here knows about models or trainers.
 * ``Progress``: one console line per stage or long job (name, count, rate,
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
 * ``quiet_logging``: library INFO logs (Orbax, absl) off unless asked for.
+* ``bad_input_is_one_line``: a command's checks end it with one ``error:``
+  line (exit status 2) instead of a traceback; ``one_line_warnings``: a
+  command's warnings without the source line that raised them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging as py_logging
@@ -26,7 +30,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -37,6 +42,8 @@ from PIL import Image
 
 # absl's verbosity for warnings and errors only; 0 is INFO, 1 and up DEBUG.
 WARNINGS_ONLY = -1
+# A command's exit status for a bad input (flag, file, missing package), as argparse's.
+BAD_INPUT_EXIT_STATUS = 2
 
 
 def absolute_path(path: str | os.PathLike) -> epath.Path:
@@ -260,3 +267,26 @@ def add_verbosity_argument(parser: argparse.ArgumentParser) -> None:
   """``--verbosity`` for an argparse command, read by ``quiet_logging``."""
   parser.add_argument("--verbosity", type=int, default=None,
                       help="absl verbosity: 0 shows the libraries' INFO logs (default: warnings)")
+
+
+@contextlib.contextmanager
+def bad_input_is_one_line(*errors: type[BaseException]) -> Iterator[None]:
+  """Around a command's checks: an error of a kind in ``errors`` ends the command.
+
+  It prints ``error: <message>`` on stderr and exits with
+  ``BAD_INPUT_EXIT_STATUS``; the messages name the input, so a traceback
+  would only hide them. Errors of other kinds pass through.
+  """
+  try:
+    yield
+  except errors as error:
+    # str() of a KeyError is the repr of its message; print the message itself.
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(BAD_INPUT_EXIT_STATUS) from None
+
+
+def one_line_warnings() -> None:
+  """Python warnings as ``Category: message`` lines, for commands (no file, no source line)."""
+  warnings.formatwarning = (
+      lambda message, category, filename, lineno, line=None: f"{category.__name__}: {message}\n")

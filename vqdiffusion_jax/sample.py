@@ -21,11 +21,12 @@ or with ``--unknown_words error`` stop the command.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from etils import epath
 
-from vqdiffusion_jax import inputs, outputs, values
+from vqdiffusion_jax import inputs, loading, outputs, values
 from vqdiffusion_jax.diffusion.samplers import SAMPLERS
 from vqdiffusion_jax.pipeline import Pipeline, make_grid
 
@@ -131,6 +132,12 @@ def sample_unconditional(pipe: Pipeline, args: argparse.Namespace) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+  """The command: ``prepare`` (every check), then ``write_samples``; returns ``--out``."""
+  return write_samples(*prepare(argv))
+
+
+def prepare(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Pipeline]:
+  """Checks the flags, loads the model and checks the prompts: every bad input fails here."""
   args = parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   pipe = Pipeline.from_pretrained(args.workdir, use_ema=not args.raw_weights,
@@ -138,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> str:
   if args.prompts is not None:
     pipe.report_prompts_once(args.prompts, ["--prompt"] * len(args.prompts), args.unknown_words,
                              "--unknown_words")
+  return args, pipe
+
+
+def write_samples(args: argparse.Namespace, pipe: Pipeline) -> str:
+  """Samples what the flags ask for and writes the grid (and its rows' text) to ``--out``."""
   unconditional = args.num_images is not None
   images = sample_unconditional(pipe, args) if unconditional else sample_prompts(pipe, args)
   outputs.save_image(args.out, make_grid(images, columns=min(args.num, len(images))))
@@ -149,4 +161,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  outputs.one_line_warnings()
+  with outputs.bad_input_is_one_line(*loading.BAD_INPUT_ERRORS):
+    job = prepare(sys.argv[1:])
+  write_samples(*job)
