@@ -74,7 +74,7 @@ def test_a_given_vqvae_leaves_its_training_batch_unchecked(tmp_path):
 def test_main_reports_a_bad_config_in_one_line_before_any_stage(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_:
     main.check_or_exit(_runlocal(**{"train.global_batch": 12}), str(tmp_path / "run"))
-  assert exit_.value.code == main.BAD_INPUT_EXIT_STATUS == 2
+  assert exit_.value.code == outputs.BAD_INPUT_EXIT_STATUS == 2
   assert capsys.readouterr().err == (
       "error: train.global_batch=12 does not split over the mesh's 8 batch shards (data 8 x "
       "fsdp 1) on 8 devices; pick a multiple of 8, e.g. 8 or 16\n")

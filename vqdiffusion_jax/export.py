@@ -62,6 +62,7 @@ except ModuleNotFoundError as error:
     sys.exit(f"error: {_missing}")
   raise _missing from None
 
+from vqdiffusion_jax import loading
 from vqdiffusion_jax.convert import clip as clip_convert
 from vqdiffusion_jax.convert import denoiser as denoiser_convert
 from vqdiffusion_jax.convert import export as convert_export
@@ -308,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     path = export(args.src, args.out, to=args.to, overwrite=args.overwrite,
                   denoiser_only=args.denoiser_only, use_ema=not args.raw_weights, step=args.step)
-  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  except (*loading.BAD_INPUT_ERRORS, FileExistsError, KeyError) as error:
+    return outputs.print_error(error)
   print(f"wrote {path}")
   return 0
 

@@ -43,7 +43,6 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 STOPPED_EXIT_STATUS = 143
-BAD_INPUT_EXIT_STATUS = 2
 
 
 def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
@@ -75,8 +74,7 @@ def check_or_exit(config: Any, workdir: str) -> None:
   try:
     loop.check_run(config, workdir)
   except (ValueError, extras.MissingExtraError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(BAD_INPUT_EXIT_STATUS) from None
+    raise SystemExit(outputs.print_error(error)) from None
 
 
 def main(argv: list[str]) -> None:

@@ -13,8 +13,8 @@ nothing here knows about models or trainers.
 * ``Progress``: one console line per stage or long job (name, count, rate,
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
 * ``quiet_logging``: library INFO logs (Orbax, absl) off unless asked for.
-* ``bad_input_is_one_line``: a command's checks end it with one ``error:``
-  line (exit status 2) instead of a traceback; ``one_line_warnings``: a
+* ``bad_input_is_one_line`` and ``print_error``: a command's checks end it
+  with one ``error:`` line (exit status 2) instead of a traceback; ``one_line_warnings``: a
   command's warnings without the source line that raised them.
 """
 
@@ -280,10 +280,15 @@ def bad_input_is_one_line(*errors: type[BaseException]) -> Iterator[None]:
   try:
     yield
   except errors as error:
-    # str() of a KeyError is the repr of its message; print the message itself.
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(BAD_INPUT_EXIT_STATUS) from None
+    raise SystemExit(print_error(error)) from None
+
+
+def print_error(error: BaseException | str) -> int:
+  """Prints ``error: <message>`` on stderr; returns ``BAD_INPUT_EXIT_STATUS``."""
+  # str() of a KeyError is the repr of its message; print the message itself.
+  message = error.args[0] if isinstance(error, KeyError) and error.args else error
+  print(f"error: {message}", file=sys.stderr)
+  return BAD_INPUT_EXIT_STATUS
 
 
 def one_line_warnings() -> None:

@@ -150,8 +150,7 @@ def main(argv: list[str]) -> None:
   try:
     figures = plan(config, devices)
   except ValueError as error:  # the config against the devices: named keys and values
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(outputs.print_error(error)) from None
   print(report(config, devices, figures))
 
 

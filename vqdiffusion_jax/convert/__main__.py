@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   outputs.quiet_logging(args.verbosity)
   if loading.is_workdir(args.src):
-    print(f"error: {args.src} is a training workdir of the main job, not a PyTorch checkpoint; "
-          "Pipeline.from_pretrained and vqdiffusion_jax.sample read it as it is, and "
-          "vqdiffusion_jax.export writes it to PyTorch", file=sys.stderr)
-    return 2
+    return outputs.print_error(
+        f"{args.src} is a training workdir of the main job, not a PyTorch checkpoint; "
+        "Pipeline.from_pretrained and vqdiffusion_jax.sample read it as it is, and "
+        "vqdiffusion_jax.export writes it to PyTorch")
   try:
     counts = checkpoints.convert(args.src, args.out, preset=args.preset,
                               use_ema=not args.raw_weights, allow_pickle=args.allow_pickle,
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                               **({"learnable_null_text": False} if args.no_null_text else {}))
   except (FileNotFoundError, FileExistsError, ValueError, KeyError,
           extras.MissingExtraError) as error:
-    # str() of a KeyError is the repr of its message; print the message itself.
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    return outputs.print_error(error)
   for name, count in counts.items():
     print(f"{name}: {count:,} parameters")
   print(f"wrote {args.out}")
