@@ -36,6 +36,19 @@ def test_runlocal_and_zero_minutes_turn_the_budget_off():
   assert not budget.enabled(shapes_config.get_config("runlocal"))
 
 
+def test_two_processes_train_process_zeros_plan(tmp_path):
+  from tests.two_process_worker import run_two_processes  # noqa: PLC0415
+  outputs = run_two_processes("plan", tmp_path)
+  plans = [json.loads(line) for output in outputs for line in output.splitlines()
+           if line.startswith('{"process"')]
+  assert sorted(p["process"] for p in plans) == [0, 1]
+  # Process 0 timed 0.5 s a step with 600 s left: 1200 steps (runlocal logs every step).
+  want = {"num_steps": 1200, "seconds_per_step": 0.5, "seconds_left": 600.0,
+          "budget_minutes": 10.0}
+  assert [p["plan"] for p in plans] == [want, want]
+  assert json.loads((tmp_path / budget.PLAN_NAME).read_text()) == want
+
+
 def test_a_stage_with_checkpoints_but_no_plan_keeps_its_step_count(tmp_path):
   (tmp_path / "checkpoints" / "3").mkdir(parents=True)
   never = lambda: pytest.fail("measured a stage that already trained")  # noqa: E731

@@ -71,6 +71,17 @@ def sample(args) -> None:
            **pipeline_outputs(pipe))
 
 
+def plan(args) -> None:
+  """Plans the denoiser's steps, each process timing its step and its budget differently."""
+  from tests.test_budget import _budget_config  # noqa: PLC0415
+  from vqdiffusion_jax.train import budget  # noqa: PLC0415
+  index = jax.process_index()
+  plan = budget.plan_steps(_budget_config(10), args.workdir,
+                           time_left=lambda: 600.0 - 100 * index,
+                           seconds_per_step=lambda: 0.5 + index)
+  print(json.dumps({"process": index, "plan": plan}))
+
+
 # The two-process sampling test's prompts: 5, not a multiple of the 8 devices.
 PROMPTS = ["a cat", "the cat sat", "a dog", "", "cat at the cat"]
 
@@ -105,7 +116,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)
   parser.add_argument("--port", type=int, required=True)
-  parser.add_argument("--task", choices=["cache", "sample", "evaluate"], required=True)
+  parser.add_argument("--task", choices=["cache", "sample", "evaluate", "plan"], required=True)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--data", default="")
   parser.add_argument("--clip", default="")
@@ -123,7 +134,7 @@ def main() -> None:
   # Gloo gives a peer 30 s to join a new communicator: open it now, while both processes
   # are in step, not after compilations whose times differ on a busy machine.
   multihost_utils.process_allgather(np.zeros(1), tiled=True)
-  {"cache": build_cache, "sample": sample, "evaluate": evaluate}[args.task](args)
+  {"cache": build_cache, "sample": sample, "evaluate": evaluate, "plan": plan}[args.task](args)
 
 
 if __name__ == "__main__":

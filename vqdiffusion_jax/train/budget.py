@@ -12,7 +12,9 @@ one still finishes in time.
 The plan is written to ``step_plan.json`` in the denoiser's directory before
 the first step; a resumed run reads it back, so its learning-rate schedule and
 data order are those of the first attempt. A stage that already has
-checkpoints but no plan keeps ``train.num_steps``. To train the same count
+checkpoints but no plan keeps ``train.num_steps``. On several processes every
+process times the step (it spans them all) and process 0's plan, the one it
+saves, is every process's. To train the same count
 and schedule on another machine (not bit for bit across CPUs), pass
 ``--config.time_budget.minutes=0 --config.train.num_steps=N`` with N from the
 plan or the report.
@@ -20,15 +22,15 @@ plan or the report.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import jax
 from etils import epath
 
-from vqdiffusion_jax import outputs
+from vqdiffusion_jax import hosts, outputs
 from vqdiffusion_jax.train import checkpoint as ckpt_lib
 
 PLAN_NAME = "step_plan.json"
@@ -94,9 +96,6 @@ def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
     ``{"num_steps", "seconds_per_step", "seconds_left", "budget_minutes"}``, or
     None when the stage already has checkpoints but no plan.
   """
-  if jax.process_count() > 1:
-    raise ValueError("time_budget plans steps on one host only; set time_budget.minutes=0 "
-                     "and train.num_steps for multi-host runs")
   plan = read_plan(directory)
   if plan is not None:
     return plan
@@ -104,9 +103,16 @@ def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
     warnings.warn(f"{directory} has checkpoints but no {PLAN_NAME}: keeping "
                   f"train.num_steps={int(config.train.num_steps)}", stacklevel=2)
     return None
+  step_seconds = float(seconds_per_step())  # on every process: the step spans them all
+  plan = None
+  if hosts.is_main_process():
+    plan = _new_plan(config, step_seconds, float(time_left()))
+    outputs.write_json_atomically(epath.Path(directory) / PLAN_NAME, plan)
+  return json.loads(hosts.share_from_process_zero("step_plan", json.dumps(plan)))
+
+
+def _new_plan(config: Any, step_seconds: float, left: float) -> dict:
   budget, train = config.time_budget, config.train
-  step_seconds = float(seconds_per_step())
-  left = float(time_left())
   minimum = int(config.optim.warmup_steps) + int(train.log_every)
   steps = planned_steps(left, step_seconds, reserve_steps=int(budget.reserve_steps),
                         margin=float(budget.margin), multiple=int(train.log_every),
@@ -114,11 +120,9 @@ def plan_steps(config: Any, directory: str, time_left: Callable[[], float],
   if steps == minimum:
     warnings.warn(f"{left:.0f} s left of the {float(budget.minutes):g}-minute budget hold "
                   f"fewer than {minimum} denoiser steps; training {minimum} and running over",
-                  stacklevel=2)
-  plan = {"num_steps": steps, "seconds_per_step": step_seconds, "seconds_left": left,
+                  stacklevel=3)
+  return {"num_steps": steps, "seconds_per_step": step_seconds, "seconds_left": left,
           "budget_minutes": float(budget.minutes)}
-  outputs.write_json_atomically(epath.Path(directory) / PLAN_NAME, plan)
-  return plan
 
 
 def with_num_steps(config: Any, num_steps: int) -> Any:
