@@ -21,7 +21,9 @@ labels, or None. A sampler spec is ``name[/steps[/guidance[/truncation]]]``, ste
 ``all`` meaning every step (or one token per call for reveal samplers).
 The flags are checked before anything is loaded; captions that are empty or
 have words a trained text encoder never saw are reported once, before
-sampling (a warning, or with ``--unknown_words error`` an error).
+sampling (a warning, or with ``--unknown_words error`` an error). From the
+command line a bad input ends the command with one ``error:`` line (exit
+status 2).
 Measured per sampler:
 
 * on the embedded shapes data, the oracle's text-faithfulness accuracy per

@@ -15,7 +15,8 @@ draws ``--num_images`` images in rows of ``--num``.
 Every flag and the ``--out`` path (an image extension, a folder that can be
 written) are checked before the model is loaded, the prompts before anything
 is sampled: an empty prompt or words a trained text encoder never saw warn,
-or with ``--unknown_words error`` stop the command.
+or with ``--unknown_words error`` stop the command. A bad input ends the
+command with one ``error:`` line naming it (exit status 2).
 """
 
 from __future__ import annotations
