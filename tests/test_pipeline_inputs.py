@@ -168,6 +168,7 @@ def test_bad_pipeline_arguments_fail_before_any_work(pipe, call, message):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
     (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
     (["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
     (["--truncation", "1.5"], "--truncation must be a finite number in (0, 1], got 1.5"),
