@@ -81,6 +81,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   outputs.quiet_logging(outputs.absl_verbosity())
+  outputs.one_line_warnings()
   # Held for the whole run: a SIGTERM outside a stage's loop (starting up,
   # between stages) waits for the next stage's poll instead of killing the
   # process, which on several processes would leave the others hanging.
