@@ -44,6 +44,7 @@ VQVAE_STAGE, TOKEN_CACHE, DENOISER_STAGE, REPORT_DIR = (
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, ckpt_lib.CheckpointError,
                     extras.MissingExtraError)
 
+
 def is_workdir(path: str | os.PathLike) -> bool:
   """Whether ``path`` (local or a URL) holds a training run: its denoiser stage's checkpoints.
 

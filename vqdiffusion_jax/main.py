@@ -71,10 +71,8 @@ def train_and_evaluate(config: Any, workdir: str, command: str = "") -> dict:
 
 def check_or_exit(config: Any, workdir: str) -> None:
   """``loop.check_run``; what it finds wrong is one line on stderr and exit status 2."""
-  try:
+  with outputs.bad_input_is_one_line(ValueError, extras.MissingExtraError):
     loop.check_run(config, workdir)
-  except (ValueError, extras.MissingExtraError) as error:
-    raise SystemExit(outputs.print_error(error)) from None
 
 
 def main(argv: list[str]) -> None:

@@ -14,8 +14,8 @@ nothing here knows about models or trainers.
   ETA, chosen scalars), redrawn in place on a terminal, from process 0 only.
 * ``quiet_logging``: library INFO logs (Orbax, absl) off unless asked for.
 * ``bad_input_is_one_line`` and ``print_error``: a command's checks end it
-  with one ``error:`` line (exit status 2) instead of a traceback; ``one_line_warnings``: a
-  command's warnings without the source line that raised them.
+  with one ``error:`` line (exit status 2) instead of a traceback;
+  ``one_line_warnings``: a command's warnings without their source line.
 """
 
 from __future__ import annotations

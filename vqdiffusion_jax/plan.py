@@ -147,10 +147,9 @@ def main(argv: list[str]) -> None:
   outputs.quiet_logging(outputs.absl_verbosity())
   config = flags.FLAGS.config
   devices = flags.FLAGS.devices
-  try:
+  # What is wrong with the config against the devices names its keys and values.
+  with outputs.bad_input_is_one_line(ValueError):
     figures = plan(config, devices)
-  except ValueError as error:  # the config against the devices: named keys and values
-    raise SystemExit(outputs.print_error(error)) from None
   print(report(config, devices, figures))
 
 

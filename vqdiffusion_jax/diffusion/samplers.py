@@ -94,6 +94,7 @@ OPTION_RANGES = {
     "typical_mass": {"low": 0.0, "high": 1.0, "low_open": True},
 }
 
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """What to sample and how; hashable, so it can be a static jit argument.
